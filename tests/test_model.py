@@ -1,0 +1,246 @@
+"""model.py against Hugging Face's GPT-2, generation with and without the KV cache, and bad checkpoints.
+
+    python -m pytest tests/test_model.py      (CPU; the `gpu` tests need CUDA)
+"""
+import io
+import json
+import os
+import urllib.error
+
+import pytest
+import torch
+
+import model as model_module
+from model import GPT, GPTConfig, get_tokenizer, read_safetensors
+
+transformers = pytest.importorskip("transformers", reason="test-only dependency (requirements-test.txt)")
+
+ODD = dict(n_embd=48, n_head=3, n_layer=3, vocab_size=317, n_positions=64)
+
+
+def hf_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(**ODD, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def save(hf, path, layout):
+    hf.save_pretrained(path)  # config.json + model.safetensors
+    if layout == "bin":  # transformers 5 writes only safetensors: make the .bin layout by hand
+        os.remove(os.path.join(path, "model.safetensors"))
+        torch.save(hf.state_dict(), os.path.join(path, "pytorch_model.bin"))
+    return path
+
+
+def assert_close(a, b, atol, rtol=0.0):
+    diff = (a.double() - b.double()).abs()
+    assert torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol), \
+        f"max diff {diff.max().item():.3g}, mean diff {diff.mean().item():.3g}"
+
+
+def mixed_prompts(vocab, lengths=(2, 5, 8, 3, 7, 4), seed=1):
+    """Left-padded prompts of lengths 2..8 in one batch, and their mask."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    idx = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        idx[i, T - n:] = torch.randint(vocab, (n,), generator=g)
+        mask[i, T - n:] = True
+    return idx, mask
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_parity_with_transformers(tmp_path, layout):
+    hf = hf_model()
+    ours = GPT.from_pretrained(save(hf, str(tmp_path), layout)).eval()
+    idx = torch.randint(ODD["vocab_size"], (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits = ours.lm_head(ours(idx))
+    assert_close(logits, expected, atol=1e-5)
+    # greedy generation: same tokens as transformers (one unpadded batch, no EOS)
+    prompt = idx[:, :6]
+    with torch.no_grad():
+        hf_out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12,
+                             min_new_tokens=12, pad_token_id=0, eos_token_id=None)[:, 6:]
+    new, new_mask = ours.generate(prompt, torch.ones_like(prompt, dtype=torch.bool), 12, temperature=0)
+    assert torch.equal(new, hf_out) and new_mask.all()
+
+
+def test_lm_head_is_tied_and_dropout_configurable():
+    m = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=8, dropout=0.25))
+    assert m.lm_head.weight is m.transformer.wte.weight
+    assert m.transformer.h[0].attn.dropout == 0.25
+    assert m(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 8)  # hidden states, not logits
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0, None), (1.0, None), (0.8, 20)])
+def test_kv_cache_matches_no_cache(temperature, top_k):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=3, n_embd=48)).eval()
+    idx, mask = mixed_prompts(97)
+    runs = [m.generate(idx, mask, 20, temperature=temperature, top_k=top_k, eos_id=5,
+                       generator=torch.Generator().manual_seed(3), use_cache=c) for c in (True, False)]
+    (a, am), (b, bm) = runs
+    assert torch.equal(a, b) and torch.equal(am, bm)
+
+
+def test_generate_left_padding_matches_unpadded():
+    """A left-padded row continues exactly as the same prompt run alone."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=3, n_embd=48)).eval()
+    idx, mask = mixed_prompts(97)
+    batch, _ = m.generate(idx, mask, 10, temperature=0)
+    for i in range(idx.size(0)):
+        alone = idx[i][mask[i]][None]
+        single, _ = m.generate(alone, torch.ones_like(alone, dtype=torch.bool), 10, temperature=0)
+        assert torch.equal(batch[i], single[0]), f"row {i}"
+
+
+def test_generate_stops_rows_at_eos():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=7, n_layer=1, n_head=1, n_embd=8)).eval()
+    idx, mask = mixed_prompts(7, lengths=(2, 4, 3, 5) * 4)
+    new, new_mask = m.generate(idx, mask, 30, temperature=1.0, eos_id=3, generator=torch.Generator().manual_seed(0))
+    for row, row_mask in zip(new, new_mask):
+        hits = (row == 3).nonzero()
+        if len(hits):  # everything after the first EOS is masked out; the EOS itself is kept
+            first = hits[0, 0].item()
+            assert row_mask[:first + 1].all() and not row_mask[first + 1:].any()
+        else:
+            assert row_mask.all()
+    assert new.size(1) <= 30
+
+
+def test_generate_rejects_too_long():
+    m = GPT(GPTConfig(block_size=8, vocab_size=7, n_layer=1, n_head=1, n_embd=8))
+    idx = torch.zeros(1, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="block_size 8"):
+        m.generate(idx, torch.ones_like(idx, dtype=torch.bool), 3)
+
+
+def test_score_head_reads_last_real_token():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=8, score_head=True)).eval()
+    idx = torch.randint(20, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6], dtype=torch.bool)
+    full = m.score(m(idx), mask)
+    alone = m.score(m(idx[:1, :3]), mask[:1, :3])
+    assert full.shape == (2,) and torch.allclose(full[0], alone[0], atol=1e-6)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_missing_tensor(tmp_path):
+    path = save(hf_model(), str(tmp_path), "bin")
+    sd = torch.load(os.path.join(path, "pytorch_model.bin"), weights_only=True)
+    del sd["transformer.h.1.mlp.c_fc.weight"]
+    torch.save(sd, os.path.join(path, "pytorch_model.bin"))
+    with pytest.raises(KeyError, match=r"pytorch_model.bin has no tensor 'h.1.mlp.c_fc.weight'"):
+        GPT.from_pretrained(path)
+
+
+def test_wrong_shape(tmp_path):
+    path = save(hf_model(), str(tmp_path), "bin")
+    sd = torch.load(os.path.join(path, "pytorch_model.bin"), weights_only=True)
+    sd["transformer.h.0.ln_1.weight"] = torch.ones(47)
+    torch.save(sd, os.path.join(path, "pytorch_model.bin"))
+    with pytest.raises(ValueError, match=r"'h.0.ln_1.weight'.*shape \(47,\), expected \(48,\)"):
+        GPT.from_pretrained(path)
+
+
+def test_no_weights_file(tmp_path):
+    path = save(hf_model(), str(tmp_path), "safetensors")
+    os.remove(os.path.join(path, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor pytorch_model.bin"):
+        GPT.from_pretrained(path)
+
+
+def test_corrupt_safetensors(tmp_path):
+    path = save(hf_model(), str(tmp_path), "safetensors")
+    st = os.path.join(path, "model.safetensors")
+    data = open(st, "rb").read()
+    open(st, "wb").write(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match="model.safetensors is not a valid safetensors file"):
+        GPT.from_pretrained(path)
+
+
+def test_safetensors_reader_matches_library(tmp_path):
+    from safetensors.torch import save_file
+    sd = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 2).bfloat16()}
+    save_file(sd, str(tmp_path / "x.safetensors"))
+    back = read_safetensors(str(tmp_path / "x.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'gpt3'"):
+        GPT.from_pretrained("gpt3")
+
+
+class FakeResponse(io.BytesIO):
+    """An HTTP response that sends `sent` bytes of a file announced as `total` bytes, then fails."""
+
+    def __init__(self, sent, total, fail):
+        super().__init__(b"x" * sent)
+        self.headers = {"Content-Length": str(total)}
+        self.fail = fail
+
+    def read(self, n=-1):
+        chunk = super().read(n)
+        if not chunk and self.fail:
+            raise ConnectionResetError("connection reset by peer")
+        return chunk
+
+
+@pytest.mark.parametrize("fail", [True, False], ids=["connection-reset", "short-read"])
+def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, fail):
+    monkeypatch.setattr(model_module.urllib.request, "urlopen", lambda url, timeout: FakeResponse(100, 1000, fail))
+    with pytest.raises(RuntimeError, match="could not download the gpt2 weights"):
+        GPT.from_pretrained("gpt2", cache_dir=str(tmp_path))
+    assert [f for _, _, files in os.walk(tmp_path) for f in files] == []  # no file a later run could trust
+
+
+def test_download_completes_and_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_module.urllib.request, "urlopen", lambda url, timeout: FakeResponse(1000, 1000, False))
+    path = model_module.download_gpt2("gpt2", str(tmp_path))
+    assert os.path.getsize(path) == 1000 and not os.path.exists(path + ".part")
+    monkeypatch.setattr(model_module.urllib.request, "urlopen", None)  # a second call must not download
+    assert model_module.download_gpt2("gpt2", str(tmp_path)) == path
+
+
+def test_offline_error_says_where_to_put_weights(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(model_module.urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match=r"huggingface.co/gpt2/resolve/main/model.safetensors.*put it at"):
+        GPT.from_pretrained("gpt2", cache_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------- tokenizers
+
+def test_byte_tokenizer_is_offline_and_lossless():
+    enc = get_tokenizer("bytes")
+    text = "A film. Ünïcode ok!\n"
+    ids = enc.encode(text)
+    assert ids == list(text.encode("utf-8")) and enc.decode(ids) == text
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [256] and enc.n_vocab == 257
+
+
+# ---------------------------------------------------------------- CUDA
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_and_generate():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=317, n_layer=3, n_head=3, n_embd=48)).cuda().eval()
+    idx, mask = mixed_prompts(317)
+    idx, mask = idx.cuda(), mask.cuda()
+    with torch.no_grad():
+        ref = m.lm_head(m(idx[:, -2:])).float()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m.lm_head(m(idx[:, -2:])).float()
+    assert_close(out, ref, atol=5e-2)
+    a, am = m.generate(idx, mask, 16, temperature=0, use_cache=True)
+    b, bm = m.generate(idx, mask, 16, temperature=0, use_cache=False)
+    assert torch.equal(a, b) and torch.equal(am, bm)
