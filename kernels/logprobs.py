@@ -1,0 +1,308 @@
+"""
+Fused log-probabilities of target tokens for DPO: the policy and the frozen reference in one pass,
+straight from the last hidden states and the output embeddings, never materialising the logits.
+
+Why. A DPO step needs log pi(y|x) summed over the response tokens, for the policy and for the
+reference. The plain way (kernels/reference.py) writes (N, V) logits per model, N tokens and
+V = 50257 for GPT-2: at N = 16384 that is 1.6 GB in bf16 per model, then 3.3 GB more for the fp32
+log_softmax, then the same again for its gradient, all of it moved through DRAM several times.
+Here each program keeps a tile of logits in registers, folds it into running statistics and
+drops it, so DRAM sees only H (N, C), W (V, C) and a few numbers per token.
+
+Forward, for each token i (a = policy logits h_i W^T, b = reference logits):
+    lse_a = log sum_v exp(a_v)                      online: running max m and sum s, rescaled
+    log p(y_i) = a_{y_i} - lse_a                    per tile as m grows
+    KL_i = sum_v p_v (a_v - b_v) - lse_a + lse_b    (p = softmax(a); sum kept online like s)
+Backward (policy only), with g_i the upstream gradient of log p(y_i):
+    dA_iv = g_i (1[v = y_i] - exp(a_iv - lse_a))    recomputed tile by tile from the saved lse_a
+    dH = dA W       dW = dA^T H                      accumulated in fp32
+Four N x V x C matmuls for the policy (forward, recompute in each of the two backward kernels,
+and dH or dW) and one for the reference.
+
+The three kernels:
+    _logprob_fwd     grid over token tiles; both models; writes log p, lse, KL per token
+    _logprob_bwd_dh  grid over token tiles; each program owns its rows of dH
+    _logprob_bwd_dw  grid over vocabulary tiles; each program owns its rows of dW
+Each output row belongs to one program, so no atomics are needed and results are deterministic.
+The accumulators for a full row of dH or dW (C up to 1600 floats) do not fit in registers, so
+they are read, added to and written back in fp32, one (tile x BLOCK_C) chunk at a time.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import LogProbs, reference_logprobs
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(options):
+    """Block sizes to autotune over on a GPU; one small configuration under the interpreter."""
+    if INTERPRET:
+        return [triton.Config(dict(BLOCK_N=32, BLOCK_V=64, BLOCK_C=32))]
+    return [triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_C=c), num_warps=w, num_stages=s) for n, v, c, w, s in options]
+
+
+FWD_CONFIGS = _configs([(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 32, 8, 3)])
+BWD_CONFIGS = _configs([(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)])
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["V", "C", "HAS_REF", "WITH_KL"])
+@triton.jit
+def _logprob_fwd(
+    HP, WP,  # policy hidden states (N, C) and output embedding (V, C), rows contiguous
+    HR, WR,  # the same for the reference (ignored unless HAS_REF)
+    TGT,  # (N,) int64 target ids, all in [0, V)
+    LOGP_P, LOGP_R, LSE_P, KL,  # (N,) fp32 outputs
+    N, V, C,
+    HAS_REF: tl.constexpr, WITH_KL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    tgt = tl.load(TGT + rows, mask=row_ok, other=0)
+    h_off = rows.to(tl.int64)[:, None] * C
+    m_p = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max of the policy logits
+    s_p = tl.zeros((BLOCK_N,), tl.float32)  # running sum of exp(a - m_p)
+    y_p = tl.zeros((BLOCK_N,), tl.float32)  # the target's logit
+    m_r, s_r, y_r = m_p, s_p, y_p  # the same for the reference
+    t_kl = tl.zeros((BLOCK_N,), tl.float32)  # running sum of exp(a - m_p) * (a - b)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        w_off = cols.to(tl.int64)[None, :] * C
+        a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for c0 in range(0, C, BLOCK_C):  # a = H[rows] @ W[cols]^T, C in chunks
+            ks = c0 + tl.arange(0, BLOCK_C)
+            k_ok = ks < C
+            hm, wm = row_ok[:, None] & k_ok[None, :], k_ok[:, None] & col_ok[None, :]
+            h = tl.load(HP + h_off + ks[None, :], mask=hm, other=0.0)  # (BLOCK_N, BLOCK_C)
+            w = tl.load(WP + w_off + ks[:, None], mask=wm, other=0.0)  # (BLOCK_C, BLOCK_V)
+            a = tl.dot(h, w, a, input_precision=PRECISION)
+            if HAS_REF:
+                h = tl.load(HR + h_off + ks[None, :], mask=hm, other=0.0)
+                w = tl.load(WR + w_off + ks[:, None], mask=wm, other=0.0)
+                b = tl.dot(h, w, b, input_precision=PRECISION)
+        is_tgt = cols[None, :] == tgt[:, None]
+        diff = a - b  # 0 on columns past V, where both tiles are 0
+        # columns past V (V = 50257 is odd) are -inf, so they add exp(-inf) = 0 to the sums
+        a = tl.where(col_ok[None, :], a, float("-inf"))
+        m_new = tl.maximum(m_p, tl.max(a, 1))  # finite from the first tile on: column 0 is always real
+        alpha = tl.exp(m_p - m_new)  # rescales what was summed under the old max
+        e = tl.exp(a - m_new[:, None])
+        s_p = s_p * alpha + tl.sum(e, 1)
+        y_p += tl.sum(tl.where(is_tgt, a, 0.0), 1)
+        if HAS_REF:
+            if WITH_KL:
+                t_kl = t_kl * alpha + tl.sum(e * diff, 1)
+            b = tl.where(col_ok[None, :], b, float("-inf"))
+            mr_new = tl.maximum(m_r, tl.max(b, 1))
+            s_r = s_r * tl.exp(m_r - mr_new) + tl.sum(tl.exp(b - mr_new[:, None]), 1)
+            y_r += tl.sum(tl.where(is_tgt, b, 0.0), 1)
+            m_r = mr_new
+        m_p = m_new
+    lse_p = m_p + tl.log(s_p)
+    tl.store(LOGP_P + rows, y_p - lse_p, mask=row_ok)
+    tl.store(LSE_P + rows, lse_p, mask=row_ok)
+    if HAS_REF:
+        lse_r = m_r + tl.log(s_r)
+        tl.store(LOGP_R + rows, y_r - lse_r, mask=row_ok)
+        if WITH_KL:
+            tl.store(KL + rows, t_kl / s_p - lse_p + lse_r, mask=row_ok)
+
+
+@triton.jit
+def _grad_logits_tile(H, W, TGT, LSE, G, rows, cols, N, V, C,
+                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dA for one (BLOCK_N, BLOCK_V) tile: recompute the logits, then g * (onehot - softmax), in fp32."""
+    row_ok, col_ok = rows < N, cols < V
+    h_off = rows.to(tl.int64)[:, None] * C
+    w_off = cols.to(tl.int64)[None, :] * C
+    a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        ks = c0 + tl.arange(0, BLOCK_C)
+        k_ok = ks < C
+        h = tl.load(H + h_off + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + w_off + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.dot(h, w, a, input_precision=PRECISION)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    g = tl.load(G + rows, mask=row_ok, other=0.0)
+    tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
+    p = tl.exp(a - lse[:, None])
+    # subtract the one-hot in fp32: rounding p to bf16 first would lose the gradient of a confident target
+    da = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    return tl.where(row_ok[:, None] & col_ok[None, :], da, 0.0)
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["V", "C"], reset_to_zero=["DH"])
+@triton.jit
+def _logprob_bwd_dh(
+    H, W,  # policy hidden states (N, C) and output embedding (V, C)
+    TGT, LSE, G,  # (N,) target ids, saved log-sum-exp, upstream gradient of log p
+    DH,  # (N, C) fp32, zero on entry; dH = dA @ W
+    N, V, C,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        da = _grad_logits_tile(H, W, TGT, LSE, G, rows, cols, N, V, C, PRECISION, BLOCK_N, BLOCK_V, BLOCK_C)
+        da = da.to(W.dtype.element_ty)
+        for c0 in range(0, C, BLOCK_C):
+            ks = c0 + tl.arange(0, BLOCK_C)
+            k_ok = ks < C
+            w = tl.load(W + cols.to(tl.int64)[:, None] * C + ks[None, :], mask=(cols < V)[:, None] & k_ok[None, :],
+                        other=0.0)  # (BLOCK_V, BLOCK_C)
+            ptr = DH + rows.to(tl.int64)[:, None] * C + ks[None, :]
+            m = row_ok[:, None] & k_ok[None, :]
+            tl.store(ptr, tl.load(ptr, mask=m, other=0.0) + tl.dot(da, w, input_precision=PRECISION), mask=m)
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["V", "C"], reset_to_zero=["DW"])
+@triton.jit
+def _logprob_bwd_dw(
+    H, W, TGT, LSE, G,  # as in _logprob_bwd_dh
+    DW,  # (V, C) fp32, zero on entry; dW = dA^T @ H
+    N, V, C,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        da = _grad_logits_tile(H, W, TGT, LSE, G, rows, cols, N, V, C, PRECISION, BLOCK_N, BLOCK_V, BLOCK_C)
+        da_t = tl.trans(da.to(H.dtype.element_ty))  # (BLOCK_V, BLOCK_N)
+        for c0 in range(0, C, BLOCK_C):
+            ks = c0 + tl.arange(0, BLOCK_C)
+            k_ok = ks < C
+            h = tl.load(H + rows.to(tl.int64)[:, None] * C + ks[None, :], mask=(rows < N)[:, None] & k_ok[None, :],
+                        other=0.0)  # (BLOCK_N, BLOCK_C)
+            ptr = DW + cols.to(tl.int64)[:, None] * C + ks[None, :]
+            m = col_ok[:, None] & k_ok[None, :]
+            tl.store(ptr, tl.load(ptr, mask=m, other=0.0) + tl.dot(da_t, h, input_precision=PRECISION), mask=m)
+
+
+def _precision(dtype):
+    # fp32 tl.dot would use TF32 on a GPU by default; fp32 inputs ask for fp32 accuracy
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class FusedLogProbs(torch.autograd.Function):
+    """Per-token log p(target) of the policy (differentiable) and the reference, and the exact KL.
+    Inputs are flat: h (N, C), w (V, C), targets (N,) in [0, V); h_ref / w_ref may be None."""
+
+    @staticmethod
+    def forward(ctx, h_pol, w_pol, h_ref, w_ref, targets, with_kl):
+        N, C = h_pol.shape
+        V = w_pol.shape[0]
+        has_ref = h_ref is not None
+        logp_pol, logp_ref, lse, kl = (torch.empty(N, device=h_pol.device, dtype=torch.float32) for _ in range(4))
+        if N > 0:
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+            _logprob_fwd[grid](h_pol, w_pol, h_ref if has_ref else h_pol, w_ref if has_ref else w_pol, targets,
+                               logp_pol, logp_ref, lse, kl, N, V, C, HAS_REF=has_ref, WITH_KL=with_kl,
+                               PRECISION=_precision(h_pol.dtype))
+        ctx.save_for_backward(h_pol, w_pol, targets, lse)
+        ctx.mark_non_differentiable(logp_ref, kl)
+        return logp_pol, logp_ref, kl
+
+    @staticmethod
+    def backward(ctx, g, _g_ref, _g_kl):
+        h, w, targets, lse = ctx.saved_tensors
+        (N, C), V = h.shape, w.shape[0]
+        g = g.float().contiguous()  # an upstream gradient may arrive strided (e.g. from an expand)
+        dh = dw = None
+        args = (targets, lse, g)
+        if ctx.needs_input_grad[0]:
+            dh = torch.zeros(N, C, device=h.device, dtype=torch.float32)
+            if N > 0:
+                _logprob_bwd_dh[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+                    h, w, *args, dh, N, V, C, PRECISION=_precision(h.dtype))
+            dh = dh.to(h.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = torch.zeros(V, C, device=w.device, dtype=torch.float32)
+            if N > 0:
+                _logprob_bwd_dw[lambda meta: (triton.cdiv(V, meta["BLOCK_V"]),)](
+                    h, w, *args, dw, N, V, C, PRECISION=_precision(h.dtype))
+            dw = dw.to(w.dtype)
+        return dh, dw, None, None, None, None
+
+
+def sequence_logprobs(h_pol, w_pol, h_ref, w_ref, targets, mask, with_kl=False, impl="auto"):
+    """Log-probabilities of the target tokens under the policy and the frozen reference.
+
+    h_pol, h_ref: (B, T, C) last hidden states (after ln_f); h_ref, w_ref may be None (no reference)
+    w_pol, w_ref: (V, C) output embeddings (lm_head.weight)
+    targets:      (B, T) integer ids of the next token; only read where mask is True
+    mask:         (B, T) bool, True on the tokens to score (the response), False on prompt and padding
+    with_kl:      also return the exact per-token KL(pi_pol || pi_ref) over the whole vocabulary
+    impl:         'auto' (Triton on CUDA, the reference elsewhere), 'triton' or 'reference'
+    Returns LogProbs(token_pol, seq_pol, token_ref, seq_ref, kl): per-token values (B, T), zero off the
+    mask, and per-sequence sums (B,). Gradients reach h_pol and w_pol only; the reference and the KL
+    carry none. Under CUDA autocast the inputs are cast to the autocast dtype (bf16).
+    """
+    has_ref = h_ref is not None
+    if has_ref != (w_ref is not None):
+        raise ValueError("h_ref and w_ref must be given together (or both None)")
+    _check(h_pol, w_pol, h_ref, w_ref, targets, mask, with_kl)
+    if impl == "auto":
+        impl = "triton" if h_pol.is_cuda else "reference"
+    if impl not in ("triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if impl == "triton" and not (h_pol.is_cuda or INTERPRET):
+        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing kernels)")
+    if torch.is_autocast_enabled(h_pol.device.type):  # the lm_head matmul runs in the autocast dtype
+        dt = torch.get_autocast_dtype(h_pol.device.type)
+        h_pol, w_pol = h_pol.to(dt), w_pol.to(dt)
+        if has_ref:
+            h_ref, w_ref = h_ref.to(dt), w_ref.to(dt)
+    if impl == "reference":
+        return reference_logprobs(h_pol, w_pol, h_ref, w_ref, targets, mask, with_kl)
+
+    # score only the masked tokens: prompt and padding rows never reach the kernel
+    B, T, C = h_pol.shape
+    idx = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of the scored tokens
+    flat = lambda x: None if x is None else x.reshape(B * T, C)[idx]
+    lp, lq, kl = FusedLogProbs.apply(flat(h_pol), w_pol, flat(h_ref), w_ref, targets.reshape(-1)[idx], with_kl)
+    scatter = lambda x: torch.zeros(B * T, device=x.device, dtype=x.dtype).index_copy(0, idx, x).view(B, T)
+    token_pol = scatter(lp)
+    token_ref = scatter(lq) if has_ref else None
+    return LogProbs(token_pol, token_pol.sum(-1), token_ref, token_ref.sum(-1) if has_ref else None,
+                    scatter(kl) if with_kl else None)
+
+
+def _check(h_pol, w_pol, h_ref, w_ref, targets, mask, with_kl):
+    """Clear errors for bad input, before any kernel could read out of bounds."""
+    if h_pol.dim() != 3 or w_pol.dim() != 2:
+        raise ValueError(f"expected h_pol (B, T, C) and w_pol (V, C), got {tuple(h_pol.shape)} and {tuple(w_pol.shape)}")
+    B, T, C = h_pol.shape
+    V = w_pol.shape[0]
+    if w_pol.shape[1] != C:
+        raise ValueError(f"w_pol has {w_pol.shape[1]} columns but h_pol has C = {C}")
+    if h_ref is not None and (h_ref.shape != h_pol.shape or w_ref.shape != w_pol.shape):
+        raise ValueError(f"reference shapes {tuple(h_ref.shape)}, {tuple(w_ref.shape)} differ from the "
+                         f"policy's {tuple(h_pol.shape)}, {tuple(w_pol.shape)}")
+    if targets.shape != (B, T) or mask.shape != (B, T):
+        raise ValueError(f"targets {tuple(targets.shape)} and mask {tuple(mask.shape)} must both be (B, T) = {(B, T)}")
+    if with_kl and h_ref is None:
+        raise ValueError("with_kl needs the reference (h_ref, w_ref)")
+    tensors = dict(h_pol=h_pol, w_pol=w_pol, h_ref=h_ref, w_ref=w_ref, targets=targets, mask=mask)
+    devices = {f"{k}: {v.device}" for k, v in tensors.items() if v is not None}
+    if len({v.device for v in tensors.values() if v is not None}) > 1:
+        raise ValueError(f"all inputs must be on one device, got {', '.join(sorted(devices))}")
+    floats = {k: v.dtype for k, v in tensors.items() if k[0] in "hw" and v is not None}
+    if len(set(floats.values())) > 1 or not all(d.is_floating_point for d in floats.values()):
+        raise TypeError(f"h and w must share one floating dtype, got {floats}")
+    if targets.dtype not in (torch.int32, torch.int64) or mask.dtype != torch.bool:
+        raise TypeError(f"targets must be int32/int64 and mask bool, got {targets.dtype} and {mask.dtype}")
+    for k in ("w_pol", "w_ref"):
+        if tensors[k] is not None and not tensors[k].is_contiguous():
+            raise ValueError(f"{k} must be contiguous (its strides are {tensors[k].stride()}); call .contiguous()")
+    scored = targets[mask]
+    if scored.numel() and (scored.min() < 0 or scored.max() >= V):  # one sync; an out-of-range id would read out of bounds
+        bad = scored[(scored < 0) | (scored >= V)][0].item()
+        raise IndexError(f"target id {bad} is outside the vocabulary [0, {V})")

@@ -1,0 +1,231 @@
+"""The fused Triton log-prob kernel against its PyTorch specification (kernels/reference.py).
+
+    python -m pytest tests/test_kernels.py
+On a CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) in
+fp32 and fp16; the interpreter's bf16 tl.dot is wrong, so bf16 is tested on CUDA only (`gpu`).
+"""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from kernels import reference_logprobs, sequence_logprobs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# relative error ||x - ref|| / ||ref|| against a float64 reference, per input dtype
+RTOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30)).item()
+
+
+def assert_close(x, ref, rtol, what):
+    diff = (x.double() - ref.double()).abs()
+    err = rel_err(x, ref)
+    assert err <= rtol and torch.isfinite(x).all(), \
+        f"{what}: relative error {err:.3g} > {rtol:.1g} (max diff {diff.max().item():.3g}, mean {diff.mean().item():.3g})"
+
+
+def make_inputs(B, T, C, V, dtype, seed=0, scale=1.0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    h = lambda: (torch.randn(B, T, C, generator=g) * scale).to(dtype)
+    w = lambda: (torch.randn(V, C, generator=g) / math.sqrt(C) * 4).to(dtype)  # logits of a few units
+    hp, wp, hr, wr = h(), w(), h(), w()
+    targets = torch.randint(V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    return [x.to(device) for x in (hp, wp, hr, wr, targets, mask)]
+
+
+def run(impl, hp, wp, hr, wr, targets, mask, upstream):
+    """Forward with the KL, then backward of a loss that weights every token and every sequence."""
+    hp, wp = hp.detach().requires_grad_(), wp.detach().requires_grad_()
+    out = sequence_logprobs(hp, wp, hr, wr, targets, mask, with_kl=True, impl=impl)
+    g_tok, g_seq = upstream
+    ((out.token_pol * g_tok).sum() + (out.seq_pol * g_seq).sum()).backward()
+    return out, hp.grad, wp.grad
+
+
+def check_against_fp64(B, T, C, V, dtype, mask_fn=None, scale=1.0, seed=0):
+    hp, wp, hr, wr, targets, mask = make_inputs(B, T, C, V, dtype, seed, scale)
+    if mask_fn is not None:
+        mask = mask_fn(mask)
+    g = torch.Generator().manual_seed(seed + 1)
+    upstream = (torch.randn(B, T, generator=g).to(DEVICE), torch.randn(B, generator=g).to(DEVICE))
+    out, dh, dw = run("triton", hp, wp, hr, wr, targets, mask, upstream)
+    ref, rdh, rdw = run("reference", *(x.double() if x.is_floating_point() else x for x in (hp, wp, hr, wr)),
+                        targets, mask, [u.double() for u in upstream])
+    rtol = RTOL[dtype]
+    for name in ("token_pol", "seq_pol", "token_ref", "seq_ref", "kl"):
+        x, r = getattr(out, name), getattr(ref, name)
+        if r.abs().max() == 0:  # e.g. every token masked
+            assert (x == 0).all(), name
+        else:
+            assert_close(x, r, rtol if name != "kl" else 10 * rtol, name)  # KL is a difference of nearby numbers
+    assert (out.token_pol[~mask] == 0).all() and (out.kl[~mask] == 0).all()
+    for name, x, r in (("dH", dh, rdh), ("dW", dw, rdw)):
+        assert x.dtype == dtype
+        if r.abs().max() == 0:
+            assert (x == 0).all(), name
+        else:
+            assert_close(x, r, rtol, name)
+
+
+SHAPES = [(1, 37, 48, 517), (2, 65, 100, 1031), (3, 7, 20, 129)]  # odd N, V and C on purpose
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,T,C,V", SHAPES)
+def test_matches_fp64_reference(B, T, C, V, dtype):
+    check_against_fp64(B, T, C, V, dtype)
+
+
+def test_fully_masked_sequence_and_length_one():
+    def edit(mask):
+        mask = mask.clone()
+        mask[0] = False  # a sequence with nothing to score
+        mask[1] = False
+        mask[1, 5] = True  # a response of one token
+        return mask
+    check_against_fp64(3, 11, 40, 300, torch.float32, mask_fn=edit)
+
+
+def test_everything_masked():
+    check_against_fp64(2, 5, 16, 100, torch.float32, mask_fn=torch.zeros_like)
+
+
+def test_huge_logits_do_not_overflow():
+    """Logits of magnitude ~1e4: exp would overflow without the running max."""
+    hp, wp, hr, wr, targets, mask = make_inputs(2, 9, 32, 257, torch.float32, scale=1.0)
+    hp, hr = hp * 3000, hr * 3000  # |logits| up to ~1e4
+    out = sequence_logprobs(hp, wp, hr, wr, targets, mask, with_kl=True, impl="triton")
+    ref = reference_logprobs(hp.double(), wp.double(), hr.double(), wr.double(), targets, mask, with_kl=True)
+    assert (ref.token_pol.abs().max() > 1000) and torch.isfinite(out.kl).all()
+    assert_close(out.seq_pol, ref.seq_pol, 1e-5, "seq_pol")
+    assert_close(out.seq_ref, ref.seq_ref, 1e-5, "seq_ref")
+
+
+def test_without_reference():
+    hp, wp, _, _, targets, mask = make_inputs(2, 9, 24, 131, torch.float32)
+    out = sequence_logprobs(hp, wp, None, None, targets, mask, impl="triton")
+    ref = reference_logprobs(hp.double(), wp.double(), None, None, targets, mask)
+    assert out.token_ref is None and out.kl is None
+    assert_close(out.seq_pol, ref.seq_pol, 1e-5, "seq_pol")
+
+
+def test_gradient_from_strided_upstream():
+    """seq_pol.sum() sends an expanded (stride 0) gradient; a transposed weight sends a strided one."""
+    hp, wp, hr, wr, targets, mask = make_inputs(3, 8, 24, 131, torch.float32)
+    g = torch.randn(8, 3).to(DEVICE).t()  # (3, 8), not contiguous
+    grads = []
+    for impl in ("triton", "reference"):
+        h = hp.detach().requires_grad_()
+        out = sequence_logprobs(h, wp, hr, wr, targets, mask, impl=impl)
+        (out.seq_pol.sum() + (out.token_pol * g).sum()).backward()
+        grads.append(h.grad)
+    assert_close(grads[0], grads[1], 1e-5, "dH")
+
+
+class RecordAllocations(TorchDispatchMode):
+    """Records the number of elements of every new tensor an op returns. In-place ops (set_, copy_,
+    which Triton's interpreter uses to view and copy buffers) write into existing memory: skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.overloadpacket.__name__.endswith("_"):
+            self.sizes += [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_no_tokens_by_vocab_allocation(impl):
+    B, T, C, V = 2, 65, 48, 1031  # N x V = 134,030 is larger than any input (dW is V x C = 49,488)
+    hp, wp, hr, wr, targets, mask = make_inputs(B, T, C, V, torch.float32)
+    hp.requires_grad_()
+    wp.requires_grad_()
+    with RecordAllocations() as rec:
+        out = sequence_logprobs(hp, wp, hr, wr, targets, mask, with_kl=True, impl=impl)
+        (out.seq_pol.sum() + out.token_pol.sum()).backward()
+    largest = max(rec.sizes)
+    if impl == "triton":
+        assert largest < B * T * V, f"the Triton path allocated a tensor of {largest} elements"
+    else:  # the reference does materialise the logits: the recorder sees them
+        assert largest >= B * T * V
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_out_of_range_target():
+    hp, wp, hr, wr, targets, mask = make_inputs(2, 5, 16, 100, torch.float32)
+    mask[0, 2] = True
+    for bad in (100, -1):
+        t = targets.clone()
+        t[0, 2] = bad
+        with pytest.raises(IndexError, match=rf"target id {bad} is outside the vocabulary \[0, 100\)"):
+            sequence_logprobs(hp, wp, hr, wr, t, mask, impl="triton")
+    t = targets.clone()
+    mask[1, 1] = False
+    t[1, 1] = -100  # off the mask any value is fine (ignored, never read)
+    sequence_logprobs(hp, wp, hr, wr, t, mask, impl="triton")
+
+
+def test_mismatched_shapes():
+    hp, wp, hr, wr, targets, mask = make_inputs(2, 5, 16, 100, torch.float32)
+    with pytest.raises(ValueError, match="w_pol has 15 columns but h_pol has C = 16"):
+        sequence_logprobs(hp, wp[:, :15].contiguous(), hr, wr, targets, mask)
+    with pytest.raises(ValueError, match="reference shapes"):
+        sequence_logprobs(hp, wp, hr[:, :4], wr, targets, mask)
+    with pytest.raises(ValueError, match=r"targets \(2, 4\) and mask \(2, 5\) must both be"):
+        sequence_logprobs(hp, wp, hr, wr, targets[:, :4], mask)
+    with pytest.raises(ValueError, match="with_kl needs the reference"):
+        sequence_logprobs(hp, wp, None, None, targets, mask, with_kl=True)
+
+
+def test_mixed_devices_dtypes_and_layout():
+    hp, wp, hr, wr, targets, mask = make_inputs(2, 5, 16, 100, torch.float32)
+    with pytest.raises(ValueError, match=r"one device.*w_ref: meta"):
+        sequence_logprobs(hp, wp, hr, wr.to("meta"), targets, mask)
+    with pytest.raises(TypeError, match="share one floating dtype"):
+        sequence_logprobs(hp, wp.half(), hr, wr, targets, mask)
+    with pytest.raises(TypeError, match="mask bool"):
+        sequence_logprobs(hp, wp, hr, wr, targets, mask.int())
+    with pytest.raises(ValueError, match="w_pol must be contiguous"):
+        sequence_logprobs(hp, wp.t().contiguous().t(), hr, wr, targets, mask)
+    with pytest.raises(ValueError, match="impl must be"):
+        sequence_logprobs(hp, wp, hr, wr, targets, mask, impl="cuda")
+
+
+# ---------------------------------------------------------------- CUDA (bf16 needs a real GPU)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,C,V", SHAPES + [(4, 1000, 1280, 50257), (2, 333, 1600, 50257)])
+def test_cuda_matches_fp64_reference(B, T, C, V, dtype):
+    check_against_fp64(B, T, C, V, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_sums_no_worse_than_eager_bf16():
+    """The kernel's bf16 sequence sums are as close to fp64 as the eager bf16 reference's, within 10%."""
+    hp, wp, hr, wr, targets, mask = make_inputs(8, 512, 1280, 50257, torch.bfloat16)
+    exact = reference_logprobs(hp.double(), wp.double(), hr.double(), wr.double(), targets, mask)
+    ours = sequence_logprobs(hp, wp, hr, wr, targets, mask, impl="triton")
+    eager = reference_logprobs(hp, wp, hr, wr, targets, mask)
+    for name in ("seq_pol", "seq_ref"):
+        e_ours, e_eager = (rel_err(getattr(x, name), getattr(exact, name)) for x in (ours, eager))
+        assert e_ours <= 1.1 * e_eager + 1e-6, f"{name}: kernel {e_ours:.3g} vs eager bf16 {e_eager:.3g}"
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_casts_to_bf16():
+    hp, wp, hr, wr, targets, mask = make_inputs(2, 64, 96, 1031, torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = sequence_logprobs(hp, wp, hr, wr, targets, mask)
+    ref = reference_logprobs(hp.bfloat16(), wp.bfloat16(), hr.bfloat16(), wr.bfloat16(), targets, mask)
+    assert_close(out.seq_pol, ref.seq_pol, RTOL[torch.bfloat16], "seq_pol")
