@@ -23,8 +23,9 @@ def reference_logprobs(h_pol, w_pol, h_ref, w_ref, targets, mask, with_kl=False)
     logits -> log_softmax in fp32 -> gather the target -> zero off the mask -> sum per sequence."""
     safe = torch.where(mask, targets, 0)[..., None]  # masked targets may be anything (padding, -100)
 
-    def logp_all(h, w):  # (B, T, V) log-probabilities in fp32
-        return F.log_softmax((h @ w.t()).float(), dim=-1)
+    def logp_all(h, w):  # (B, T, V) log-probabilities in fp32 (fp64 for fp64 inputs)
+        logits = h @ w.t()
+        return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
     lp = logp_all(h_pol, w_pol)
     token_pol = torch.where(mask, lp.gather(-1, safe).squeeze(-1), 0.0)

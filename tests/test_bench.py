@@ -1,0 +1,27 @@
+"""kernels/bench.py runs end to end (on a CPU: tiny shapes through the Triton interpreter).
+
+    python -m pytest tests/test_bench.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark is run by hand (minutes)")
+def test_bench_runs_and_prints_table(tmp_path):
+    out, fig = tmp_path / "bench.json", tmp_path / "bench.png"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "kernels", "bench.py"), "--out", str(out), "--fig", str(fig)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "f+b ms" in res.stdout and "headline triton" in " ".join(res.stdout.split())
+    rows = json.load(open(out))["results"]
+    head = {r["method"]: r for r in rows if r["part"] == "headline"}
+    assert set(head) >= {"eager", "chunked", "triton"}
+    assert head["triton"]["rel_err"] < 1e-5 and head["eager"]["rel_err"] < 1e-5  # fp32 against fp64
+    assert fig.stat().st_size > 10_000
