@@ -1,0 +1,74 @@
+"""
+The format every data set is prepared into: labelled reviews, tokenised, in one .npz per data set.
+
+    <name>.npz   for each split s in (train, test):
+                 s_tokens  uint16 (total tokens,)  every review's token ids, one after another
+                 s_offsets int64  (reviews + 1,)   review i is s_tokens[s_offsets[i]:s_offsets[i + 1]]
+                 s_labels  uint8  (reviews,)       1 = positive, 0 = negative
+                 s_chars   int32  (reviews,)       length of the review text in characters
+    meta.json    the tokenizer's name and the counts, for people
+"""
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Split:
+    tokens: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+    chars: np.ndarray
+
+    def __len__(self):
+        return len(self.labels)
+
+    def review(self, i):
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]].astype(np.int64)
+
+
+def write_atomic(path, write):
+    """write(f) into path.tmp, then rename: a crash never leaves a half-written file under path."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_corpus(out_dir, name, splits, enc, tokenizer):
+    """splits: {'train': (texts, labels), 'test': (texts, labels)}; enc: a tiktoken Encoding."""
+    arrays, meta = {}, {"tokenizer": tokenizer}
+    for split, (texts, labels) in splits.items():
+        ids = enc.encode_ordinary_batch(list(texts))
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        arrays[f"{split}_tokens"] = np.fromiter((t for x in ids for t in x), dtype=np.uint16, count=int(lengths.sum()))
+        arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum(lengths)])
+        arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.uint8)
+        arrays[f"{split}_chars"] = np.array([len(t) for t in texts], dtype=np.int32)
+        meta[split] = {"reviews": len(texts), "positive": int(np.sum(labels)), "tokens": int(lengths.sum()),
+                       "mean_tokens": round(float(lengths.mean()), 1) if len(texts) else 0}
+    write_atomic(os.path.join(out_dir, f"{name}.npz"), lambda f: np.savez(f, **arrays))
+    write_atomic(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return meta
+
+
+def load_corpus(path):
+    """{'train': Split, 'test': Split} from a prepared .npz, with a clear error when it is broken."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: run python data/{os.path.basename(os.path.dirname(path))}/prepare.py")
+    try:
+        with np.load(path) as z:
+            splits = {s: Split(*(z[f"{s}_{k}"] for k in ("tokens", "offsets", "labels", "chars"))) for s in ("train", "test")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and prepare it again") from e
+    for s, sp in splits.items():
+        if len(sp.offsets) != len(sp.labels) + 1 or sp.offsets[-1] != len(sp.tokens):
+            raise ValueError(f"{path}: the {s} split's offsets do not match its tokens; delete it and prepare it again")
+    return splits

@@ -1,0 +1,68 @@
+"""The reward-vs-KL frontier (Fig. 2 left of the DPO paper) from a run folder of dpo.py.
+
+    python plots/frontier.py out/tiny plots/tiny_frontier.png
+
+One point per evaluation of every run (out/<preset>/runs/<run>/eval.jsonl), a colour per method, the
+SFT reference at KL 0 (the mean reward of its samples), and beside it the training curves.
+"""
+import glob
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLOURS = {"dpo": "tab:red", "ipo": "tab:purple", "cdpo": "tab:pink", "ft": "tab:green", "ul": "tab:olive"}
+MARKERS = ["o", "s", "^", "D", "v", "P"]
+
+
+def read_runs(out_dir):
+    """{run name: [eval records]} for every run that wrote evaluations."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "runs", "*", "eval.jsonl"))):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        if records:
+            runs[os.path.basename(os.path.dirname(path))] = records
+    return runs
+
+
+def plot_frontier(out_dir, png_path):
+    runs = read_runs(out_dir)
+    fig, (ax, ax_r, ax_k) = plt.subplots(1, 3, figsize=(16, 4.8))
+    seen = {}
+    for name, recs in runs.items():
+        method, _, param = name.partition("_")
+        marker = MARKERS[seen.setdefault(method, 0) % len(MARKERS)]
+        seen[method] += 1
+        label = {"dpo": f"DPO beta={param}", "ft": "Preferred-FT", "ul": f"Unlikelihood alpha={param}",
+                 "ipo": f"IPO beta={param}", "cdpo": f"cDPO beta={param}"}.get(method, name)
+        colour = COLOURS.get(method, "gray")
+        ax.scatter([r["kl"] for r in recs], [r["reward"] for r in recs], c=colour, marker=marker, s=22, alpha=0.8, label=label)
+        ax_r.plot([r["step"] for r in recs], [r["reward"] for r in recs], c=colour, marker=marker, ms=3, label=label)
+        ax_k.plot([r["step"] for r in recs], [r["kl"] for r in recs], c=colour, marker=marker, ms=3, label=label)
+    pairs = os.path.join(out_dir, "pairs.pt")
+    if os.path.exists(pairs):  # the SFT reference: its samples' mean reward, at KL 0 by definition
+        import torch
+        ax.scatter([0], [torch.load(pairs, weights_only=True)["sft_reward"]], c="black", marker="*", s=160, label="SFT reference")
+    ax.set(xlabel="KL(pi || pi_ref), summed over the response", ylabel="mean reward r*(x, y)",
+           title=f"reward vs KL frontier ({os.path.basename(os.path.normpath(out_dir))})")
+    ax_r.set(xlabel="step", ylabel="mean reward", title="reward during training")
+    ax_k.set(xlabel="step", ylabel="KL", title="KL during training")
+    ax.legend(fontsize=7)
+    ax_r.legend(fontsize=7)
+    for a in (ax, ax_r, ax_k):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path + ".tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, png_path)
+    plt.close(fig)
+    return png_path
+
+
+if __name__ == "__main__":
+    print(plot_frontier(sys.argv[1], sys.argv[2]))
