@@ -34,14 +34,14 @@ from model import GPT, GPTConfig, get_tokenizer
 # ----------------------------------------------------------------------------- 0. settings
 PRESETS = {
     "tiny": dict(data="tiny", init="scratch", n_layer=4, n_head=4, n_embd=128, block_size=128,
-                 sft_steps=500, sft_lr=2e-3, rm_steps=300, rm_lr=5e-4, batch=32, min_chars=100,
-                 n_prompts=400, max_new_tokens=96, dpo_steps=120, dpo_lr=1e-4, dpo_batch=32, warmup=10,
-                 optimizer="adamw", eval_every=20, n_eval=128,
+                 sft_steps=300, sft_lr=2e-3, rm_steps=200, rm_lr=5e-4, batch=32, min_chars=100,
+                 n_prompts=300, max_new_tokens=80, dpo_steps=80, dpo_lr=1e-4, dpo_batch=32, warmup=10,
+                 optimizer="adamw", eval_every=20, n_eval=96, best_of="1,2,4,8,16",
                  runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft"),
-    "imdb": dict(data="imdb", init="pretrained", model="gpt2", block_size=1024, sft_steps=1500, sft_lr=5e-5,
+    "imdb": dict(data="imdb", init="pretrained", model="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, sft_steps=1500, sft_lr=5e-5,
                  rm_steps=1500, rm_lr=2e-5, batch=32, min_chars=200, n_prompts=25000, max_new_tokens=64,
                  dpo_steps=1500, dpo_lr=1e-6, dpo_batch=64, warmup=150, optimizer="rmsprop", eval_every=100,
-                 n_eval=512, runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ul:0.05,ul:0.1,ul:0.5,ul:1"),
+                 n_eval=512, best_of="1,2,4,8,16,64", runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ul:0.05,ul:0.1,ul:0.5,ul:1"),
 }
 METHODS = ("dpo", "ipo", "cdpo", "ft", "ul")  # a run is "method:param", e.g. dpo:0.1 (beta) or ul:0.5 (alpha)
 
@@ -54,6 +54,7 @@ def get_args(argv=None):
     p.add_argument("--init", choices=("scratch", "pretrained"), help="a GPT from scratch, or pretrained GPT-2")
     p.add_argument("--model", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face folder")
     p.add_argument("--runs", help="comma-separated runs, method:param with method in " + "/".join(METHODS))
+    p.add_argument("--best-of", help="comma-separated N of the Best-of-N baseline")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--impl", default="auto", help="log-prob path: auto | triton | reference (kernels/)")
@@ -61,7 +62,7 @@ def get_args(argv=None):
     p.add_argument("--figure", help="the frontier figure (default plots/<preset>_frontier.png)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of conservative DPO (cdpo)")
     for k, v in PRESETS["tiny"].items():  # every preset value can be overridden: --dpo-steps 50
-        if k not in ("data", "init", "runs"):
+        if k not in ("data", "init", "runs", "best_of"):
             p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None)
     args = p.parse_args(argv)
     args.preset = args.preset or ("imdb" if args.device.startswith("cuda") else "tiny")
@@ -244,6 +245,7 @@ def train(name, model, loss_fn, get_batch, steps, lr, args, optimizer="adamw", w
         save_checkpoint(model.state_dict(), final)
         if os.path.exists(ckpt):
             os.remove(ckpt)
+    log(f"[{name}] {steps - start} steps in {time.time() - t0:.1f}s")
     return model
 
 
@@ -405,6 +407,25 @@ def evaluate(policy, ref, rm, prompts, args, eot, step):
                 length=float(np.mean([len(x) for x in responses])))
 
 
+def best_of_n_kl(n):
+    """Best-of-N's KL(pi_BoN || pi_ref) is at most log N - (N - 1) / N (Beirami et al. 2024)."""
+    return math.log(n) - (n - 1) / n
+
+
+@torch.no_grad()
+def best_of_n(sft, rm, prompts, args, eot):
+    """The Best-of-N baseline: N samples of pi_ref per held-out prompt, keep the one r* likes best."""
+    path = os.path.join(args.out, "best_of_n.jsonl")
+    ns = sorted(int(n) for n in args.best_of.split(","))
+    if os.path.exists(path) or not MASTER:
+        return
+    many = [p for p in prompts for _ in range(ns[-1])]
+    r = reward(rm, many, sample(sft, many, args, eot, args.seed + 1), args, eot).view(len(prompts), ns[-1])
+    records = [dict(n=n, reward=r[:, :n].max(1).values.mean().item(), kl_bound=best_of_n_kl(n)) for n in ns]
+    write_atomic(path, lambda f: f.write("".join(json.dumps(x) + "\n" for x in records).encode()))
+    log("[best-of-n] " + ", ".join(f"N={x['n']}: {x['reward']:.3f}" for x in records))
+
+
 # ----------------------------------------------------------------------------- the whole experiment
 def main(argv=None):
     args = get_args(argv)
@@ -413,7 +434,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
     data = load_data(args)
-    enc = get_tokenizer("bytes" if args.data == "tiny" else "gpt2")
+    enc = get_tokenizer(data["tokenizer"])
     eot, vocab = enc.eot_token, enc.n_vocab
     rng = np.random.default_rng(args.seed)
     train_prompts = make_prompts(data["train"], args.n_prompts, args.min_chars, rng)
@@ -433,6 +454,7 @@ def main(argv=None):
                                                                                  crop=False)(i)], args)[1]["acc"] for i in range(8)])
     log(f"[reward] classifier accuracy on {8 * args.batch} test reviews: {test_acc:.3f}")
     pairs = make_pairs(sft, rm, train_prompts, args, eot)
+    best_of_n(sft, rm, eval_prompts, args, eot)
     ref = copy.deepcopy(sft).eval().requires_grad_(False)
     for run in args.runs.split(","):
         method, _, param = run.partition(":")

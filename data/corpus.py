@@ -6,6 +6,7 @@ The format every data set is prepared into: labelled reviews, tokenised, in one 
                  s_offsets int64  (reviews + 1,)   review i is s_tokens[s_offsets[i]:s_offsets[i + 1]]
                  s_labels  uint8  (reviews,)       1 = positive, 0 = negative
                  s_chars   int32  (reviews,)       length of the review text in characters
+                 tokenizer                the name for model.get_tokenizer: gpt2 or bytes
     meta.json    the tokenizer's name and the counts, for people
 """
 import json
@@ -44,11 +45,11 @@ def write_atomic(path, write):
 
 def save_corpus(out_dir, name, splits, enc, tokenizer):
     """splits: {'train': (texts, labels), 'test': (texts, labels)}; enc: a tiktoken Encoding."""
-    arrays, meta = {}, {"tokenizer": tokenizer}
+    arrays, meta = {"tokenizer": np.array(tokenizer)}, {"tokenizer": tokenizer}
     for split, (texts, labels) in splits.items():
         ids = enc.encode_ordinary_batch(list(texts))
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        arrays[f"{split}_tokens"] = np.fromiter((t for x in ids for t in x), dtype=np.uint16, count=int(lengths.sum()))
+        arrays[f"{split}_tokens"] = np.concatenate([np.asarray(x, dtype=np.uint16) for x in ids] + [np.zeros(0, np.uint16)])
         arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum(lengths)])
         arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.uint8)
         arrays[f"{split}_chars"] = np.array([len(t) for t in texts], dtype=np.int32)
@@ -60,15 +61,16 @@ def save_corpus(out_dir, name, splits, enc, tokenizer):
 
 
 def load_corpus(path):
-    """{'train': Split, 'test': Split} from a prepared .npz, with a clear error when it is broken."""
+    """{'train': Split, 'test': Split, 'tokenizer': name} from a prepared .npz; a clear error when it is broken."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: run python data/{os.path.basename(os.path.dirname(path))}/prepare.py")
     try:
         with np.load(path) as z:
             splits = {s: Split(*(z[f"{s}_{k}"] for k in ("tokens", "offsets", "labels", "chars"))) for s in ("train", "test")}
+            tokenizer = str(z["tokenizer"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and prepare it again") from e
     for s, sp in splits.items():
         if len(sp.offsets) != len(sp.labels) + 1 or sp.offsets[-1] != len(sp.tokens):
             raise ValueError(f"{path}: the {s} split's offsets do not match its tokens; delete it and prepare it again")
-    return splits
+    return dict(splits, tokenizer=tokenizer)

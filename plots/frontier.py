@@ -3,10 +3,12 @@
     python plots/frontier.py out/tiny plots/tiny_frontier.png
 
 One point per evaluation of every run (out/<preset>/runs/<run>/eval.jsonl), a colour per method, the
-SFT reference at KL 0 (the mean reward of its samples), and beside it the training curves.
+SFT reference at KL 0 (the mean reward of its samples), Best-of-N at its KL bound, and beside it the
+training curves.
 """
 import glob
 import json
+import math
 import os
 import sys
 
@@ -41,13 +43,22 @@ def plot_frontier(out_dir, png_path):
         label = {"dpo": f"DPO beta={param}", "ft": "Preferred-FT", "ul": f"Unlikelihood alpha={param}",
                  "ipo": f"IPO beta={param}", "cdpo": f"cDPO beta={param}"}.get(method, name)
         colour = COLOURS.get(method, "gray")
+        if method == "dpo":  # darker for larger beta
+            colour = plt.cm.Reds(0.35 + 0.6 * min(1.0, math.log10(float(param) / 0.05 + 1) / 2.1))
         ax.scatter([r["kl"] for r in recs], [r["reward"] for r in recs], c=colour, marker=marker, s=22, alpha=0.8, label=label)
         ax_r.plot([r["step"] for r in recs], [r["reward"] for r in recs], c=colour, marker=marker, ms=3, label=label)
         ax_k.plot([r["step"] for r in recs], [r["kl"] for r in recs], c=colour, marker=marker, ms=3, label=label)
-    pairs = os.path.join(out_dir, "pairs.pt")
-    if os.path.exists(pairs):  # the SFT reference: its samples' mean reward, at KL 0 by definition
-        import torch
-        ax.scatter([0], [torch.load(pairs, weights_only=True)["sft_reward"]], c="black", marker="*", s=160, label="SFT reference")
+    bon = os.path.join(out_dir, "best_of_n.jsonl")
+    if os.path.exists(bon):  # Best-of-N at its KL upper bound log N - (N - 1) / N
+        with open(bon) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        ax.plot([r["kl_bound"] for r in recs], [r["reward"] for r in recs], "--", c="gray", marker="x",
+                label="Best-of-N (at its KL bound)")
+        for r in recs:
+            ax.annotate(f"N={r['n']}", (r["kl_bound"], r["reward"]), fontsize=6, color="gray")
+    if runs:  # every run starts as the SFT reference: its step-0 evaluation, at KL 0 by definition
+        first = next(iter(runs.values()))[0]
+        ax.scatter([0], [first["reward"]], c="black", marker="*", s=160, zorder=3, label="SFT reference")
     ax.set(xlabel="KL(pi || pi_ref), summed over the response", ylabel="mean reward r*(x, y)",
            title=f"reward vs KL frontier ({os.path.basename(os.path.normpath(out_dir))})")
     ax_r.set(xlabel="step", ylabel="mean reward", title="reward during training")
