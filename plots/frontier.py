@@ -45,7 +45,7 @@ def plot_frontier(out_dir, png_path):
         colour = COLOURS.get(method, "gray")
         if method == "dpo":  # darker for larger beta
             colour = plt.cm.Reds(0.35 + 0.6 * min(1.0, math.log10(float(param) / 0.05 + 1) / 2.1))
-        ax.scatter([r["kl"] for r in recs], [r["reward"] for r in recs], c=colour, marker=marker, s=22, alpha=0.8, label=label)
+        ax.scatter([r["kl"] for r in recs], [r["reward"] for r in recs], color=colour, marker=marker, s=22, alpha=0.8, label=label)
         ax_r.plot([r["step"] for r in recs], [r["reward"] for r in recs], c=colour, marker=marker, ms=3, label=label)
         ax_k.plot([r["step"] for r in recs], [r["kl"] for r in recs], c=colour, marker=marker, ms=3, label=label)
     bon = os.path.join(out_dir, "best_of_n.jsonl")
