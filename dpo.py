@@ -245,6 +245,8 @@ def train(name, model, loss_fn, get_batch, steps, lr, args, optimizer="adamw", w
         save_checkpoint(model.state_dict(), final)
         if os.path.exists(ckpt):
             os.remove(ckpt)
+    if WORLD > 1:
+        torch.distributed.barrier()  # every rank sees the finished stage before the next one starts
     log(f"[{name}] {steps - start} steps in {time.time() - t0:.1f}s")
     return model
 
@@ -304,9 +306,12 @@ def reward_loss(model, batch, args):
 def reward(rm, prompts, responses, args, eot):
     """r*(x, y) = p(positive) of the classifier on EOT + prompt + response + EOT, as in its training."""
     seqs = [p + [t for t in r if t != eot] + [eot] for p, r in zip(prompts, responses)]
-    idx, _, mask = (x.to(args.device) for x in pack([[eot]] * len(seqs), seqs, args.block_size, pad=eot))
-    with amp(args):
-        return torch.sigmoid(rm.score(rm(idx), mask).float()).cpu()
+    out = []
+    for i in range(0, len(seqs), 256):
+        idx, _, mask = (x.to(args.device) for x in pack([[eot]] * len(seqs[i:i + 256]), seqs[i:i + 256], args.block_size, eot))
+        with amp(args):
+            out.append(torch.sigmoid(rm.score(rm(idx), mask).float()).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
