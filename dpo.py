@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.corpus import load_corpus, write_atomic
+from data.corpus import load_checkpoint, load_corpus, save_checkpoint, write_atomic
 from kernels import sequence_logprobs
-from model import GPT, GPTConfig, get_tokenizer
+from model import GPT, GPTConfig, get_tokenizer, left_pad
 
 # ----------------------------------------------------------------------------- 0. settings
 PRESETS = {
@@ -251,17 +251,6 @@ def train(name, model, loss_fn, get_batch, steps, lr, args, optimizer="adamw", w
     return model
 
 
-def save_checkpoint(obj, path):
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it to redo that stage") from e
-
-
 # ----------------------------------------------------------------------------- 2. the SFT reference, 3. the reward
 def make_model(args, vocab_size, score_head=False):
     if args.init == "pretrained":
@@ -320,12 +309,7 @@ def sample(model, prompts, args, eot, seed):
     out = []
     g = torch.Generator(device=args.device).manual_seed(seed)
     for i in range(0, len(prompts), 256):
-        chunk = prompts[i:i + 256]
-        T = max(len(p) for p in chunk)
-        idx = torch.full((len(chunk), T), eot, dtype=torch.long)
-        pmask = torch.zeros(len(chunk), T, dtype=torch.bool)
-        for j, p in enumerate(chunk):  # left padding
-            idx[j, T - len(p):], pmask[j, T - len(p):] = torch.tensor(p), True
+        idx, pmask = left_pad(prompts[i:i + 256], eot)
         with amp(args):
             new, new_mask = model.generate(idx.to(args.device), pmask.to(args.device), args.max_new_tokens,
                                            temperature=1.0, eos_id=eot, generator=g)
@@ -455,8 +439,9 @@ def main(argv=None):
                review_batches(data["train"], args, eot, args.seed + 1, crop=True), args.rm_steps, args.rm_lr, args,
                warmup=args.warmup)
     rm.eval()
-    test_acc = np.mean([reward_loss(rm, [x.to(args.device) for x in review_batches(data["test"], args, eot, args.seed + 2,
-                                                                                 crop=False)(i)], args)[1]["acc"] for i in range(8)])
+    with torch.no_grad():
+        test = review_batches(data["test"], args, eot, args.seed + 2, crop=False)
+        test_acc = np.mean([reward_loss(rm, [x.to(args.device) for x in test(i)], args)[1]["acc"] for i in range(8)])
     log(f"[reward] classifier accuracy on {8 * args.batch} test reviews: {test_acc:.3f}")
     pairs = make_pairs(sft, rm, train_prompts, args, eot)
     best_of_n(sft, rm, eval_prompts, args, eot)

@@ -100,6 +100,17 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def left_pad(prompts, pad):
+    """Token lists of different lengths -> what generate takes: idx (B, T) left-padded with `pad`,
+    and mask (B, T), True on the real tokens."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p, dtype=torch.long), True
+    return idx, mask
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):

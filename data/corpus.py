@@ -8,6 +8,7 @@ The format every data set is prepared into: labelled reviews, tokenised, in one 
                  s_chars   int32  (reviews,)       length of the review text in characters
                  tokenizer                the name for model.get_tokenizer: gpt2 or bytes
     meta.json    the tokenizer's name and the counts, for people
+and the checkpoints of dpo.py's stages: torch.save, written atomically, read without unpickling code.
 """
 import json
 import os
@@ -15,6 +16,7 @@ import zipfile
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -41,6 +43,17 @@ def write_atomic(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it to redo that stage") from e
 
 
 def save_corpus(out_dir, name, splits, enc, tokenizer):
