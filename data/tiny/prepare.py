@@ -63,6 +63,7 @@ if __name__ == "__main__":
     meta = prepare()
     print(json.dumps(meta, indent=1))
 
-# python data/tiny/prepare.py prints (abridged):
-#  "train": {"reviews": 4000, "positive": 2013, "tokens": 765826, ...
-#  "test": {"reviews": 1000, "positive": 492, "tokens": 191613, ...
+# python data/tiny/prepare.py prints:
+#  "tokenizer": "bytes",
+#  "train": {"reviews": 4000, "positive": 1950, "tokens": 523753, "mean_tokens": 130.9},
+#  "test": {"reviews": 1000, "positive": 490, "tokens": 129367, "mean_tokens": 129.4}
