@@ -7,18 +7,18 @@ nanoDPO: Direct Preference Optimization (Rafailov et al., 2023), read top to bot
 
 The controlled sentiment experiment of the paper (Sec. 6.1, App. C.1), as one pipeline:
   1. data        labelled movie reviews (data/<preset>/)
-  2. SFT         the reference policy pi_ref: a language model fine-tuned on the reviews
-  3. reward      the ground truth r*(x, y): a sentiment classifier, p(positive), trained on the labels
-  4. pairs       4 samples of pi_ref per prompt, all 6 pairs, the higher reward is chosen
+  2. SFT         the reference policy pi_ref: a language model fine-tuned on the reviews     (stages.py)
+  3. reward      the ground truth r*(x, y): a sentiment classifier, p(positive), on the labels (stages.py)
+  4. pairs       4 samples of pi_ref per prompt, all 6 pairs, the higher reward is chosen    (stages.py)
   5. DPO         a policy trained on the pairs from pi_ref, for each beta; baselines with the same loop
   6. evaluate    every K steps: mean reward of policy samples, and KL(pi || pi_ref) over them
   7. figure      reward against KL: plots/frontier.py
-Every stage writes under out/<preset>/ and a rerun skips what is complete.
+One training loop (train) serves SFT, the classifier and every DPO run. Every stage writes under
+out/<preset>/ and a rerun skips what is complete.
 """
 import argparse
 import copy
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -78,20 +78,21 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- distributed (torchrun)
-RANK, WORLD, MASTER = 0, 1, True  # this process's rank, the number of processes, rank == 0
-
-
 def setup_distributed(args):
     """Under torchrun (RANK and WORLD_SIZE set): join the process group; each rank takes every
-    WORLD-th example of the global batch and DDP averages the gradients."""
-    global RANK, WORLD, MASTER
-    RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    MASTER = RANK == 0
-    if WORLD > 1 and not torch.distributed.is_initialized():
+    world-th example of the global batch and DDP averages the gradients."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(args.device)
+
+
+def rank_world():
+    """(this process's rank, the number of processes): (0, 1) without torchrun."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def amp(args):
@@ -100,7 +101,7 @@ def amp(args):
 
 
 def log(*a):
-    if MASTER:
+    if rank_world()[0] == 0:
         print(*a, flush=True)
 
 
@@ -191,7 +192,7 @@ def train(name, model, loss_fn, get_batch, steps, lr, args, optimizer="adamw", w
     """Train `model` for `steps` steps on get_batch(step) with loss_fn(model, batch) -> (loss, metrics).
     Serves SFT, the reward model and every DPO run. Its folder out/<...>/<name>/ holds ckpt.pt while
     running (resumed from after an interruption) and model.pt when done (the stage is then skipped)."""
-    folder = os.path.join(args.out, name)
+    folder, (rank, world) = os.path.join(args.out, name), rank_world()
     final, ckpt, evals = (os.path.join(folder, f) for f in ("model.pt", "ckpt.pt", "eval.jsonl"))
     if os.path.exists(final):
         model.load_state_dict(load_checkpoint(final))
@@ -206,14 +207,14 @@ def train(name, model, loss_fn, get_batch, steps, lr, args, optimizer="adamw", w
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        if MASTER and os.path.exists(evals):
+        if rank == 0 and os.path.exists(evals):
             kept = [line for line in open(evals) if json.loads(line)["step"] < start]
             write_atomic(evals, lambda f: f.write("".join(kept).encode()))
         log(f"[{name}] resumed at step {start} from {ckpt}")
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     t0, tokens = time.time(), 0
     for step in range(start, steps + 1):
-        if evaluate is not None and MASTER and (step % args.eval_every == 0 or step == steps):
+        if evaluate is not None and rank == 0 and (step % args.eval_every == 0 or step == steps):
             record = dict(step=step, **evaluate(model, step))
             with open(evals, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -231,27 +232,27 @@ def train(name, model, loss_fn, get_batch, steps, lr, args, optimizer="adamw", w
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += batch[0].numel() * WORLD
+        tokens += batch[0].numel() * world
         if step % args.log_every == 0 or step == steps - 1:  # 5. log
             dt = time.time() - t0
             left = dt / (step + 1 - start) * (steps - step - 1)
             log(f"[{name}] step {step:5d} loss {loss.item():.4f} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
                 + f" grad {grad_norm:.2f} | {tokens / dt:,.0f} tok/s, {left:.0f}s left")
-        if MASTER and (step + 1) % args.eval_every == 0:  # 6. checkpoint (write, then rename)
+        if rank == 0 and (step + 1) % args.eval_every == 0:  # 6. checkpoint (write, then rename)
             save_checkpoint(dict(model=model.state_dict(), opt=opt.state_dict(), step=step + 1), ckpt)
         if stop_at is not None and step + 1 == stop_at:
             return model  # tests simulate an interruption here
-    if MASTER:
+    if rank == 0:
         save_checkpoint(model.state_dict(), final)
         if os.path.exists(ckpt):
             os.remove(ckpt)
-    if WORLD > 1:
+    if world > 1:
         torch.distributed.barrier()  # every rank sees the finished stage before the next one starts
     log(f"[{name}] {steps - start} steps in {time.time() - t0:.1f}s")
     return model
 
 
-# ----------------------------------------------------------------------------- 2. the SFT reference, 3. the reward
+# ----------------------------------------------------------------------------- policy and reference: one GPT, a copy frozen
 def make_model(args, vocab_size, score_head=False):
     if args.init == "pretrained":
         return GPT.from_pretrained(args.model, dropout=0.0, score_head=score_head).to(args.device)
@@ -261,36 +262,32 @@ def make_model(args, vocab_size, score_head=False):
     return GPT(cfg).to(args.device)
 
 
-def review_batches(split, args, eot, seed, crop):
-    """get_batch(step) over reviews, deterministic in (seed, step) so that a resumed run sees the same
-    batches. A review becomes EOT + its tokens + EOT (cut at the block size); crop=True takes a prefix of
-    random length (the classifier must also judge the short texts that it scores later)."""
+# ----------------------------------------------------------------------------- 5. DPO and the baselines
+def pair_loss(model, batch, args, ref, method, param):
+    idx, targets, mask = batch  # chosen rows first, then the rejected ones
+    n = idx.size(0) // 2
+    out = logprobs(model, ref if method != "ft" else None, idx, targets, mask, args)  # both in one forward
+    if method in ("ft", "ul"):
+        alpha = 0.0 if method == "ft" else param
+        return unlikelihood_loss(out.token_pol[:n], mask[:n], out.token_pol[n:], mask[n:], alpha), {}
+    losses, r_c, r_r = dpo_loss(out.seq_pol[:n], out.seq_pol[n:], out.seq_ref[:n], out.seq_ref[n:], param, method,
+                                args.label_smoothing)
+    return losses.mean(), {"acc": (r_c > r_r).float().mean().item(), "margin": (r_c - r_r).mean().item(),
+                           "chosen": r_c.mean().item(), "rejected": r_r.mean().item()}
+
+
+def pair_batches(pairs, args, seed):
+    """get_batch(step): this rank's share of dpo_batch pairs, chosen and rejected packed into one batch."""
     def get_batch(step):
-        rng = np.random.default_rng([seed, step])
-        rows = rng.integers(len(split), size=args.batch)[RANK::WORLD]
-        seqs = []
-        for i in rows:
-            r = split.review(i).tolist()
-            seqs.append((r[: rng.integers(16, args.block_size - 1)] if crop else r) + [eot])
-        idx, targets, mask = pack([[eot]] * len(seqs), seqs, args.block_size, pad=eot)
-        return idx, targets, mask, torch.tensor(split.labels[rows], dtype=torch.float)
+        rank, world = rank_world()
+        rows = np.random.default_rng([seed, step]).integers(len(pairs["prompt"]), size=args.dpo_batch)[rank::world]
+        prompts = [pairs["prompt"][i] for i in rows]
+        return pack(prompts + prompts, [pairs["chosen"][i] for i in rows] + [pairs["rejected"][i] for i in rows],
+                    args.block_size)
     return get_batch
 
 
-def sft_loss(model, batch, args):
-    idx, targets, mask, _ = batch
-    out = logprobs(model, None, idx, targets, mask, args)
-    return -(out.token_pol.sum() / mask.sum()), {}
-
-
-def reward_loss(model, batch, args):
-    idx, targets, mask, labels = batch
-    raw = model.module if hasattr(model, "module") else model
-    logit = raw.score(model(idx), mask)  # read at the last input token: the text's last token
-    acc = ((logit > 0).float() == labels).float().mean().item()
-    return F.binary_cross_entropy_with_logits(logit.float(), labels), {"acc": acc}
-
-
+# ----------------------------------------------------------------------------- 6. evaluation
 @torch.no_grad()
 def reward(rm, prompts, responses, args, eot):
     """r*(x, y) = p(positive) of the classifier on EOT + prompt + response + EOT, as in its training."""
@@ -317,64 +314,6 @@ def sample(model, prompts, args, eot, seed):
     return out
 
 
-# ----------------------------------------------------------------------------- 4. preference pairs
-def make_pairs(sft, rm, prompts, args, eot):
-    """4 samples per prompt from pi_ref, scored by r*; all 6 pairs, chosen = higher reward, ties dropped."""
-    path = os.path.join(args.out, "pairs.pt")
-    if os.path.exists(path):
-        return load_checkpoint(path)
-    sft.eval()
-    samples = sample(sft, [p for p in prompts for _ in range(4)], args, eot, args.seed)
-    rewards = reward(rm, [p for p in prompts for _ in range(4)], samples, args, eot)
-    pairs = pairs_from(prompts, samples, rewards.tolist(), eot)
-    pairs["sft_reward"] = rewards.mean().item()
-    log(f"[pairs] {len(pairs['prompt'])} pairs from {len(prompts)} prompts; mean reward of pi_ref samples {pairs['sft_reward']:.3f}")
-    if MASTER:
-        save_checkpoint(pairs, path)
-    return pairs
-
-
-def pairs_from(prompts, samples, rewards, eot, k=4):
-    """samples[k*i : k*(i+1)] answer prompts[i]; every pair of them with different rewards becomes
-    (prompt, chosen = the higher reward, rejected), each response ending in EOS (appended if cut off)."""
-    pairs = dict(prompt=[], chosen=[], rejected=[])
-    with_eos = lambda r: r if r[-1:] == [eot] else r + [eot]
-    for n, p in enumerate(prompts):
-        for i in range(k * n, k * n + k):
-            for j in range(i + 1, k * n + k):
-                if rewards[i] != rewards[j]:  # ties are dropped
-                    hi, lo = (i, j) if rewards[i] > rewards[j] else (j, i)
-                    pairs["prompt"].append(p)
-                    pairs["chosen"].append(with_eos(samples[hi]))
-                    pairs["rejected"].append(with_eos(samples[lo]))
-    return pairs
-
-
-# ----------------------------------------------------------------------------- 5. DPO and the baselines
-def pair_loss(model, batch, args, ref, method, param):
-    idx, targets, mask = batch  # chosen rows first, then the rejected ones
-    n = idx.size(0) // 2
-    out = logprobs(model, ref if method != "ft" else None, idx, targets, mask, args)  # both in one forward
-    if method in ("ft", "ul"):
-        alpha = 0.0 if method == "ft" else param
-        return unlikelihood_loss(out.token_pol[:n], mask[:n], out.token_pol[n:], mask[n:], alpha), {}
-    losses, r_c, r_r = dpo_loss(out.seq_pol[:n], out.seq_pol[n:], out.seq_ref[:n], out.seq_ref[n:], param, method,
-                                args.label_smoothing)
-    return losses.mean(), {"acc": (r_c > r_r).float().mean().item(), "margin": (r_c - r_r).mean().item(),
-                           "chosen": r_c.mean().item(), "rejected": r_r.mean().item()}
-
-
-def pair_batches(pairs, args, seed):
-    """get_batch(step): this rank's share of dpo_batch pairs, chosen and rejected packed into one batch."""
-    def get_batch(step):
-        rows = np.random.default_rng([seed, step]).integers(len(pairs["prompt"]), size=args.dpo_batch)[RANK::WORLD]
-        prompts = [pairs["prompt"][i] for i in rows]
-        return pack(prompts + prompts, [pairs["chosen"][i] for i in rows] + [pairs["rejected"][i] for i in rows],
-                    args.block_size)
-    return get_batch
-
-
-# ----------------------------------------------------------------------------- 6. evaluation
 @torch.no_grad()
 def evaluate(policy, ref, rm, prompts, args, eot, step):
     """Mean r* of policy samples on held-out prompts, and KL(pi || pi_ref) on those samples: exact (the
@@ -396,27 +335,9 @@ def evaluate(policy, ref, rm, prompts, args, eot, step):
                 length=float(np.mean([len(x) for x in responses])))
 
 
-def best_of_n_kl(n):
-    """Best-of-N's KL(pi_BoN || pi_ref) is at most log N - (N - 1) / N (Beirami et al. 2024)."""
-    return math.log(n) - (n - 1) / n
-
-
-@torch.no_grad()
-def best_of_n(sft, rm, prompts, args, eot):
-    """The Best-of-N baseline: N samples of pi_ref per held-out prompt, keep the one r* likes best."""
-    path = os.path.join(args.out, "best_of_n.jsonl")
-    ns = sorted(int(n) for n in args.best_of.split(","))
-    if os.path.exists(path) or not MASTER:
-        return
-    many = [p for p in prompts for _ in range(ns[-1])]
-    r = reward(rm, many, sample(sft, many, args, eot, args.seed + 1), args, eot).view(len(prompts), ns[-1])
-    records = [dict(n=n, reward=r[:, :n].max(1).values.mean().item(), kl_bound=best_of_n_kl(n)) for n in ns]
-    write_atomic(path, lambda f: f.write("".join(json.dumps(x) + "\n" for x in records).encode()))
-    log("[best-of-n] " + ", ".join(f"N={x['n']}: {x['reward']:.3f}" for x in records))
-
-
 # ----------------------------------------------------------------------------- the whole experiment
 def main(argv=None):
+    import stages  # the stages around DPO; it imports this file's helpers, so it is imported here
     args = get_args(argv)
     setup_distributed(args)
     log(f"nanoDPO: preset {args.preset} on {args.device} -> {args.out}")
@@ -429,22 +350,18 @@ def main(argv=None):
     train_prompts = make_prompts(data["train"], args.n_prompts, args.min_chars, rng)
     eval_prompts = make_prompts(data["test"], args.n_eval, args.min_chars, rng)
 
-    sft = train("sft", make_model(args, vocab), lambda m, b: sft_loss(m, b, args),
-                review_batches(data["train"], args, eot, args.seed, crop=False), args.sft_steps, args.sft_lr, args,
+    sft = train("sft", make_model(args, vocab), lambda m, b: stages.sft_loss(m, b, args),
+                stages.review_batches(data["train"], args, eot, args.seed, crop=False), args.sft_steps, args.sft_lr, args,
                 warmup=args.warmup)
     rm = make_model(args, vocab, score_head=True)
     if args.init == "scratch":  # a classifier from scratch learns slowly: start from the SFT model's weights
         rm.load_state_dict(sft.state_dict(), strict=False)
-    rm = train("reward", rm, lambda m, b: reward_loss(m, b, args),
-               review_batches(data["train"], args, eot, args.seed + 1, crop=True), args.rm_steps, args.rm_lr, args,
+    rm = train("reward", rm, lambda m, b: stages.reward_loss(m, b, args),
+               stages.review_batches(data["train"], args, eot, args.seed + 1, crop=True), args.rm_steps, args.rm_lr, args,
                warmup=args.warmup)
-    rm.eval()
-    with torch.no_grad():
-        test = review_batches(data["test"], args, eot, args.seed + 2, crop=False)
-        test_acc = np.mean([reward_loss(rm, [x.to(args.device) for x in test(i)], args)[1]["acc"] for i in range(8)])
-    log(f"[reward] classifier accuracy on {8 * args.batch} test reviews: {test_acc:.3f}")
-    pairs = make_pairs(sft, rm, train_prompts, args, eot)
-    best_of_n(sft, rm, eval_prompts, args, eot)
+    stages.test_accuracy(rm.eval(), data["test"], args, eot)
+    pairs = stages.make_pairs(sft, rm, train_prompts, args, eot)
+    stages.best_of_n(sft, rm, eval_prompts, args, eot)
     ref = copy.deepcopy(sft).eval().requires_grad_(False)
     for run in args.runs.split(","):
         method, _, param = run.partition(":")
@@ -453,11 +370,11 @@ def main(argv=None):
         train(f"runs/{run.replace(':', '_')}", policy, lambda m, b: pair_loss(m, b, args, ref, method, param),
               pair_batches(pairs, args, args.seed + 3), args.dpo_steps, args.dpo_lr, args, optimizer=args.optimizer,
               warmup=args.warmup, evaluate=lambda m, step: evaluate(m, ref, rm, eval_prompts, args, eot, step))
-    if MASTER:  # 7. the figure
+    if rank_world()[0] == 0:  # 7. the figure
         from plots.frontier import plot_frontier
         log(f"wrote {plot_frontier(args.out, args.figure or os.path.join('plots', f'{args.preset}_frontier.png'))}")
     log(f"nanoDPO: done in {time.time() - t_start:.0f}s")
-    if WORLD > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

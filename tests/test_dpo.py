@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dpo
+import stages
 from data.corpus import load_corpus
 from kernels import sequence_logprobs
 from model import GPT, GPTConfig
@@ -119,7 +120,7 @@ def test_pairs_all_six_minus_ties_chosen_higher():
     prompts = [[1], [2]]
     samples = [[10], [11, EOT], [12], [13], [20], [21], [22], [23]]
     rewards = [0.9, 0.1, 0.5, 0.5, 0.3, 0.2, 0.8, 0.3]  # prompt 0 has one tie, prompt 1 has one tie
-    pairs = dpo.pairs_from(prompts, samples, rewards, EOT)
+    pairs = stages.pairs_from(prompts, samples, rewards, EOT)
     assert len(pairs["prompt"]) == 10 and pairs["prompt"].count([1]) == 5
     value = {tuple(s + [EOT] if s[-1] != EOT else s): r for s, r in zip(samples, rewards)}
     assert all(value[tuple(c)] > value[tuple(r)] for c, r in zip(pairs["chosen"], pairs["rejected"]))
@@ -201,7 +202,6 @@ def free_port():
 
 def test_ddp_two_processes_match_one(tmp_path):
     _ddp_worker(0, 1, free_port(), str(tmp_path / "single"), str(tmp_path / "single.pt"))
-    dpo.RANK, dpo.WORLD, dpo.MASTER = 0, 1, True
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")), nprocs=2)
     single = torch.load(tmp_path / "single.pt.0", weights_only=True)
     ranks = [torch.load(tmp_path / f"ddp.pt.{r}", weights_only=True) for r in (0, 1)]

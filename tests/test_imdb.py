@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import dpo
+import stages
 import model as model_module
 from data.corpus import load_corpus
 from data.imdb import prepare as imdb
@@ -111,6 +112,6 @@ def test_imdb_preset_end_to_end_at_toy_sizes(tmp_path, capsys):
 
 
 def test_best_of_n_kl_bound():
-    assert dpo.best_of_n_kl(1) == 0
-    assert dpo.best_of_n_kl(2) == pytest.approx(np.log(2) - 0.5)
-    assert dpo.best_of_n_kl(64) == pytest.approx(np.log(64) - 63 / 64)
+    assert stages.best_of_n_kl(1) == 0
+    assert stages.best_of_n_kl(2) == pytest.approx(np.log(2) - 0.5)
+    assert stages.best_of_n_kl(64) == pytest.approx(np.log(64) - 63 / 64)

@@ -3,7 +3,6 @@
     python -m pytest tests/test_model.py      (CPU; the `gpu` tests need CUDA)
 """
 import io
-import json
 import os
 import urllib.error
 
