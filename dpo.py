@@ -266,7 +266,7 @@ def make_model(args, vocab_size, score_head=False):
 def pair_loss(model, batch, args, ref, method, param):
     idx, targets, mask = batch  # chosen rows first, then the rejected ones
     n = idx.size(0) // 2
-    out = logprobs(model, ref if method != "ft" else None, idx, targets, mask, args)  # both in one forward
+    out = logprobs(model, None if method in ("ft", "ul") else ref, idx, targets, mask, args)  # both in one forward
     if method in ("ft", "ul"):
         alpha = 0.0 if method == "ft" else param
         return unlikelihood_loss(out.token_pol[:n], mask[:n], out.token_pol[n:], mask[n:], alpha), {}
@@ -294,7 +294,8 @@ def reward(rm, prompts, responses, args, eot):
     seqs = [p + [t for t in r if t != eot] + [eot] for p, r in zip(prompts, responses)]
     out = []
     for i in range(0, len(seqs), 256):
-        idx, _, mask = (x.to(args.device) for x in pack([[eot]] * len(seqs[i:i + 256]), seqs[i:i + 256], args.block_size, eot))
+        chunk = seqs[i:i + 256]
+        idx, _, mask = (x.to(args.device) for x in pack([[eot]] * len(chunk), chunk, args.block_size, eot))
         with amp(args):
             out.append(torch.sigmoid(rm.score(rm(idx), mask).float()).cpu())
     return torch.cat(out)

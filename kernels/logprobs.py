@@ -16,8 +16,8 @@ Forward, for each token i (a = policy logits h_i W^T, b = reference logits):
 Backward (policy only), with g_i the upstream gradient of log p(y_i):
     dA_iv = g_i (1[v = y_i] - exp(a_iv - lse_a))    recomputed tile by tile from the saved lse_a
     dH = dA W       dW = dA^T H                      accumulated in fp32
-Four N x V x C matmuls for the policy (forward, recompute in each of the two backward kernels,
-and dH or dW) and one for the reference.
+Six N x V x C matmuls in all: the forward of each model, and in each backward kernel a recompute of
+the policy's logits plus dH or dW. (Four are unavoidable; the recomputes buy the missing N x V memory.)
 
 The three kernels:
     _logprob_fwd     grid over token tiles; both models; writes log p, lse, KL per token
