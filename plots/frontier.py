@@ -17,6 +17,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.corpus import write_atomic  # noqa: E402
+
 COLOURS = {"dpo": "tab:red", "ipo": "tab:purple", "cdpo": "tab:pink", "ft": "tab:green", "ul": "tab:olive"}
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 
@@ -68,9 +71,7 @@ def plot_frontier(out_dir, png_path):
     for a in (ax, ax_r, ax_k):
         a.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png_path + ".tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, png_path)
+    write_atomic(png_path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
     return png_path
 

@@ -11,6 +11,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.corpus import write_atomic  # noqa: E402
+
 
 def plot(json_path, png_path):
     with open(json_path) as f:
@@ -36,9 +39,7 @@ def plot(json_path, png_path):
     ax[2].legend(fontsize=7)
     fig.suptitle(f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}", fontsize=10)
     fig.tight_layout()
-    tmp = png_path + ".tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, png_path)
+    write_atomic(png_path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
     return png_path
 
