@@ -212,13 +212,14 @@ def train(name, model, loss_fn, get_batch, steps, lr, args, optimizer="adamw", w
             write_atomic(evals, lambda f: f.write("".join(kept).encode()))
         log(f"[{name}] resumed at step {start} from {ckpt}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    t0, tokens = time.time(), 0
+    t0, tokens, last_kl = time.time(), 0, ""
     for step in range(start, steps + 1):
         if evaluate is not None and rank == 0 and (step % args.eval_every == 0 or step == steps):
             record = dict(step=step, **evaluate(model, step))
             with open(evals, "a") as f:
                 f.write(json.dumps(record) + "\n")
             log(f"[{name}] eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
+            last_kl = f" kl {record['kl']:.2f}"  # the progress lines show the latest evaluation's KL
         if step == steps:
             break
         for g in opt.param_groups:  # 1. learning rate: linear warm-up, then constant (as in the paper)
@@ -237,7 +238,7 @@ def train(name, model, loss_fn, get_batch, steps, lr, args, optimizer="adamw", w
             dt = time.time() - t0
             left = dt / (step + 1 - start) * (steps - step - 1)
             log(f"[{name}] step {step:5d} loss {loss.item():.4f} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-                + f" grad {grad_norm:.2f} | {tokens / dt:,.0f} tok/s, {left:.0f}s left")
+                + f"{last_kl} grad {grad_norm:.2f} | {tokens / dt:,.0f} tok/s, {left:.0f}s left")
         if rank == 0 and (step + 1) % args.eval_every == 0:  # 6. checkpoint (write, then rename)
             save_checkpoint(dict(model=model.state_dict(), opt=opt.state_dict(), step=step + 1), ckpt)
         if stop_at is not None and step + 1 == stop_at:
@@ -273,7 +274,8 @@ def pair_loss(model, batch, args, ref, method, param):
     losses, r_c, r_r = dpo_loss(out.seq_pol[:n], out.seq_pol[n:], out.seq_ref[:n], out.seq_ref[n:], param, method,
                                 args.label_smoothing)
     return losses.mean(), {"acc": (r_c > r_r).float().mean().item(), "margin": (r_c - r_r).mean().item(),
-                           "chosen": r_c.mean().item(), "rejected": r_r.mean().item()}
+                           "chosen": r_c.mean().item(), "rejected": r_r.mean().item(),
+                           "logp_c": out.seq_pol[:n].mean().item(), "logp_r": out.seq_pol[n:].mean().item()}
 
 
 def pair_batches(pairs, args, seed):
