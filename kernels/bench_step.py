@@ -4,10 +4,12 @@ RMSprop step) at GPT-2 small and large shapes, through the fused kernel and thro
 reference path, in bf16 autocast; and of sampling with generate(). Random weights and tokens: speed
 and memory do not depend on them.
 
-    python kernels/bench_step.py     # CUDA only; writes kernels/bench_step_cuda.json
+    python kernels/bench_step.py     # CUDA: writes kernels/bench_step_cuda.json
+                                     # CPU: a tiny model through the Triton interpreter, so the script cannot rot
 
 Its throughputs are what the README's projection of the full IMDb run is computed from.
 """
+import argparse
 import copy
 import json
 import os
@@ -17,70 +19,87 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (through dpo and kernels)
 import dpo  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
+DEVICE = "cuda" if CUDA else "cpu"
+SHAPES = dict(GPT.SIZES, tiny=dict(n_layer=1, n_head=2, n_embd=32, vocab_size=257, block_size=128))
 
-def step_time(model_name, impl, pairs=64, prompt=8, response=65, reps=8):
-    cfg = GPTConfig(**GPT.SIZES[model_name])
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def step_time(model_name, impl, pairs, prompt=8, response=65, reps=8):
+    cfg = GPTConfig(**SHAPES[model_name])
     torch.manual_seed(0)
-    policy = GPT(cfg).cuda()
+    policy = GPT(cfg).to(DEVICE)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    args = dpo.get_args(["--preset", "imdb", "--device", "cuda", "--impl", impl])
+    args = dpo.get_args(["--preset", "imdb", "--device", DEVICE, "--impl", impl])
     opt = torch.optim.RMSprop(policy.parameters(), lr=1e-6)
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(0, cfg.vocab_size - 1, (n,), generator=g).tolist()
-    batch = [x.cuda() for x in dpo.pack([ids(prompt)] * 2 * pairs, [ids(response - 1) + [50256] for _ in range(2 * pairs)],
-                                        cfg.block_size)]
+    eos = cfg.vocab_size - 1
+    batch = [x.to(DEVICE) for x in dpo.pack([ids(prompt)] * 2 * pairs, [ids(response - 1) + [eos] for _ in range(2 * pairs)],
+                                            cfg.block_size)]
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
     for i in range(reps + 2):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", torch.bfloat16):
+        with dpo.amp(args):
             loss, _ = dpo.pair_loss(policy, batch, args, ref, "dpo", 0.1)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         if i >= 2:  # the first steps compile and autotune
             times.append(time.perf_counter() - t0)
     ms = sorted(times)[len(times) // 2] * 1e3
     tokens = batch[0].numel()
     return dict(model=model_name, impl=impl, pairs=pairs, tokens=tokens, step_ms=ms, tokens_per_s=tokens / ms * 1e3,
-                peak_gb=torch.cuda.max_memory_allocated() / 2**30)
+                peak_gb=torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan"))
 
 
-def sample_rate(model_name, batch=256, prompt=8, new=64):
+def sample_rate(model_name, batch, prompt=8, new=64):
+    cfg = GPTConfig(**SHAPES[model_name])
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**GPT.SIZES[model_name])).cuda().eval()
-    idx = torch.randint(0, 50256, (batch, prompt), device="cuda")
+    model = GPT(cfg).to(DEVICE).eval()
+    idx = torch.randint(0, cfg.vocab_size - 1, (batch, prompt), device=DEVICE)
     mask = torch.ones_like(idx, dtype=torch.bool)
-    for i in range(2):
-        torch.cuda.synchronize()
+    for i in range(2):  # the second run is timed
+        sync()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast("cuda", torch.bfloat16, enabled=CUDA):
             model.generate(idx, mask, new, temperature=1.0)  # no EOS: every row runs the full length
-        torch.cuda.synchronize()
+        sync()
     dt = time.perf_counter() - t0
     return dict(model=model_name, batch=batch, new_tokens=new, seconds=dt, samples_per_s=batch / dt)
 
 
 def main():
-    rows = [step_time(m, impl) for m in ("gpt2", "gpt2-large") for impl in ("triton", "reference")]
-    gen = [sample_rate(m) for m in ("gpt2", "gpt2-large")]
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), f"bench_step_{DEVICE}.json"))
+    out = p.parse_args().out
+    models, pairs, reps, gen = (("gpt2", "gpt2-large"), 64, 8, 256) if CUDA else (("tiny",), 2, 1, 4)
+    rows = [step_time(m, impl, pairs, reps=reps) for m in models for impl in ("triton", "reference")]
+    gens = [sample_rate(m, gen) for m in models]
+    env = dict(device=torch.cuda.get_device_name() if CUDA else "cpu (Triton interpreter)", torch=torch.__version__,
                triton=__import__("triton").__version__)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     print(f"{'model':12}{'impl':11}{'tokens':>8}{'step ms':>9}{'tok/s':>10}{'peak GB':>9}")
     for r in rows:
         print(f"{r['model']:12}{r['impl']:11}{r['tokens']:>8}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10,.0f}{r['peak_gb']:>9.1f}")
-    for r in gen:
+    for r in gens:
         print(f"generate {r['model']}: {r['batch']} samples x {r['new_tokens']} tokens in {r['seconds']:.2f}s "
               f"= {r['samples_per_s']:.0f} samples/s")
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_step_cuda.json")
     with open(out + ".tmp", "w") as f:
-        json.dump(dict(env=env, steps=rows, generate=gen), f, indent=1)
+        json.dump(dict(env=env, steps=rows, generate=gens), f, indent=1)
     os.replace(out + ".tmp", out)
     print(f"wrote {out}")
 

@@ -1,4 +1,4 @@
-"""kernels/bench.py runs end to end (on a CPU: tiny shapes through the Triton interpreter).
+"""kernels/bench.py and kernels/bench_step.py run end to end (on a CPU: tiny shapes through the Triton interpreter).
 
     python -m pytest tests/test_bench.py
 """
@@ -25,3 +25,14 @@ def test_bench_runs_and_prints_table(tmp_path):
     assert set(head) >= {"eager", "chunked", "triton"}
     assert head["triton"]["rel_err"] < 1e-5 and head["eager"]["rel_err"] < 1e-5  # fp32 against fp64
     assert fig.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark is run by hand (minutes)")
+def test_bench_step_runs(tmp_path):
+    out = tmp_path / "step.json"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "kernels", "bench_step.py"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "step ms" in res.stdout and "generate tiny" in res.stdout
+    steps = json.load(open(out))["steps"]
+    assert [r["impl"] for r in steps] == ["triton", "reference"] and all(r["tokens_per_s"] > 0 for r in steps)
