@@ -60,17 +60,19 @@ def test_accuracy(rm, split, args, eot, batches=8):
 def make_pairs(sft, rm, prompts, args, eot):
     """4 samples per prompt from pi_ref, scored by r*; all 6 pairs, chosen = higher reward, ties dropped."""
     path = os.path.join(args.out, "pairs.pt")
-    if os.path.exists(path):
-        return load_checkpoint(path)
-    sft.eval()
-    samples = sample(sft, [p for p in prompts for _ in range(4)], args, eot, args.seed)
-    rewards = reward(rm, [p for p in prompts for _ in range(4)], samples, args, eot)
-    pairs = pairs_from(prompts, samples, rewards.tolist(), eot)
-    pairs["sft_reward"] = rewards.mean().item()
-    log(f"[pairs] {len(pairs['prompt'])} pairs from {len(prompts)} prompts; mean reward of pi_ref samples {pairs['sft_reward']:.3f}")
-    if rank_world()[0] == 0:
+    rank, world = rank_world()
+    if not os.path.exists(path) and rank == 0:  # under torchrun rank 0 samples, every rank reads its file
+        sft.eval()
+        samples = sample(sft, [p for p in prompts for _ in range(4)], args, eot, args.seed)
+        rewards = reward(rm, [p for p in prompts for _ in range(4)], samples, args, eot)
+        pairs = pairs_from(prompts, samples, rewards.tolist(), eot)
+        pairs["sft_reward"] = rewards.mean().item()
+        log(f"[pairs] {len(pairs['prompt'])} pairs from {len(prompts)} prompts; "
+            f"mean reward of pi_ref samples {pairs['sft_reward']:.3f}")
         save_checkpoint(pairs, path)
-    return pairs
+    if world > 1:
+        torch.distributed.barrier()
+    return load_checkpoint(path)
 
 
 def pairs_from(prompts, samples, rewards, eot, k=4):
