@@ -35,7 +35,7 @@ from model import GPT, GPTConfig, get_tokenizer, left_pad
 PRESETS = {
     "tiny": dict(data="tiny", init="scratch", n_layer=4, n_head=4, n_embd=128, block_size=128,
                  sft_steps=300, sft_lr=2e-3, rm_steps=200, rm_lr=5e-4, batch=32, min_chars=100,
-                 n_prompts=300, max_new_tokens=80, dpo_steps=80, dpo_lr=1e-4, dpo_batch=32, warmup=10,
+                 n_prompts=300, max_new_tokens=80, dpo_steps=160, dpo_lr=5e-5, dpo_batch=32, warmup=10,
                  optimizer="adamw", eval_every=20, n_eval=96, best_of="1,2,4,8,16",
                  runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft"),
     "imdb": dict(data="imdb", init="pretrained", model="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, sft_steps=1500, sft_lr=5e-5,
