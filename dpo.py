@@ -36,7 +36,7 @@ PRESETS = {
     "tiny": dict(data="tiny", init="scratch", n_layer=4, n_head=4, n_embd=128, block_size=128,
                  sft_steps=300, sft_lr=2e-3, rm_steps=200, rm_lr=5e-4, batch=32, min_chars=100,
                  n_prompts=300, max_new_tokens=80, dpo_steps=160, dpo_lr=5e-5, dpo_batch=32, warmup=10,
-                 optimizer="adamw", eval_every=20, n_eval=96, best_of="1,2,4,8,16",
+                 optimizer="adamw", eval_every=20, n_eval=128, best_of="1,2,4,8,16",
                  runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft"),
     "imdb": dict(data="imdb", init="pretrained", model="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, sft_steps=1500, sft_lr=5e-5,
                  rm_steps=1500, rm_lr=2e-5, batch=32, min_chars=200, n_prompts=25000, max_new_tokens=64,
@@ -318,11 +318,13 @@ def sample(model, prompts, args, eot, seed):
 
 
 @torch.no_grad()
-def evaluate(policy, ref, rm, prompts, args, eot, step):
+def evaluate(policy, ref, rm, prompts, args, eot):
     """Mean r* of policy samples on held-out prompts, and KL(pi || pi_ref) on those samples: exact (the
     per-token KL over the whole vocabulary, summed over the response) and sampled (sum of log-ratios)."""
     policy.eval()
-    responses = sample(policy, prompts, args, eot, args.seed + step)
+    # the same seed at every evaluation of every run (common random numbers): differences between
+    # steps and runs then come from the policies more than from the draw
+    responses = sample(policy, prompts, args, eot, args.seed)
     r = reward(rm, prompts, responses, args, eot)
     kl, kl_sampled = [], []
     for i in range(0, len(prompts), 64):
@@ -372,7 +374,7 @@ def main(argv=None):
         policy = copy.deepcopy(sft).train()
         train(f"runs/{run.replace(':', '_')}", policy, lambda m, b: pair_loss(m, b, args, ref, method, param),
               pair_batches(pairs, args, args.seed + 3), args.dpo_steps, args.dpo_lr, args, optimizer=args.optimizer,
-              warmup=args.warmup, evaluate=lambda m, step: evaluate(m, ref, rm, eval_prompts, args, eot, step))
+              warmup=args.warmup, evaluate=lambda m, step: evaluate(m, ref, rm, eval_prompts, args, eot))
     if rank_world()[0] == 0:  # 7. the figure
         from plots.frontier import plot_frontier
         log(f"wrote {plot_frontier(args.out, args.figure or os.path.join('plots', f'{args.preset}_frontier.png'))}")

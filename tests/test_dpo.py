@@ -162,7 +162,7 @@ def small_dpo_run(tmp_path, name, stop_at=None):
                  rejected=[rand(4) + [EOT] for _ in range(8)])
     prompts = [rand(2) for _ in range(4)]
     dpo.train(name, policy, lambda m, b: dpo.pair_loss(m, b, args, ref, "dpo", 0.1), dpo.pair_batches(pairs, args, 7),
-              6, 1e-3, args, evaluate=lambda m, step: dpo.evaluate(m, ref, rm, prompts, args, EOT, step), stop_at=stop_at)
+              6, 1e-3, args, evaluate=lambda m, step: dpo.evaluate(m, ref, rm, prompts, args, EOT), stop_at=stop_at)
     return [json.loads(x) for x in open(tmp_path / "out" / name / "eval.jsonl")], policy
 
 
