@@ -232,12 +232,12 @@ def main():
                 rows.append(dict(measure(name, methods[name], N, C, V, T, dtype, device, None, budget, reps),
                                  part="sweep"))
 
-    if CUDA:  # the block sizes the autotuner picked, per (V, C, dtype)
+    if CUDA:  # the block sizes the autotuner picked, per (V, C, dtype), and what each candidate took
         from kernels import logprobs
-        env["autotuned"] = {name: {str(key): str(cfg) for key, cfg in getattr(logprobs, name).cache.items()}
-                            for name in ("_logprob_fwd", "_logprob_bwd_dh", "_logprob_bwd_dw")}
-        env["last_tuning_ms"] = {name: {str(cfg): t for cfg, t in getattr(getattr(logprobs, name), "configs_timings", {}).items()}
-                                 for name in ("_logprob_fwd", "_logprob_bwd_dh", "_logprob_bwd_dw")}
+        tuned = {name: k for name, k in vars(logprobs).items() if isinstance(k, triton.runtime.Autotuner)}
+        env["autotuned"] = {name: {str(key): str(cfg) for key, cfg in k.cache.items()} for name, k in tuned.items()}
+        env["last_tuning_ms"] = {name: {str(cfg): t for cfg, t in getattr(k, "configs_timings", {}).items()}
+                                 for name, k in tuned.items()}
     print(f"{'part':9}{'method':10}{'N':>7}{'C':>6}{'fwd ms':>9}{'bwd ms':>9}{'f+b ms':>9}{'peak MB':>10}"
           f"{'rel err':>10}{'max N':>10}{'TFLOP/s':>9}{'roofline':>9}")
     for r in rows:

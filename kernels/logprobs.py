@@ -14,18 +14,18 @@ Forward, for each token i (a = policy logits h_i W^T, b = reference logits):
     log p(y_i) = a_{y_i} - lse_a                    per tile as m grows
     KL_i = sum_v p_v (a_v - b_v) - lse_a + lse_b    (p = softmax(a); sum kept online like s)
 Backward (policy only), with g_i the upstream gradient of log p(y_i):
-    dA_iv = g_i (1[v = y_i] - exp(a_iv - lse_a))    recomputed tile by tile from the saved lse_a
-    dH = dA W       dW = dA^T H                      accumulated in fp32
-Six N x V x C matmuls in all: the forward of each model, and in each backward kernel a recompute of
-the policy's logits plus dH or dW. (Four are unavoidable; the recomputes buy the missing N x V memory.)
+    dA_iv = g_i (1[v = y_i] - exp(a_iv - lse_a))    recomputed from the saved lse_a
+    dH = dA W       dW = dA^T H
+The backward walks the vocabulary in slices of SLICE_BYTES / (N * 2 bytes) columns: a Triton kernel
+recomputes the policy's logits for the slice and writes its dA (N x slice, in the input dtype, the
+one-hot subtracted in fp32), then two ordinary matmuls (cuBLAS on a GPU) give the slice's rows of dW
+and add its share of dH (kept in fp32). So one N x V x C recompute, and dH, dW as plain GEMMs; the
+memory is one slice, bounded whatever N and V are, never the N x V logits or their gradient.
 
-The three kernels:
-    _logprob_fwd     grid over token tiles; both models; writes log p, lse, KL per token
-    _logprob_bwd_dh  grid over token tiles; each program owns its rows of dH
-    _logprob_bwd_dw  grid over vocabulary tiles; each program owns its rows of dW
-Each output row belongs to one program, so no atomics are needed and results are deterministic.
-The accumulators for a full row of dH or dW (C up to 1600 floats) do not fit in registers, so
-they are read, added to and written back in fp32, one (tile x BLOCK_C) chunk at a time.
+The kernels:
+    _logprob_fwd     grid (token tiles, models); without the KL each program sweeps one model
+                     (one logits tile live: big tiles); with it, one program holds both models' tiles
+    _grad_logits     grid (token tiles, vocabulary tiles of one slice); writes dA for the slice
 """
 import os
 
@@ -36,6 +36,7 @@ import triton.language as tl
 from .reference import LogProbs, reference_logprobs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SLICE_BYTES = 2 ** 27  # the backward's dA for one vocabulary slice: 128 MiB (4096 columns at N = 16384, bf16)
 
 
 def _configs(options):
@@ -45,154 +46,147 @@ def _configs(options):
     return [triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_C=c), num_warps=w, num_stages=s) for n, v, c, w, s in options]
 
 
+def _prune_fwd(configs, named_args, **kwargs):
+    """Two live logits tiles (the KL) need small tiles; tests (small V) take the first that fits."""
+    fits = [c for c in configs if (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] <= 8192) == kwargs["WITH_KL"]]
+    return fits if named_args["V"] >= 8192 else fits[:1]
+
+
 def _prune(configs, named_args, **kwargs):
     """Tuning pays off only at real vocabulary sizes: small problems (tests) take the first config."""
     return configs if named_args["V"] >= 8192 else configs[:1]
 
 
-# (BLOCK_N, BLOCK_V, BLOCK_C, warps, stages). The forward holds two logits tiles (policy, reference).
-# A backward program re-reads and re-writes its fp32 slab of dH (BLOCK_N x C) once per vocabulary
-# tile, so dH wants wide vocabulary tiles and short token tiles (the slab stays in L2); dW the reverse.
-FWD_CONFIGS = _configs([(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (64, 128, 32, 4, 4)])
-DH_CONFIGS = _configs([(64, 256, 64, 8, 3), (32, 256, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3)])
-DW_CONFIGS = _configs([(256, 64, 64, 8, 3), (256, 32, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3)])
-
-
-@triton.autotune(configs=FWD_CONFIGS, key=["V", "C", "HAS_REF", "WITH_KL"], prune_configs_by=dict(early_config_prune=_prune))
-@triton.jit
-def _logprob_fwd(
-    HP, WP,  # policy hidden states (N, C) and output embedding (V, C), rows contiguous
-    HR, WR,  # the same for the reference (ignored unless HAS_REF)
-    TGT,  # (N,) int64 target ids, all in [0, V)
-    LOGP_P, LOGP_R, LSE_P, KL,  # (N,) fp32 outputs
-    N, V, C,
-    HAS_REF: tl.constexpr, WITH_KL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    tgt = tl.load(TGT + rows, mask=row_ok, other=0)
-    h_off = rows.to(tl.int64)[:, None] * C
-    m_p = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max of the policy logits
-    s_p = tl.zeros((BLOCK_N,), tl.float32)  # running sum of exp(a - m_p)
-    y_p = tl.zeros((BLOCK_N,), tl.float32)  # the target's logit
-    m_r, s_r, y_r = m_p, s_p, y_p  # the same for the reference
-    t_kl = tl.zeros((BLOCK_N,), tl.float32)  # running sum of exp(a - m_p) * (a - b)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        w_off = cols.to(tl.int64)[None, :] * C
-        a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for c0 in range(0, C, BLOCK_C):  # a = H[rows] @ W[cols]^T, C in chunks
-            ks = c0 + tl.arange(0, BLOCK_C)
-            k_ok = ks < C
-            hm, wm = row_ok[:, None] & k_ok[None, :], k_ok[:, None] & col_ok[None, :]
-            h = tl.load(HP + h_off + ks[None, :], mask=hm, other=0.0)  # (BLOCK_N, BLOCK_C)
-            w = tl.load(WP + w_off + ks[:, None], mask=wm, other=0.0)  # (BLOCK_C, BLOCK_V)
-            a = tl.dot(h, w, a, input_precision=PRECISION)
-            if HAS_REF:
-                h = tl.load(HR + h_off + ks[None, :], mask=hm, other=0.0)
-                w = tl.load(WR + w_off + ks[:, None], mask=wm, other=0.0)
-                b = tl.dot(h, w, b, input_precision=PRECISION)
-        is_tgt = cols[None, :] == tgt[:, None]
-        diff = a - b  # 0 on columns past V, where both tiles are 0
-        # columns past V (V = 50257 is odd) are -inf, so they add exp(-inf) = 0 to the sums
-        a = tl.where(col_ok[None, :], a, float("-inf"))
-        m_new = tl.maximum(m_p, tl.max(a, 1))  # finite from the first tile on: column 0 is always real
-        alpha = tl.exp(m_p - m_new)  # rescales what was summed under the old max
-        e = tl.exp(a - m_new[:, None])
-        s_p = s_p * alpha + tl.sum(e, 1)
-        y_p += tl.sum(tl.where(is_tgt, a, 0.0), 1)
-        if HAS_REF:
-            if WITH_KL:
-                t_kl = t_kl * alpha + tl.sum(e * diff, 1)
-            b = tl.where(col_ok[None, :], b, float("-inf"))
-            mr_new = tl.maximum(m_r, tl.max(b, 1))
-            s_r = s_r * tl.exp(m_r - mr_new) + tl.sum(tl.exp(b - mr_new[:, None]), 1)
-            y_r += tl.sum(tl.where(is_tgt, b, 0.0), 1)
-            m_r = mr_new
-        m_p = m_new
-    lse_p = m_p + tl.log(s_p)
-    tl.store(LOGP_P + rows, y_p - lse_p, mask=row_ok)
-    tl.store(LSE_P + rows, lse_p, mask=row_ok)
-    if HAS_REF:
-        lse_r = m_r + tl.log(s_r)
-        tl.store(LOGP_R + rows, y_r - lse_r, mask=row_ok)
-        if WITH_KL:
-            tl.store(KL + rows, t_kl / s_p - lse_p + lse_r, mask=row_ok)
+# (BLOCK_N, BLOCK_V, BLOCK_C, warps, stages). One model per program: GEMM-like tiles. Both models (KL):
+# two accumulators, so half the area. None spills registers on sm_90 in bf16 (kernels/compile_check.py).
+FWD_OPTIONS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3),
+               (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
+GRAD_OPTIONS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4)]
 
 
 @triton.jit
-def _grad_logits_tile(H, W, TGT, LSE, G, rows, cols, N, V, C,
-                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dA for one (BLOCK_N, BLOCK_V) tile: recompute the logits, then g * (onehot - softmax), in fp32."""
+def _logits_tile(H, W, row0, col0, N, V, C,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(BLOCK_N, BLOCK_V) fp32 logits of tokens row0.. and vocabulary columns col0.., C in chunks; 0 past N, V."""
+    rows = row0 + tl.arange(0, BLOCK_N)
+    cols = col0 + tl.arange(0, BLOCK_V)
     row_ok, col_ok = rows < N, cols < V
     h_off = rows.to(tl.int64)[:, None] * C
     w_off = cols.to(tl.int64)[None, :] * C
     a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for c0 in range(0, C, BLOCK_C):
         ks = c0 + tl.arange(0, BLOCK_C)
-        k_ok = ks < C
-        h = tl.load(H + h_off + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(W + w_off + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        k_ok = ks < C  # C need not be a multiple of BLOCK_C
+        h = tl.load(H + h_off + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_C)
+        w = tl.load(W + w_off + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_C, BLOCK_V)
         a = tl.dot(h, w, a, input_precision=PRECISION)
+    return a
+
+
+@triton.jit
+def _fold(m, s, a):
+    """One step of the online log-sum-exp: the running max m and sum s of exp(a - m) take in tile a."""
+    m_new = tl.maximum(m, tl.max(a, 1))  # finite from the first tile on: column 0 is always real
+    alpha = tl.exp(m - m_new)  # rescales what was summed under the old max
+    e = tl.exp(a - m_new[:, None])
+    return m_new, s * alpha + tl.sum(e, 1), alpha, e
+
+
+@triton.jit
+def _fwd_one(H, W, TGT, LOGP, LSE, row0, N, V, C, STORE_LSE: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+    """log p(target) (and the log-sum-exp) of one model for a tile of tokens."""
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    tgt = tl.load(TGT + rows, mask=row_ok, other=0)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max of the logits
+    s = tl.zeros((BLOCK_N,), tl.float32)  # running sum of exp(a - m)
+    y = tl.zeros((BLOCK_N,), tl.float32)  # the target's logit
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        a = _logits_tile(H, W, row0, v0, N, V, C, PRECISION, BLOCK_N, BLOCK_V, BLOCK_C)
+        y += tl.sum(tl.where(cols[None, :] == tgt[:, None], a, 0.0), 1)
+        # columns past V (V = 50257 is odd) are -inf, so they add exp(-inf) = 0 to the sum
+        m, s, _, _ = _fold(m, s, tl.where((cols < V)[None, :], a, float("-inf")))
+    lse = m + tl.log(s)
+    tl.store(LOGP + rows, y - lse, mask=row_ok)
+    if STORE_LSE:
+        tl.store(LSE + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _fwd_pair(HP, WP, HR, WR, TGT, LOGP_P, LOGP_R, LSE_P, KL, row0, N, V, C,
+              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Both models for a tile of tokens, and the exact KL, which needs both logits tiles at once."""
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    tgt = tl.load(TGT + rows, mask=row_ok, other=0)
+    m_p = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_p = tl.zeros((BLOCK_N,), tl.float32)
+    y_p = tl.zeros((BLOCK_N,), tl.float32)
+    m_r, s_r, y_r = m_p, s_p, y_p
+    t_kl = tl.zeros((BLOCK_N,), tl.float32)  # running sum of exp(a - m_p) * (a - b)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = (cols < V)[None, :]
+        is_tgt = cols[None, :] == tgt[:, None]
+        a = _logits_tile(HP, WP, row0, v0, N, V, C, PRECISION, BLOCK_N, BLOCK_V, BLOCK_C)
+        b = _logits_tile(HR, WR, row0, v0, N, V, C, PRECISION, BLOCK_N, BLOCK_V, BLOCK_C)
+        y_p += tl.sum(tl.where(is_tgt, a, 0.0), 1)
+        y_r += tl.sum(tl.where(is_tgt, b, 0.0), 1)
+        m_p, s_p, alpha, e = _fold(m_p, s_p, tl.where(col_ok, a, float("-inf")))
+        t_kl = t_kl * alpha + tl.sum(e * (a - b), 1)  # a - b = 0 past V, where both tiles are 0
+        m_r, s_r, _, _ = _fold(m_r, s_r, tl.where(col_ok, b, float("-inf")))
+    lse_p = m_p + tl.log(s_p)
+    lse_r = m_r + tl.log(s_r)
+    tl.store(LOGP_P + rows, y_p - lse_p, mask=row_ok)
+    tl.store(LSE_P + rows, lse_p, mask=row_ok)
+    tl.store(LOGP_R + rows, y_r - lse_r, mask=row_ok)
+    tl.store(KL + rows, t_kl / s_p - lse_p + lse_r, mask=row_ok)
+
+
+@triton.autotune(configs=_configs(FWD_OPTIONS), key=["V", "C", "WITH_KL"], prune_configs_by=dict(early_config_prune=_prune_fwd))
+@triton.jit
+def _logprob_fwd(
+    HP, WP,  # policy hidden states (N, C) and output embedding (V, C), rows contiguous
+    HR, WR,  # the same for the reference (program axis 1 = 1 reads them; none without a reference)
+    TGT,  # (N,) int64 target ids, all in [0, V)
+    LOGP_P, LOGP_R, LSE_P, KL,  # (N,) fp32 outputs
+    N, V, C,
+    WITH_KL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row0 = tl.program_id(0) * BLOCK_N
+    if WITH_KL:
+        _fwd_pair(HP, WP, HR, WR, TGT, LOGP_P, LOGP_R, LSE_P, KL, row0, N, V, C, PRECISION, BLOCK_N, BLOCK_V, BLOCK_C)
+    else:
+        if tl.program_id(1) == 0:
+            _fwd_one(HP, WP, TGT, LOGP_P, LSE_P, row0, N, V, C, True, PRECISION, BLOCK_N, BLOCK_V, BLOCK_C)
+        else:
+            _fwd_one(HR, WR, TGT, LOGP_R, LSE_P, row0, N, V, C, False, PRECISION, BLOCK_N, BLOCK_V, BLOCK_C)
+
+
+@triton.autotune(configs=_configs(GRAD_OPTIONS), key=["V", "C"], prune_configs_by=dict(early_config_prune=_prune))
+@triton.jit
+def _grad_logits(
+    H, W,  # policy hidden states (N, C) and output embedding (V, C)
+    TGT, LSE, G,  # (N,) target ids, saved log-sum-exp, upstream gradient of log p
+    DA,  # (N, S) slice of dA for vocabulary columns [V0, V0 + S), row stride DA_STRIDE
+    N, V, C, V0, S, DA_STRIDE,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row0, j0 = tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCK_V
+    rows = row0 + tl.arange(0, BLOCK_N)
+    j = j0 + tl.arange(0, BLOCK_V)  # columns within the slice; the vocabulary ids are V0 + j
+    row_ok, col_ok = rows < N, j < S
+    a = _logits_tile(H, W, row0, V0 + j0, N, V, C, PRECISION, BLOCK_N, BLOCK_V, BLOCK_C)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     g = tl.load(G + rows, mask=row_ok, other=0.0)
     tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
-    p = tl.exp(a - lse[:, None])
     # subtract the one-hot in fp32: rounding p to bf16 first would lose the gradient of a confident target
-    da = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
-    return tl.where(row_ok[:, None] & col_ok[None, :], da, 0.0)
-
-
-@triton.autotune(configs=DH_CONFIGS, key=["V", "C"], reset_to_zero=["DH"], prune_configs_by=dict(early_config_prune=_prune))
-@triton.jit
-def _logprob_bwd_dh(
-    H, W,  # policy hidden states (N, C) and output embedding (V, C)
-    TGT, LSE, G,  # (N,) target ids, saved log-sum-exp, upstream gradient of log p
-    DH,  # (N, C) fp32, zero on entry; dH = dA @ W
-    N, V, C,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        da = _grad_logits_tile(H, W, TGT, LSE, G, rows, cols, N, V, C, PRECISION, BLOCK_N, BLOCK_V, BLOCK_C)
-        da = da.to(W.dtype.element_ty)
-        for c0 in range(0, C, BLOCK_C):
-            ks = c0 + tl.arange(0, BLOCK_C)
-            k_ok = ks < C
-            w = tl.load(W + cols.to(tl.int64)[:, None] * C + ks[None, :], mask=(cols < V)[:, None] & k_ok[None, :],
-                        other=0.0)  # (BLOCK_V, BLOCK_C)
-            ptr = DH + rows.to(tl.int64)[:, None] * C + ks[None, :]
-            m = row_ok[:, None] & k_ok[None, :]
-            tl.store(ptr, tl.load(ptr, mask=m, other=0.0) + tl.dot(da, w, input_precision=PRECISION), mask=m)
-
-
-@triton.autotune(configs=DW_CONFIGS, key=["V", "C"], reset_to_zero=["DW"], prune_configs_by=dict(early_config_prune=_prune))
-@triton.jit
-def _logprob_bwd_dw(
-    H, W, TGT, LSE, G,  # as in _logprob_bwd_dh
-    DW,  # (V, C) fp32, zero on entry; dW = dA^T @ H
-    N, V, C,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
-    for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        da = _grad_logits_tile(H, W, TGT, LSE, G, rows, cols, N, V, C, PRECISION, BLOCK_N, BLOCK_V, BLOCK_C)
-        da_t = tl.trans(da.to(H.dtype.element_ty))  # (BLOCK_V, BLOCK_N)
-        for c0 in range(0, C, BLOCK_C):
-            ks = c0 + tl.arange(0, BLOCK_C)
-            k_ok = ks < C
-            h = tl.load(H + rows.to(tl.int64)[:, None] * C + ks[None, :], mask=(rows < N)[:, None] & k_ok[None, :],
-                        other=0.0)  # (BLOCK_N, BLOCK_C)
-            ptr = DW + cols.to(tl.int64)[:, None] * C + ks[None, :]
-            m = col_ok[:, None] & k_ok[None, :]
-            tl.store(ptr, tl.load(ptr, mask=m, other=0.0) + tl.dot(da_t, h, input_precision=PRECISION), mask=m)
+    da = g[:, None] * (tl.where(V0 + j[None, :] == tgt[:, None], 1.0, 0.0) - tl.exp(a - lse[:, None]))
+    ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(DA + rows.to(tl.int64)[:, None] * DA_STRIDE + j[None, :], da.to(DA.dtype.element_ty), mask=ok)
 
 
 def _precision(dtype):
@@ -211,10 +205,10 @@ class FusedLogProbs(torch.autograd.Function):
         has_ref = h_ref is not None
         logp_pol, logp_ref, lse, kl = (torch.empty(N, device=h_pol.device, dtype=torch.float32) for _ in range(4))
         if N > 0:
-            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+            models = 2 if has_ref and not with_kl else 1
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), models)
             _logprob_fwd[grid](h_pol, w_pol, h_ref if has_ref else h_pol, w_ref if has_ref else w_pol, targets,
-                               logp_pol, logp_ref, lse, kl, N, V, C, HAS_REF=has_ref, WITH_KL=with_kl,
-                               PRECISION=_precision(h_pol.dtype))
+                               logp_pol, logp_ref, lse, kl, N, V, C, WITH_KL=with_kl, PRECISION=_precision(h_pol.dtype))
         ctx.save_for_backward(h_pol, w_pol, targets, lse)
         ctx.mark_non_differentiable(logp_ref, kl)
         return logp_pol, logp_ref, kl
@@ -223,22 +217,23 @@ class FusedLogProbs(torch.autograd.Function):
     def backward(ctx, g, _g_ref, _g_kl):
         h, w, targets, lse = ctx.saved_tensors
         (N, C), V = h.shape, w.shape[0]
-        g = g.float().contiguous()  # an upstream gradient may arrive strided (e.g. from an expand)
-        dh = dw = None
-        args = (targets, lse, g)
-        if ctx.needs_input_grad[0]:
-            dh = torch.zeros(N, C, device=h.device, dtype=torch.float32)
-            if N > 0:
-                _logprob_bwd_dh[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-                    h, w, *args, dh, N, V, C, PRECISION=_precision(h.dtype))
-            dh = dh.to(h.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = torch.zeros(V, C, device=w.device, dtype=torch.float32)
-            if N > 0:
-                _logprob_bwd_dw[lambda meta: (triton.cdiv(V, meta["BLOCK_V"]),)](
-                    h, w, *args, dw, N, V, C, PRECISION=_precision(h.dtype))
-            dw = dw.to(w.dtype)
-        return dh, dw, None, None, None, None
+        need_h, need_w = ctx.needs_input_grad[:2]
+        dh = torch.zeros(N, C, device=h.device, dtype=torch.float32) if need_h else None  # a sum over slices
+        dw = torch.zeros_like(w) if need_w else None  # each slice writes its own rows
+        if N > 0:
+            g = g.float().contiguous()  # an upstream gradient may arrive strided (e.g. from an expand)
+            width = min(V, max(128, SLICE_BYTES // (N * h.element_size()) // 128 * 128))  # columns per slice
+            da = torch.empty(N, width, device=h.device, dtype=h.dtype)
+            for v0 in range(0, V, width):
+                S = min(width, V - v0)
+                _grad_logits[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(S, meta["BLOCK_V"]))](
+                    h, w, targets, lse, g, da, N, V, C, v0, S, width, PRECISION=_precision(h.dtype))
+                da_s = da[:, :S]  # (N, S)
+                if need_w:  # these rows of dW are complete: the GEMM sums over all N tokens in fp32
+                    torch.mm(da_s.t(), h, out=dw[v0:v0 + S])
+                if need_h:  # one slice's share of dH, rounded to the input dtype, added in fp32
+                    dh += da_s @ w[v0:v0 + S]
+        return (dh.to(h.dtype) if need_h else None), dw, None, None, None, None
 
 
 def sequence_logprobs(h_pol, w_pol, h_ref, w_ref, targets, mask, with_kl=False, impl="auto"):

@@ -5,13 +5,16 @@ On a CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_
 fp32 and fp16; the interpreter's bf16 tl.dot is wrong, so bf16 is tested on CUDA only (`gpu`).
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from kernels import reference_logprobs, sequence_logprobs
+from kernels import logprobs, reference_logprobs, sequence_logprobs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative error ||x - ref|| / ||ref|| against a float64 reference, per input dtype
@@ -144,11 +147,15 @@ class RecordShapes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
-def test_no_tokens_by_vocab_allocation(impl):
+def test_no_tokens_by_vocab_allocation(impl, monkeypatch):
     """Nothing with a vocabulary axis is allocated but the weights' (V, C) and their gradients. (Sizes alone
-    would not do: Triton's runtime on CUDA allocates a fixed 2^26-element scratch buffer of its own.)"""
+    would not do: Triton's runtime on CUDA allocates a fixed 2^26-element scratch buffer of its own.)
+    The backward's scratch is one vocabulary slice of dA, at most SLICE_BYTES: here a budget that gives
+    128-column slices, as 128 MiB gives 4096 columns at 16k tokens and GPT-2's vocabulary."""
     B, T, C, V = 2, 65, 48, 1031
     hp, wp, hr, wr, targets, mask = make_inputs(B, T, C, V, torch.float32)
+    N = int(mask.sum())
+    monkeypatch.setattr(logprobs, "SLICE_BYTES", N * 128 * 4)
     hp.requires_grad_()
     wp.requires_grad_()
     with RecordShapes() as rec:
@@ -157,9 +164,31 @@ def test_no_tokens_by_vocab_allocation(impl):
     with_vocab = [s for s in rec.shapes if V in s and s != (V, C)]
     if impl == "triton":
         assert with_vocab == [], f"the Triton path allocated tensors of shapes {with_vocab}"
-        assert max(math.prod(s) for s in rec.shapes if len(s) != 1) < B * T * V
+        assert (N, 128) in rec.shapes  # the slice
+        largest = max(math.prod(s) for s in rec.shapes if s != (V, C))
+        assert largest <= max(N * 128, B * T * C), f"an allocation of {largest} elements"
     else:  # the reference does materialise the logits: the recorder sees them
         assert (B, T, V) in with_vocab
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_over_many_vocabulary_slices(dtype, monkeypatch):
+    """Slices of 128 columns: V = 1031 gives eight full ones and a last one of 7 columns."""
+    B, T = 2, 40
+    N = int(make_inputs(B, T, 24, 1031, dtype)[-1].sum())
+    monkeypatch.setattr(logprobs, "SLICE_BYTES", N * 128 * torch.tensor([], dtype=dtype).element_size())
+    check_against_fp64(B, T, 24, 1031, dtype)
+
+
+def test_every_config_compiles_for_sm90_without_spills():
+    """The interpreter checks the arithmetic; this checks that Triton's GPU compiler accepts every autotuning
+    configuration for an H100 in bf16 and that none spills registers (no GPU needed, only ptxas)."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "compile_check.py")
+    run = subprocess.run([sys.executable, script, "bf16"], capture_output=True, text=True, timeout=600)
+    rows = [line for line in run.stdout.splitlines() if line.startswith("_")]
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    assert len(rows) == len(logprobs.FWD_OPTIONS) + len(logprobs.GRAD_OPTIONS)
 
 
 # ---------------------------------------------------------------- bad input
