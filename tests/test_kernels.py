@@ -165,7 +165,8 @@ def test_no_tokens_by_vocab_allocation(impl, monkeypatch):
     if impl == "triton":
         assert with_vocab == [], f"the Triton path allocated tensors of shapes {with_vocab}"
         assert (N, 128) in rec.shapes  # the slice
-        largest = max(math.prod(s) for s in rec.shapes if s != (V, C))
+        # 1-D tensors aside (per-token values, and on CUDA Triton's own fixed scratch buffer)
+        largest = max(math.prod(s) for s in rec.shapes if s != (V, C) and len(s) > 1)
         assert largest <= max(N * 128, B * T * C), f"an allocation of {largest} elements"
     else:  # the reference does materialise the logits: the recorder sees them
         assert (B, T, V) in with_vocab
