@@ -15,16 +15,26 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # a real compile, not the interpreter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.backends.nvidia import compiler as nvidia  # noqa: E402
 
 from kernels import logprobs as L  # noqa: E402
 
 DIVISIBLE = {"C", "V0", "DA_STRIDE"}
+
+
+def ptxas_path():
+    """Triton's own ptxas for sm_90 (the helper's signature has changed across Triton versions)."""
+    try:
+        tool = nvidia.get_ptxas(90)
+    except TypeError:
+        tool = nvidia.get_ptxas()
+    return tool.path if hasattr(tool, "path") else tool[0]
 
 
 def compile_one(kernel, types, constants, warps, stages):
@@ -34,13 +44,12 @@ def compile_one(kernel, types, constants, warps, stages):
     signature = {**types, **{k: "constexpr" for k in constants}}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    ptx = os.path.join(triton.knobs.cache.dir or "/tmp", f"compile_check_{os.getpid()}.ptx")
-    with open(ptx, "w") as f:
-        f.write(k.asm["ptx"])
-    log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o", ptx + ".o"],
-                         capture_output=True, text=True, check=True).stderr
-    for path in (ptx, ptx + ".o"):
-        os.remove(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        log = subprocess.run([ptxas_path(), "-arch=sm_90a", "-v", ptx, "-o", ptx + ".o"],
+                             capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill = int(re.search(r"(\d+) bytes spill stores", log).group(1))
     ttgir = k.asm["ttgir"]
