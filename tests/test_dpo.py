@@ -102,6 +102,27 @@ def test_one_step_raises_the_margin():
     assert m1["margin"] > m0["margin"] and after < before
 
 
+@pytest.mark.parametrize("method", ["dpo", "ul"])
+def test_fused_kernel_gives_the_reference_gradients(method):
+    """A DPO (or Unlikelihood) loss through a GPT with the fused kernel (the interpreter on a CPU) and with
+    the plain reference: the same loss and the same gradient of every parameter, the tied embedding
+    included (it gets gradient both as wte and as lm_head)."""
+    policy, ref = tiny_gpt(seed=0), tiny_gpt(seed=1)
+    ref.requires_grad_(False)
+    batch = dpo.pack([[1, 2, 3], [4]] * 2, [[5, 6, EOT], [7, 8, 9, EOT], [5, EOT], [9, 9, EOT]], 64)
+    results = []
+    for impl in ("triton", "reference"):
+        policy.zero_grad()
+        loss, _ = dpo.pair_loss(policy, batch, dpo.get_args(["--device", "cpu", "--impl", impl]), ref, method, 0.5)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in policy.named_parameters()}))
+    (loss_t, grads_t), (loss_r, grads_r) = results
+    assert loss_t == pytest.approx(loss_r, rel=1e-5)
+    for name, g in grads_r.items():
+        assert g.abs().max() > 0, name
+        assert torch.allclose(grads_t[name], g, rtol=1e-4, atol=1e-6), name
+
+
 # ---------------------------------------------------------------- prompts and pairs
 
 def test_prompts_are_2_to_8_tokens_of_long_reviews():
