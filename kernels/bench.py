@@ -17,7 +17,8 @@ Columns: median ms of the forward and of forward+backward (bwd = the difference)
 above the inputs; relative error of the sequence sums against float64 (liger: of the loss); the
 largest token batch that fits a memory budget, from a straight line through the peaks measured at
 N and N/2; the fraction of the measured bf16 matmul rate, counting the 4 unavoidable N x V x C
-matmuls (policy forward, reference forward, dH, dW) as the useful work.
+matmuls (policy forward, reference forward, dH, dW) as the useful work. For the fused kernel at the
+headline shape it also records the time per kernel of one fwd+bwd (torch.profiler: `triton_breakdown`).
 """
 import argparse
 import json
@@ -179,6 +180,19 @@ def measure(name, step, N, C, V, T, dtype, device, exact, budget, reps):
                 rel_err=err, max_tokens_in_budget=fits, tflops=8 * N * V * C / (both * 1e-3) / 1e12, _compare=compare)
 
 
+def kernel_breakdown(step, args, top=8):
+    """Where one fwd+bwd spends its time, per kernel (per op on a CPU): [(name, ms, calls)], largest first."""
+    activity = torch.profiler.ProfilerActivity.CUDA if CUDA else torch.profiler.ProfilerActivity.CPU
+    step(*args)[0].backward()  # compiled and tuned before the profile
+    with torch.profiler.profile(activities=[activity]) as prof:
+        step(*args)[0].backward()
+        if CUDA:
+            torch.cuda.synchronize()
+    own = lambda e: (e.self_device_time_total if CUDA else e.self_cpu_time_total) / 1e3  # ms
+    events = sorted(prof.key_averages(), key=own, reverse=True)[:top]
+    return [(e.key[:90], round(own(e), 3), e.count) for e in events]
+
+
 def fp64_sums(args):
     hp, wp, hr, wr, targets, mask = args
     out = reference_logprobs(hp.double(), wp.double(), hr.double(), wr.double(), targets, mask)
@@ -222,6 +236,8 @@ def main():
     for name, step in methods.items():
         rows.append(dict(measure(name, step, N, C, V, T, dtype, device, exact if name != "liger" else None,
                                  budget, reps), part="headline"))
+    env["triton_breakdown"] = kernel_breakdown(methods["triton"], inputs(N, C, V, T, dtype, device))
+    print("triton fwd+bwd by kernel (ms, calls):", "; ".join(f"{n} {ms} x{k}" for n, ms, k in env["triton_breakdown"]))
     for r in rows:  # liger returns only the loss: compare it with the loss from the fp64 sums
         if r["method"] == "liger" and "_compare" in r:
             want = dpo_loss(exact[0], exact[1])
