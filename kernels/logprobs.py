@@ -59,9 +59,10 @@ def _prune(configs, named_args, **kwargs):
 
 # (BLOCK_N, BLOCK_V, BLOCK_C, warps, stages). One model per program: GEMM-like tiles. Both models (KL):
 # two accumulators, so half the area. None spills registers on sm_90 in bf16 (kernels/compile_check.py).
-FWD_OPTIONS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3),
-               (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
-GRAD_OPTIONS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4)]
+FWD_OPTIONS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3),
+               (256, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
+GRAD_OPTIONS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 2), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
+                (256, 128, 64, 8, 3), (128, 64, 64, 4, 4)]
 
 
 @triton.jit
