@@ -36,6 +36,7 @@ import triton.language as tl
 from .reference import LogProbs, reference_logprobs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DOT_IN_FP32 = tl.constexpr(INTERPRET)  # the interpreter's bf16 tl.dot is wrong: it multiplies fp32 copies
 SLICE_BYTES = 2 ** 27  # the backward's dA for one vocabulary slice: 128 MiB (4096 columns at N = 16384, bf16)
 
 
@@ -80,6 +81,8 @@ def _logits_tile(H, W, row0, col0, N, V, C,
         k_ok = ks < C  # C need not be a multiple of BLOCK_C
         h = tl.load(H + h_off + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_C)
         w = tl.load(W + w_off + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_C, BLOCK_V)
+        if DOT_IN_FP32:
+            h, w = h.to(tl.float32), w.to(tl.float32)
         a = tl.dot(h, w, a, input_precision=PRECISION)
     return a
 
