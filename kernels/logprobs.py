@@ -16,7 +16,7 @@ Forward, for each token i (a = policy logits h_i W^T, b = reference logits):
 Backward (policy only), with g_i the upstream gradient of log p(y_i):
     dA_iv = g_i (1[v = y_i] - exp(a_iv - lse_a))    recomputed from the saved lse_a
     dH = dA W       dW = dA^T H
-The backward walks the vocabulary in slices of SLICE_BYTES / (N * 2 bytes) columns: a Triton kernel
+The backward walks the vocabulary in slices of SLICE_BYTES / (N * element size) columns: a Triton kernel
 recomputes the policy's logits for the slice and writes its dA (N x slice, in the input dtype, the
 one-hot subtracted in fp32), then two ordinary matmuls (cuBLAS on a GPU) give the slice's rows of dW
 and add its share of dH (kept in fp32). So one N x V x C recompute, and dH, dW as plain GEMMs; the
