@@ -63,8 +63,9 @@ def make_pairs(sft, rm, prompts, args, eot):
     rank, world = rank_world()
     if not os.path.exists(path) and rank == 0:  # under torchrun rank 0 samples, every rank reads its file
         sft.eval()
-        samples = sample(sft, [p for p in prompts for _ in range(4)], args, eot, args.seed)
-        rewards = reward(rm, [p for p in prompts for _ in range(4)], samples, args, eot)
+        repeated = [p for p in prompts for _ in range(4)]
+        samples = sample(sft, repeated, args, eot, args.seed)
+        rewards = reward(rm, repeated, samples, args, eot)
         pairs = pairs_from(prompts, samples, rewards.tolist(), eot)
         pairs["sft_reward"] = rewards.mean().item()
         log(f"[pairs] {len(pairs['prompt'])} pairs from {len(prompts)} prompts; "

@@ -75,7 +75,9 @@ def read_reviews(archive):
     for split, rows in found.items():
         if not rows:
             raise ValueError(f"{archive} holds no aclImdb/{split}/pos|neg/*.txt reviews: is it the IMDb archive?")
-    return {s: ([t for _, _, t in sorted(rows)], [y for y, _, _ in sorted(rows)]) for s, rows in found.items()}
+    for rows in found.values():
+        rows.sort()
+    return {s: ([t for _, _, t in rows], [y for y, _, _ in rows]) for s, rows in found.items()}
 
 
 def prepare(source=None, out_dir=HERE, sha256=SHA256, tokenizer="gpt2"):
