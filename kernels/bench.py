@@ -35,7 +35,9 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
+from data.corpus import write_atomic  # noqa: E402
 from kernels import reference_logprobs, sequence_logprobs  # noqa: E402
+from plots.kernel_bench import plot  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 BETA = 0.1
@@ -268,13 +270,8 @@ def main():
               f"{r['tflops']:>9.1f}{frac:>9.2f}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = args.out or os.path.join(root, "kernels", f"bench_{device}.json")
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(env=env, results=rows), f, indent=1)
-    os.replace(tmp, out)
+    write_atomic(out, lambda f: f.write(json.dumps(dict(env=env, results=rows), indent=1).encode()))
     print(f"wrote {out}")
-    sys.path.insert(0, os.path.join(root, "plots"))
-    from kernel_bench import plot
     fig = args.fig or os.path.join(root, "plots", f"kernel_bench_{device}.png")
     plot(out, fig)
     print(f"wrote {fig}")

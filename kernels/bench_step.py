@@ -23,6 +23,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (through dpo and kernels)
 import dpo  # noqa: E402
+from data.corpus import write_atomic  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -98,9 +99,7 @@ def main():
     for r in gens:
         print(f"generate {r['model']}: {r['batch']} samples x {r['new_tokens']} tokens in {r['seconds']:.2f}s "
               f"= {r['samples_per_s']:.0f} samples/s")
-    with open(out + ".tmp", "w") as f:
-        json.dump(dict(env=env, steps=rows, generate=gens), f, indent=1)
-    os.replace(out + ".tmp", out)
+    write_atomic(out, lambda f: f.write(json.dumps(dict(env=env, steps=rows, generate=gens), indent=1).encode()))
     print(f"wrote {out}")
 
 
