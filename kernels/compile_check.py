@@ -68,11 +68,14 @@ def main(dtypes):
                    N="i32", V="i32", C="i32")
         grad = dict(H=p, W=p, TGT="*i64", LSE="*fp32", G="*fp32", DA=p, N="i32", V="i32", C="i32", V0="i32", S="i32",
                     DA_STRIDE="i32")
-        jobs = [(L._logprob_fwd, fwd, dict(WITH_KL=kl), o, "kl" if kl else "no kl")
-                for o in L.FWD_OPTIONS for kl in (False, True) if (o[0] * o[1] <= 8192) == kl]
-        jobs += [(L._grad_logits, grad, {}, o, "") for o in L.GRAD_OPTIONS]
-        for kernel, types, extra, (bn, bv, bc, w, s), mode in jobs:
-            constants = dict(extra, PRECISION=precision, BLOCK_N=bn, BLOCK_V=bv, BLOCK_C=bc)
+        # the configurations the autotuners choose from, split by mode as the forward's pruning splits them
+        big_v = dict(V=50257)
+        jobs = [(L._logprob_fwd, fwd, dict(WITH_KL=kl), cfg, "kl" if kl else "no kl")
+                for kl in (False, True) for cfg in L._prune_fwd(L._logprob_fwd.configs, big_v, WITH_KL=kl)]
+        jobs += [(L._grad_logits, grad, {}, cfg, "") for cfg in L._prune(L._grad_logits.configs, big_v)]
+        for kernel, types, extra, cfg, mode in jobs:
+            (bn, bv, bc), w, s = (cfg.kwargs[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_C")), cfg.num_warps, cfg.num_stages
+            constants = dict(extra, PRECISION=precision, **cfg.kwargs)
             name = kernel.fn.__name__
             try:
                 regs, spill, smem, n_async, n_wgmma = compile_one(kernel, types, constants, w, s)

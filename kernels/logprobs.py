@@ -47,15 +47,15 @@ def _configs(options):
     return [triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_C=c), num_warps=w, num_stages=s) for n, v, c, w, s in options]
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    """Two live logits tiles (the KL) need small tiles; tests (small V) take the first that fits."""
-    fits = [c for c in configs if (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] <= 8192) == kwargs["WITH_KL"]]
-    return fits if named_args["V"] >= 8192 else fits[:1]
-
-
 def _prune(configs, named_args, **kwargs):
     """Tuning pays off only at real vocabulary sizes: small problems (tests) take the first config."""
     return configs if named_args["V"] >= 8192 else configs[:1]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    """Two live logits tiles (the KL) need small tiles; tests (small V) take the first that fits."""
+    fits = [c for c in configs if (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] <= 8192) == kwargs["WITH_KL"]]
+    return _prune(fits, named_args)
 
 
 # (BLOCK_N, BLOCK_V, BLOCK_C, warps, stages). One model per program: GEMM-like tiles. Both models (KL):
