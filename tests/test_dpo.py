@@ -172,15 +172,21 @@ def test_smoke_whole_pipeline(tmp_path, capsys):
     assert "step     0 loss" not in capsys.readouterr().out
 
 
+def random_pairs():
+    """8 fixed preference pairs of random byte tokens, and the generator that drew them (for more tokens)."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(0, 256, (n,), generator=g).tolist()
+    pairs = dict(prompt=[rand(3) for _ in range(8)], chosen=[rand(5) + [EOT] for _ in range(8)],
+                 rejected=[rand(4) + [EOT] for _ in range(8)])
+    return pairs, rand
+
+
 def small_dpo_run(tmp_path, name, stop_at=None):
     """A DPO run on fixed pairs with a tiny model, evaluated every 2 steps."""
     args = args_for(tmp_path, "--eval-every", "2", "--dpo-batch", "4", "--max-new-tokens", "6", "--block-size", "64")
     policy, ref = tiny_gpt(1), tiny_gpt(1).requires_grad_(False)
     rm = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32, score_head=True))
-    g = torch.Generator().manual_seed(0)
-    rand = lambda n: torch.randint(0, 256, (n,), generator=g).tolist()
-    pairs = dict(prompt=[rand(3) for _ in range(8)], chosen=[rand(5) + [EOT] for _ in range(8)],
-                 rejected=[rand(4) + [EOT] for _ in range(8)])
+    pairs, rand = random_pairs()
     prompts = [rand(2) for _ in range(4)]
     dpo.train(name, policy, lambda m, b: dpo.pair_loss(m, b, args, ref, "dpo", 0.1), dpo.pair_batches(pairs, args, 7),
               6, 1e-3, args, evaluate=lambda m, step: dpo.evaluate(m, ref, rm, prompts, args, EOT), stop_at=stop_at)
@@ -203,10 +209,7 @@ def _ddp_worker(rank, world, port, out_dir, result):
     args = dpo.get_args(["--preset", "tiny", "--device", "cpu", "--out", out_dir, "--dpo-batch", "4"])
     dpo.setup_distributed(args)
     policy, ref = tiny_gpt(1), tiny_gpt(2).requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    rand = lambda n: torch.randint(0, 256, (n,), generator=g).tolist()
-    pairs = dict(prompt=[rand(3) for _ in range(8)], chosen=[rand(5) + [EOT] for _ in range(8)],
-                 rejected=[rand(4) + [EOT] for _ in range(8)])
+    pairs, _ = random_pairs()
     losses = []
     loss_fn = lambda m, b: (lambda out: (losses.append(out[0].item()), out)[1])(dpo.pair_loss(m, b, args, ref, "dpo", 0.1))
     dpo.train("ddp", policy, loss_fn, dpo.pair_batches(pairs, args, 3), 1, 1e-2, args)
