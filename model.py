@@ -160,11 +160,11 @@ class GPT(nn.Module):
         return self.score_head(h[torch.arange(h.size(0), device=h.device), last]).squeeze(-1)
 
     @torch.no_grad()
-    def generate(self, idx, prompt_mask, max_new_tokens, temperature=1.0, top_k=None, eos_id=None,
+    def generate(self, idx, prompt_mask, max_new_tokens, temperature=1.0, top_k=None, eos=None,
                  generator=None, use_cache=True):
         """Sample continuations of a batch of left-padded prompts.
         idx (B, T) prompt ids, left-padded; prompt_mask (B, T) True on real tokens.
-        temperature 0 means greedy. A row stops after it samples eos_id.
+        temperature 0 means greedy. A row stops after it samples eos.
         Returns new (B, T_new) ids and their mask (B, T_new): True up to and including EOS."""
         B, T = idx.size()
         if T + max_new_tokens > self.config.block_size:
@@ -193,11 +193,11 @@ class GPT(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 tok = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
-            tok = tok.masked_fill(done, eos_id if eos_id is not None else 0)
+            tok = tok.masked_fill(done, eos if eos is not None else 0)
             new.append(tok)
             new_mask.append(~done)
-            if eos_id is not None:
-                done = done | (tok == eos_id)
+            if eos is not None:
+                done = done | (tok == eos)
             keys = torch.cat([keys, torch.ones(B, 1, dtype=torch.bool, device=idx.device)], 1)
             seq = torch.cat([seq, tok[:, None]], 1)
             if use_cache:

@@ -34,7 +34,9 @@ class Split:
 
 
 def write_atomic(path, write):
-    """write(f) into path.tmp, then rename: a crash never leaves a half-written file under path."""
+    """write(f) into path.tmp, then rename: a crash never leaves a half-written file under path.
+    The folder is made if it does not exist yet."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:

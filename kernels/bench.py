@@ -36,7 +36,7 @@ import triton  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from data.corpus import write_atomic  # noqa: E402
-from kernels import reference_logprobs, sequence_logprobs  # noqa: E402
+from kernels import logprobs, reference_logprobs, sequence_logprobs  # noqa: E402
 from plots.kernel_bench import plot  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -251,7 +251,6 @@ def main():
                                  part="sweep"))
 
     if CUDA:  # the block sizes the autotuner picked, per (V, C, dtype), and what each candidate took
-        from kernels import logprobs
         tuned = {name: k for name, k in vars(logprobs).items() if isinstance(k, triton.runtime.Autotuner)}
         env["autotuned"] = {name: {str(key): str(cfg) for key, cfg in k.cache.items()} for name, k in tuned.items()}
         env["last_tuning_ms"] = {name: {str(cfg): t for cfg, t in getattr(k, "configs_timings", {}).items()}

@@ -21,9 +21,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA = torch.cuda.is_available()
 if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (through dpo and kernels)
-import dpo  # noqa: E402
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (through common and kernels)
+from common import amp, pack  # noqa: E402
 from data.corpus import write_atomic  # noqa: E402
+from dpo import pair_loss  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -40,12 +41,11 @@ def step_time(model_name, impl, pairs, prompt=8, response=65, reps=8):
     torch.manual_seed(0)
     policy = GPT(cfg).to(DEVICE)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    args = dpo.get_args(["--preset", "imdb", "--device", DEVICE, "--impl", impl])
     opt = torch.optim.RMSprop(policy.parameters(), lr=1e-6)
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(0, cfg.vocab_size - 1, (n,), generator=g).tolist()
     eos = cfg.vocab_size - 1
-    batch = [x.to(DEVICE) for x in dpo.pack([ids(prompt)] * 2 * pairs, [ids(response - 1) + [eos] for _ in range(2 * pairs)],
+    batch = [x.to(DEVICE) for x in pack([ids(prompt)] * 2 * pairs, [ids(response - 1) + [eos] for _ in range(2 * pairs)],
                                             cfg.block_size)]
     times = []
     if CUDA:
@@ -53,8 +53,8 @@ def step_time(model_name, impl, pairs, prompt=8, response=65, reps=8):
     for i in range(reps + 2):
         sync()
         t0 = time.perf_counter()
-        with dpo.amp(args):
-            loss, _ = dpo.pair_loss(policy, batch, args, ref, "dpo", 0.1)
+        with amp(DEVICE):
+            loss, _ = pair_loss(policy, batch, ref, "dpo", 0.1, impl)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -8,7 +8,6 @@ training curves.
 """
 import glob
 import json
-import math
 import os
 import sys
 
@@ -20,7 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.corpus import write_atomic  # noqa: E402
 
-COLOURS = {"dpo": "tab:red", "ipo": "tab:purple", "cdpo": "tab:pink", "ft": "tab:green", "ul": "tab:olive"}
+COLOURS = {"ipo": "tab:purple", "cdpo": "tab:pink", "ft": "tab:green", "ul": "tab:olive"}
+SHADES = {"dpo": "Reds", "ppo": "Blues", "ppo-gt": "YlOrBr"}  # one family per method, darker for a larger parameter
+LABELS = {"dpo": "DPO beta={}", "ft": "Preferred-FT", "ul": "Unlikelihood alpha={}", "ipo": "IPO beta={}",
+          "cdpo": "cDPO beta={}", "ppo": "PPO target KL {}", "ppo-gt": "PPO-GT target KL {}"}
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 
 
@@ -38,16 +40,19 @@ def read_runs(out_dir):
 def plot_frontier(out_dir, png_path):
     runs = read_runs(out_dir)
     fig, (ax, ax_r, ax_k) = plt.subplots(1, 3, figsize=(16, 4.8))
-    seen = {}
+    params = {}  # method -> its parameters, sorted: the shade and marker of a run
+    for name in runs:
+        method, _, param = name.partition("_")
+        params.setdefault(method, []).append(float(param or 0))
     for name, recs in runs.items():
         method, _, param = name.partition("_")
-        marker = MARKERS[seen.setdefault(method, 0) % len(MARKERS)]
-        seen[method] += 1
-        label = {"dpo": f"DPO beta={param}", "ft": "Preferred-FT", "ul": f"Unlikelihood alpha={param}",
-                 "ipo": f"IPO beta={param}", "cdpo": f"cDPO beta={param}"}.get(method, name)
+        order = sorted(params[method])
+        i = order.index(float(param or 0))
+        marker = MARKERS[i % len(MARKERS)]
+        label = LABELS[method].format(param) if method in LABELS else name
         colour = COLOURS.get(method, "gray")
-        if method == "dpo":  # darker for larger beta
-            colour = plt.cm.Reds(0.35 + 0.6 * min(1.0, math.log10(float(param) / 0.05 + 1) / 2.1))
+        if method in SHADES:
+            colour = plt.get_cmap(SHADES[method])(0.45 + 0.5 * i / max(1, len(order) - 1))
         ax.scatter([r["kl"] for r in recs], [r["reward"] for r in recs], color=colour, marker=marker, s=22, alpha=0.8, label=label)
         ax_r.plot([r["step"] for r in recs], [r["reward"] for r in recs], c=colour, marker=marker, ms=3, label=label)
         ax_k.plot([r["step"] for r in recs], [r["kl"] for r in recs], c=colour, marker=marker, ms=3, label=label)

@@ -1,4 +1,6 @@
+"""Shared test helpers: the tiny GPT, fixed preference pairs, a free port for the DDP tests."""
 import os
+import socket
 
 # The Triton kernels run through Triton's interpreter when there is no GPU. It must be set
 # before triton is first imported, so it is set here, before any test module imports kernels/.
@@ -7,7 +9,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
+import pytest  # noqa: E402
+
+from model import GPT, GPTConfig  # noqa: E402
+
+EOS = 256  # <|endoftext|> of the byte tokenizer
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,3 +23,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def tiny_gpt(seed=0, vocab=257, block=64, score_head=False):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block, vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, score_head=score_head))
+
+
+def random_pairs(n=8):
+    """n fixed preference pairs of random byte tokens, and the function that drew them (for more tokens)."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda k: torch.randint(0, 256, (k,), generator=g).tolist()
+    pairs = dict(prompt=[rand(3) for _ in range(n)], chosen=[rand(5) + [EOS] for _ in range(n)],
+                 rejected=[rand(4) + [EOS] for _ in range(n)])
+    return pairs, rand
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(get_batch, step):
+    """get_batch that raises at `step`, as a kill would stop a run there."""
+    def wrapped(s):
+        if s == step:
+            raise Interrupted(f"killed at step {s}")
+        return get_batch(s)
+    return wrapped

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import dpo
-import stages
 import model as model_module
 from data.corpus import load_corpus
 from data.imdb import prepare as imdb
@@ -109,9 +108,3 @@ def test_imdb_preset_end_to_end_at_toy_sizes(tmp_path, capsys):
         assert len(open(tmp_path / "out" / "runs" / run / "eval.jsonl").readlines()) == 3
     bon = [json.loads(x) for x in open(tmp_path / "out" / "best_of_n.jsonl")]
     assert [r["n"] for r in bon] == [1, 2, 4] and bon[0]["kl_bound"] == 0
-
-
-def test_best_of_n_kl_bound():
-    assert stages.best_of_n_kl(1) == 0
-    assert stages.best_of_n_kl(2) == pytest.approx(np.log(2) - 0.5)
-    assert stages.best_of_n_kl(64) == pytest.approx(np.log(64) - 63 / 64)

@@ -79,7 +79,7 @@ def test_kv_cache_matches_no_cache(temperature, top_k):
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=3, n_embd=48)).eval()
     idx, mask = mixed_prompts(97)
-    runs = [m.generate(idx, mask, 20, temperature=temperature, top_k=top_k, eos_id=5,
+    runs = [m.generate(idx, mask, 20, temperature=temperature, top_k=top_k, eos=5,
                        generator=torch.Generator().manual_seed(3), use_cache=c) for c in (True, False)]
     (a, am), (b, bm) = runs
     assert torch.equal(a, b) and torch.equal(am, bm)
@@ -101,7 +101,7 @@ def test_generate_stops_rows_at_eos():
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=64, vocab_size=7, n_layer=1, n_head=1, n_embd=8)).eval()
     idx, mask = mixed_prompts(7, lengths=(2, 4, 3, 5) * 4)
-    new, new_mask = m.generate(idx, mask, 30, temperature=1.0, eos_id=3, generator=torch.Generator().manual_seed(0))
+    new, new_mask = m.generate(idx, mask, 30, temperature=1.0, eos=3, generator=torch.Generator().manual_seed(0))
     for row, row_mask in zip(new, new_mask):
         hits = (row == 3).nonzero()
         if len(hits):  # everything after the first EOS is masked out; the EOS itself is kept

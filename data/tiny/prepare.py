@@ -20,6 +20,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from data.corpus import save_corpus  # noqa: E402
+from model import get_tokenizer  # noqa: E402
 
 TITLES = ["Moonfall", "The Quiet Harbor", "Red Summer", "Glass City", "The Last Orchard", "Night Train",
           "Paper Kings", "Blue Meridian", "The Long Winter", "Silver Lake", "Iron Garden", "Wild Hours"]
@@ -53,8 +54,7 @@ def make_split(n, seed):
 
 
 def prepare(out_dir=HERE, n_train=4000, n_test=1000, seed=1337):
-    import model  # the byte tokenizer lives with the model
-    enc = model.get_tokenizer("bytes")
+    enc = get_tokenizer("bytes")  # the byte tokenizer lives with the model
     splits = {"train": make_split(n_train, seed), "test": make_split(n_test, seed + 1)}
     return save_corpus(out_dir, "tiny", splits, enc, tokenizer="bytes")
 

@@ -1,0 +1,287 @@
+"""
+The machinery under both algorithms (dpo.py and ppo.py): the settings, the data and its batches, the
+log-prob call into the fused kernel, the model, one training loop, and the helpers for torchrun.
+Nothing here knows DPO or PPO; they pass in their losses and batches.
+
+The pipeline (one numbering, used by every file):
+  1. data       labelled movie reviews, and prompts cut from them                 common.py
+  2. SFT        the reference policy pi_ref, a language model on the reviews        stages.py
+  3. reward     the ground truth r*(x, y): a sentiment classifier, p(positive)      stages.py
+  4. pairs      4 samples of pi_ref per prompt, all 6 pairs, the higher r* chosen   stages.py
+  5. training   DPO and its baselines on the pairs (dpo.py); PPO on a reward (ppo.py)
+  6. evaluate   mean r* of policy samples and the exact KL(pi || pi_ref)            stages.py
+  7. figure     reward against KL                                                   plots/frontier.py
+"""
+import argparse
+import json
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from data.corpus import load_checkpoint, load_corpus, save_checkpoint, write_atomic
+from data.tiny.prepare import prepare as prepare_tiny
+from kernels import sequence_logprobs
+from model import GPT, GPTConfig
+
+# ----------------------------------------------------------------------------- settings
+PRESETS = {
+    "tiny": dict(data="tiny", init="scratch", n_layer=4, n_head=4, n_embd=128, block_size=128,
+                 sft_steps=300, sft_lr=2e-3, rm_steps=200, rm_lr=5e-4, batch=32, min_chars=100,
+                 n_prompts=300, max_new_tokens=80, dpo_steps=160, dpo_lr=5e-5, dpo_batch=32, warmup=10,
+                 optimizer="adamw", eval_every=20, n_eval=128, best_of="1,2,4,8,16",
+                 bt_steps=100, bt_lr=2e-4, ppo_iters=24, ppo_batch=64, ppo_epochs=4, ppo_minibatches=2,
+                 ppo_lr=1e-4, ppo_eval_every=4, kl_horizon=1000,
+                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ppo:3,ppo:8,ppo-gt:3,ppo-gt:8"),
+    "imdb": dict(data="imdb", init="pretrained", model="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                 sft_steps=1500, sft_lr=5e-5, rm_steps=1500, rm_lr=2e-5, batch=32, min_chars=200,
+                 n_prompts=25000, max_new_tokens=64, dpo_steps=1500, dpo_lr=1e-6, dpo_batch=64, warmup=150,
+                 optimizer="rmsprop", eval_every=100, n_eval=512, best_of="1,2,4,8,16,64",
+                 bt_steps=4500, bt_lr=1e-5, ppo_iters=150, ppo_batch=1024, ppo_epochs=4, ppo_minibatches=16,
+                 ppo_lr=1.4e-5, ppo_eval_every=10, kl_horizon=10000,
+                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ul:0.05,ul:0.1,ul:0.5,ul:1,"
+                      "ppo:3,ppo:6,ppo:9,ppo:12,ppo-gt:3,ppo-gt:6,ppo-gt:9,ppo-gt:12"),
+}
+# a run is "method:param": the parameter is beta (dpo, ipo, cdpo), alpha (ul), or the target KL (ppo, ppo-gt)
+METHODS = ("dpo", "ipo", "cdpo", "ft", "ul", "ppo", "ppo-gt")
+
+
+def parse_runs(spec):
+    """'dpo:0.1,ft,ppo:6' -> [('dpo', 0.1), ('ft', 0.0), ('ppo', 6.0)], or ValueError naming the bad run."""
+    runs = []
+    for run in spec.split(","):
+        method, _, param = run.partition(":")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r} in {run!r}; expected one of {', '.join(METHODS)}")
+        try:
+            value = float(param) if param else 0.0
+        except ValueError:
+            raise ValueError(f"{run!r}: the parameter {param!r} is not a number") from None
+        if method in ("ppo", "ppo-gt") and not value > 0:
+            raise ValueError(f"{run!r}: PPO needs a target KL > 0, e.g. {method}:6")
+        runs.append((method, value))
+    return runs
+
+
+def run_folder(method, param):
+    """Where a run writes, under the run folder: runs/dpo_0.1, runs/ppo-gt_6, runs/ft."""
+    return "runs/ft" if method == "ft" else f"runs/{method}_{param:g}"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="nanoDPO: the IMDb sentiment experiment of the DPO paper")
+    p.add_argument("--preset", choices=PRESETS, help="default: imdb on CUDA, tiny otherwise")
+    p.add_argument("--out", help="run folder (default out/<preset>)")
+    p.add_argument("--data-dir", help="folder holding <data>.npz (default data/<data>)")
+    p.add_argument("--init", choices=("scratch", "pretrained"), help="a GPT from scratch, or pretrained GPT-2")
+    p.add_argument("--model", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face folder")
+    p.add_argument("--runs", help="comma-separated runs, method:param with method in " + "/".join(METHODS))
+    p.add_argument("--best-of", help="comma-separated N of the Best-of-N baseline")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--impl", default="auto", choices=("auto", "triton", "reference"), help="log-prob path (kernels/)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--figure", help="the frontier figure (default plots/<preset>_frontier.png)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of conservative DPO (cdpo)")
+    for k, v in PRESETS["tiny"].items():  # every preset value can be overridden: --dpo-steps 50
+        if k not in ("data", "init", "runs", "best_of"):
+            p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None)
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("imdb" if args.device.startswith("cuda") else "tiny")
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.out = args.out or os.path.join("out", args.preset)
+    for k, v in PRESETS["tiny"].items():  # sizes, steps and rates: positive (warm-up may be 0)
+        if isinstance(v, (int, float)) and not getattr(args, k) >= (0 if k == "warmup" else 1 if isinstance(v, int) else 1e-30):
+            p.error(f"--{k.replace('_', '-')}: expected a positive number, got {getattr(args, k)}")
+    if args.block_size < max(18, args.max_new_tokens + 9):  # the classifier's crops take 16 tokens and more
+        p.error(f"--block-size {args.block_size}: expected at least 18, and room for a prompt of up to 8 tokens "
+                f"and --max-new-tokens {args.max_new_tokens}")
+    if args.ppo_minibatches > args.ppo_batch:
+        p.error(f"--ppo-minibatches {args.ppo_minibatches} is more than --ppo-batch {args.ppo_batch}")
+    try:
+        args.run_list = parse_runs(args.runs)
+    except ValueError as e:
+        p.error(f"--runs: {e}")
+    args.data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.data)
+    return args
+
+
+# ----------------------------------------------------------------------------- torchrun, devices, logging
+def setup_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group and return this rank's device; each rank
+    then takes every world-th example of a global batch and DDP averages the gradients."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    return device
+
+
+def rank_world():
+    """(this process's rank, the number of processes): (0, 1) without torchrun."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def unwrap(model):
+    """The model itself, inside a DistributedDataParallel wrapper or not."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def amp(device):
+    """bf16 autocast on CUDA (the fused kernel then runs in bf16), nothing on a CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+
+
+def log(*a):
+    if rank_world()[0] == 0:
+        print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------- 1. data
+def load_data(data_dir, name):
+    path = os.path.join(data_dir, f"{name}.npz")
+    if name == "tiny" and not os.path.exists(path):  # generated offline in seconds
+        prepare_tiny(data_dir)
+    return load_corpus(path)
+
+
+def make_prompts(split, n, min_chars, rng):
+    """Prefixes of 2-8 tokens of reviews longer than min_chars characters (the paper's protocol)."""
+    ok = np.flatnonzero(split.chars > min_chars)
+    pick = rng.choice(ok, size=min(n, len(ok)), replace=False)
+    return [split.review(i)[: rng.integers(2, 9)].tolist() for i in pick]
+
+
+# ----------------------------------------------------------------------------- batching and log-probs
+def pack(prompts, responses, block_size, pad=0):
+    """Concatenate prompt and response ids (tokenised separately) into one right-padded batch.
+    Returns idx (B, T) inputs, targets (B, T) = the sequence shifted by one, and mask (B, T): True
+    where the target is a response token. Prompt and padding never enter a sum; the mask is explicit,
+    not inferred from pad == EOS."""
+    rows = []
+    for p, r in zip(prompts, responses):
+        if len(r) == 0:
+            raise ValueError("empty response: every response must hold at least its EOS token")
+        if len(p) >= block_size:
+            raise ValueError(f"prompt of {len(p)} tokens does not fit block_size {block_size}")
+        rows.append((p, r[: block_size + 1 - len(p)]))  # a too-long response is cut at the block size
+    T = max(len(p) + len(r) for p, r in rows) - 1
+    idx = torch.full((len(rows), T), pad, dtype=torch.long)
+    targets = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        seq = torch.tensor(p + r)
+        idx[i, : len(seq) - 1], targets[i, : len(seq) - 1] = seq[:-1], seq[1:]
+        mask[i, len(p) - 1: len(seq) - 1] = True
+    return idx, targets, mask
+
+
+def logprobs(policy, ref, idx, targets, mask, impl="auto", with_kl=False, hidden=None):
+    """Per-token and summed log-probs of the response tokens under the policy (with grad) and the
+    reference: the hidden states go to the fused kernel with lm_head's weight, so no logits exist.
+    hidden: the policy's hidden states when the caller has them already (PPO's value head reads them too)."""
+    h = policy(idx) if hidden is None else hidden
+    h_ref = w_ref = None
+    if ref is not None:
+        with torch.no_grad():
+            h_ref, w_ref = ref(idx), ref.lm_head.weight
+    return sequence_logprobs(h, unwrap(policy).lm_head.weight, h_ref, w_ref, targets, mask, with_kl=with_kl, impl=impl)
+
+
+def masked_mean(x, mask):
+    """Mean of x over the positions where mask is True: x, mask (B, T) -> a scalar."""
+    return (x * mask).sum() / mask.sum()
+
+
+# ----------------------------------------------------------------------------- the model
+def make_model(args, vocab_size, score_head=False):
+    """pretrained GPT-2 (args.model), or a GPT of the preset's shape from scratch, seeded by args.seed."""
+    if args.init == "pretrained":
+        return GPT.from_pretrained(args.model, dropout=0.0, score_head=score_head).to(args.device)
+    cfg = GPTConfig(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer, n_head=args.n_head,
+                    n_embd=args.n_embd, score_head=score_head)
+    torch.manual_seed(args.seed)
+    return GPT(cfg).to(args.device)
+
+
+# ----------------------------------------------------------------------------- one training loop
+def train(name, model, loss_fn, get_batch, steps, lr, *, out, device, optimizer="adamw", warmup=0,
+          eval_every=0, evaluator=None, log_every=10, state=None):
+    """Train `model` for `steps` steps on get_batch(step) with loss_fn(model, batch) -> (loss, metrics).
+    Serves SFT, the classifier, the reward model and every DPO and PPO run. Its folder out/<name>/ holds
+    ckpt.pt while running (resumed from after an interruption) and model.pt when done (then skipped).
+    evaluator(model, step) -> dict is called every eval_every steps and appended to eval.jsonl.
+    state: a dict the caller updates during training (PPO's KL coefficient), checkpointed with the model."""
+    folder, (rank, world) = os.path.join(out, name), rank_world()
+    final, ckpt, evals = (os.path.join(folder, f) for f in ("model.pt", "ckpt.pt", "eval.jsonl"))
+    state = {} if state is None else state
+    if os.path.exists(final):
+        saved = load_checkpoint(final)
+        model.load_state_dict(saved["model"])
+        state.update(saved["state"])
+        log(f"[{name}] done already: {final}")
+        return model
+    os.makedirs(folder, exist_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.RMSprop(params, lr=lr) if optimizer == "rmsprop" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    start = 0
+    if os.path.exists(ckpt):  # resume: model, optimizer, state, step; evaluations after that step are redone
+        saved = load_checkpoint(ckpt)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        state.update(saved["state"])
+        start = saved["step"]
+        if rank == 0 and os.path.exists(evals):
+            kept = [line for line in open(evals) if json.loads(line)["step"] < start]
+            write_atomic(evals, lambda f: f.write("".join(kept).encode()))
+        log(f"[{name}] resumed at step {start} from {ckpt}")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    t0, tokens, last_kl = time.time(), 0, ""
+    every = eval_every or steps
+    for step in range(start, steps + 1):
+        if evaluator is not None and rank == 0 and (step % every == 0 or step == steps):  # 1. evaluate
+            record = dict(step=step, **evaluator(model, step))
+            with open(evals, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log(f"[{name}] eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
+            last_kl = f" kl {record['kl']:.2f}" if "kl" in record else ""  # progress lines show the latest KL
+        if step == steps:
+            break
+        for g in opt.param_groups:  # 2. learning rate: linear warm-up, then constant (as in the paper)
+            g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+        batch = [x.to(device) for x in get_batch(step)]  # 3. this rank's share of the batch
+        with amp(device):  # 4. forward, loss
+            loss, metrics = loss_fn(ddp, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"[{name}] loss is {loss.item()} at step {step}; the last checkpoint is {ckpt}")
+        loss.backward()  # 5. backward (DDP averages the gradients over ranks), clip, step
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += batch[0].numel() * world
+        if step % log_every == 0 or step == steps - 1:  # 6. log
+            dt = time.time() - t0
+            left = dt / (step + 1 - start) * (steps - step - 1)
+            log(f"[{name}] step {step:5d} loss {loss.item():.4f} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                + f"{last_kl} grad {grad_norm:.2f} | {tokens / dt:,.0f} tok/s, {left:.0f}s left")
+        if rank == 0 and (step + 1) % every == 0 and step + 1 < steps:  # 7. checkpoint (write, then rename)
+            save_checkpoint(dict(model=model.state_dict(), opt=opt.state_dict(), state=state, step=step + 1), ckpt)
+    if rank == 0:
+        save_checkpoint(dict(model=model.state_dict(), state=state), final)
+        if os.path.exists(ckpt):
+            os.remove(ckpt)
+    barrier()  # every rank sees the finished stage before the next one starts
+    log(f"[{name}] {steps - start} steps in {time.time() - t0:.1f}s")
+    return model

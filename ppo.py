@@ -1,0 +1,244 @@
+"""
+PPO, the RLHF baseline DPO is measured against (Fig. 2 of the DPO paper), read top to bottom:
+
+  5a. a reward model r_phi: the SFT model with a scalar head, trained with the Bradley-Terry loss on the
+      same preference pairs DPO trains on (PPO); or the ground-truth classifier r* itself (PPO-GT)
+  5b. rollouts: the policy samples a response per prompt, exactly as evaluation does; the reward of
+      each response token is -beta_kl * log(pi / pi_ref), and the response's normalised score is added
+      at its last token
+  5c. advantages: GAE (gamma = 1, lambda = 0.95) from a value head on the policy, whitened per rollout
+  5d. a few epochs of minibatches over each rollout: the clipped policy objective and clipped value loss
+  5e. beta_kl follows an adaptive controller toward a target KL (Ziegler et al. 2019): a run is named
+      by its target, ppo:6 or ppo-gt:6
+Rollouts and updates are ordinary steps of common.train: get_batch samples a new rollout every
+epochs * minibatches steps and hands out its minibatches, so checkpoints, resume, torchrun and logging
+are DPO's. Run it with `python dpo.py --runs ppo:6,ppo-gt:6` (the stages 1-4 are shared).
+"""
+import copy
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import amp, logprobs, masked_mean, pack, rank_world, run_folder, train, unwrap
+from data.corpus import write_atomic
+from stages import reward, sample, score, score_batch
+
+GAMMA, LAM = 1.0, 0.95  # GAE: no discount over a response of at most max_new_tokens tokens
+CLIP = 0.2  # of the probability ratio, and of the value's move from its rollout estimate
+VF_COEF = 0.1  # weight of the value loss in the shared trunk's loss
+KL_INIT = 0.2  # beta_kl before the controller moves it
+MAX_NORM_SAMPLES = 1024  # SFT samples that fix each score's affine normalisation
+
+
+# ----------------------------------------------------------------------------- 5a. the reward model
+def bradley_terry_loss(model, batch):
+    """-log sigmoid(r(x, y_w) - r(x, y_l)): chosen rows first, then the rejected ones, in score layout."""
+    idx, mask = batch
+    s = unwrap(model).score(model(idx), mask).float()
+    n = len(s) // 2
+    margin = s[:n] - s[n:]
+    return -F.logsigmoid(margin).mean(), {"acc": (margin > 0).float().mean().item()}
+
+
+def pair_score_batch(pairs, rows, eos, block_size):
+    prompts = [pairs["prompt"][i] for i in rows]
+    return score_batch(prompts + prompts, [pairs["chosen"][i] for i in rows] + [pairs["rejected"][i] for i in rows],
+                       eos, block_size)
+
+
+def reward_model(sft_model, pairs, heldout, args, eos):
+    """r_phi, initialised from the SFT model (a zero scalar head) and trained on DPO's pairs; its accuracy
+    on the pairs of held-out prompts is evaluated as it trains (out/<preset>/reward_model/eval.jsonl)."""
+    rm = copy.deepcopy(sft_model)
+    rm.score_head = torch.nn.Linear(rm.config.n_embd, 1).to(args.device)
+    torch.nn.init.zeros_(rm.score_head.weight), torch.nn.init.zeros_(rm.score_head.bias)
+
+    def get_batch(step):
+        rank, world = rank_world()
+        rows = np.random.default_rng([args.seed + 4, step]).integers(len(pairs["prompt"]), size=args.batch)[rank::world]
+        return pair_score_batch(pairs, rows, eos, args.block_size)
+
+    @torch.no_grad()
+    def heldout_accuracy(model, step):
+        correct = 0
+        for i in range(0, len(heldout["prompt"]), 128):
+            idx, mask = (x.to(args.device) for x in pair_score_batch(heldout, range(i, min(i + 128, len(heldout["prompt"]))),
+                                                                     eos, args.block_size))
+            with amp(args.device):
+                s = model.score(model(idx), mask).float()
+            correct += (s[: len(s) // 2] > s[len(s) // 2:]).sum().item()
+        return dict(heldout_acc=correct / len(heldout["prompt"]))
+
+    return train("reward_model", rm, bradley_terry_loss, get_batch, args.bt_steps, args.bt_lr, out=args.out,
+                 device=args.device, warmup=args.warmup, eval_every=args.eval_every, evaluator=heldout_accuracy,
+                 log_every=args.log_every).eval()
+
+
+def normalised(score_fn, sft_model, prompts, args, eos, name):
+    """score_fn(prompts, responses) turned into a fixed affine map with mean 0 and std 1 on samples of pi_ref
+    (one per prompt), computed once and kept in out/<preset>/score_norm.json under `name`."""
+    path = os.path.join(args.out, "score_norm.json")
+    norms = json.load(open(path)) if os.path.exists(path) else {}
+    if name not in norms:
+        p = prompts[:MAX_NORM_SAMPLES]
+        s = score_fn(p, sample(sft_model, p, args.max_new_tokens, eos, args.seed + 5, args.device))
+        norms[name] = dict(mean=s.mean().item(), std=s.std().item())
+        if rank_world()[0] == 0:
+            write_atomic(path, lambda f: f.write(json.dumps(norms, indent=1).encode()))
+    mean, std = norms[name]["mean"], norms[name]["std"]
+    return lambda p, r: (score_fn(p, r) - mean) / std
+
+
+# ----------------------------------------------------------------------------- 5b. per-token rewards, 5c. advantages
+def token_rewards(logratio, score_, mask, kl_coef):
+    """-kl_coef * log(pi / pi_ref) at every response token, plus the score at the last one.
+    logratio, mask: (B, T); score_: (B,). Zero off the mask (prompt and padding)."""
+    r = -kl_coef * logratio * mask
+    last = mask.long().cumsum(1).argmax(1)  # the first position where the count of response tokens peaks
+    r[torch.arange(len(r)), last] += score_.to(r.dtype)
+    return r
+
+
+def gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
+    """Generalised advantage estimation over the response tokens of each row, read backwards:
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1}
+    with V after the last response token = 0. rewards, values, mask: (B, T) -> advantages (B, T), 0 off the mask."""
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    next_adv = next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        a = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_adv
+        next_adv = torch.where(m, a, next_adv)  # off the mask nothing changes: the response's own order
+        next_value = torch.where(m, values[:, t], next_value)
+        adv[:, t] = torch.where(m, a, 0.0)
+    return adv
+
+
+def global_mean(*xs):
+    """Means of scalars over every rank (the plain values without torchrun)."""
+    t = torch.tensor(xs, dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t.tolist()
+
+
+def whiten(x, mask):
+    """(x - mean) / std over the masked entries of the whole rollout (every rank's share), 0 off the mask."""
+    mean, sq = global_mean(masked_mean(x, mask).item(), masked_mean(x * x, mask).item())
+    return (x - mean) * (sq - mean ** 2 + 1e-8) ** -0.5 * mask
+
+
+# ----------------------------------------------------------------------------- 5d. the losses
+def policy_loss(logp, old_logp, adv, mask):
+    """Clipped surrogate (Schulman et al. 2017): mean over tokens of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)),
+    rho = pi / pi_old. Returns the loss and the fraction of tokens where the clip is active."""
+    ratio = torch.exp(logp - old_logp)
+    losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
+    return masked_mean(losses, mask), masked_mean(((ratio - 1).abs() > CLIP).float(), mask)
+
+
+def value_loss(values, old_values, returns, mask):
+    """0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, -eps, eps)."""
+    clipped = old_values + (values - old_values).clamp(-CLIP, CLIP)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def ppo_loss(model, batch, impl):
+    """One minibatch: the policy's log-probs from the fused kernel and the values from the same hidden states."""
+    idx, targets, mask, old_logp, old_values, adv, returns = batch
+    h = model(idx)
+    logp = logprobs(model, None, idx, targets, mask, impl, hidden=h).token_pol
+    values = unwrap(model).score_head(h).squeeze(-1).float()
+    pg, clipfrac = policy_loss(logp, old_logp, adv, mask)
+    vf = value_loss(values, old_values, returns, mask)
+    return pg + VF_COEF * vf, {"pg": pg.item(), "vf": vf.item(), "clip": clipfrac.item()}
+
+
+# ----------------------------------------------------------------------------- 5e. the KL controller
+def kl_update(kl_coef, kl, target, n, horizon):
+    """Adaptive KL (Ziegler et al. 2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon,
+    n the samples in the rollout: more KL than the target raises beta, less lowers it."""
+    return kl_coef * (1 + float(np.clip(kl / target - 1, -0.2, 0.2)) * n / horizon)
+
+
+# ----------------------------------------------------------------------------- a rollout, the run
+@torch.no_grad()
+def rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
+    """Sample, score and take the advantages of one response per prompt (this rank's prompts).
+    Returns the tensors of the update, (B, T) each, and the rollout's statistics over every rank."""
+    policy.eval()
+    responses = sample(policy, prompts, args.max_new_tokens, eos, seed, args.device)
+    s = score_fn(prompts, responses).to(args.device)
+    idx, targets, mask = (x.to(args.device) for x in pack(prompts, responses, args.block_size))
+    with amp(args.device):
+        h = policy(idx)
+        out = logprobs(policy, ref, idx, targets, mask, args.impl, with_kl=True, hidden=h)
+        values = policy.score_head(h).squeeze(-1).float() * mask
+    policy.train()
+    logp, logratio = out.token_pol.float(), (out.token_pol - out.token_ref).float()
+    adv = gae(token_rewards(logratio, s, mask, kl_coef), values, mask)
+    score_mean, kl = global_mean(s.mean().item(), out.kl.sum(-1).float().mean().item())  # the kernel's exact KL
+    return [idx, targets, mask, logp, values, whiten(adv, mask), adv + values], dict(score=score_mean, kl=kl)
+
+
+def ppo_batches(policy, ref, score_fn, prompts, state, stats, args, eos):
+    """get_batch(step): a new rollout every epochs * minibatches steps, from the policy as it is then and
+    the seed (seed, iteration), and its minibatches in a fresh order each epoch. Resume lands on a rollout
+    boundary (train checkpoints every ppo_eval_every iterations), so it draws the same rollouts again."""
+    updates = args.ppo_epochs * args.ppo_minibatches
+    cache = {}
+
+    def get_batch(step):
+        it, j = divmod(step, updates)
+        rank, world = rank_world()
+        if cache.get("it") != it:
+            rows = np.random.default_rng([args.seed + 6, it]).choice(len(prompts), args.ppo_batch, replace=False)
+            mine = [prompts[i] for i in rows[rank::world]]
+            cache["it"], (cache["data"], new) = it, rollout(policy, ref, score_fn, mine, state["kl_coef"],
+                                                            args.seed * 1000 + it, args, eos)
+            stats.update(new, kl_coef=state["kl_coef"])
+            state["kl_coef"] = kl_update(state["kl_coef"], new["kl"], stats["target"], args.ppo_batch, args.kl_horizon)
+        epoch, mb = divmod(j, args.ppo_minibatches)
+        order = torch.from_numpy(np.random.default_rng([args.seed + 7, it, epoch]).permutation(len(cache["data"][0])))
+        return [x[order[mb::args.ppo_minibatches].to(x.device)] for x in cache["data"]]
+    return get_batch
+
+
+def run(method, target, sft_model, ref, score_fn, train_prompts, evaluator, args, eos):
+    """One PPO run toward target KL `target`: the policy (with a zero-initialised value head) starts as
+    the SFT model; score_fn is the normalised reward model (ppo) or the normalised r* (ppo-gt);
+    evaluator(model, step) is DPO's evaluation."""
+    if len(train_prompts) < args.ppo_batch:
+        raise ValueError(f"--ppo-batch {args.ppo_batch} is more than the {len(train_prompts)} training prompts")
+    policy = copy.deepcopy(sft_model).train()
+    policy.score_head = torch.nn.Linear(policy.config.n_embd, 1).to(args.device)  # the value head V(s_t)
+    torch.nn.init.zeros_(policy.score_head.weight), torch.nn.init.zeros_(policy.score_head.bias)
+    state, stats = dict(kl_coef=KL_INIT), dict(target=target)
+    updates = args.ppo_epochs * args.ppo_minibatches
+
+    def loss_fn(model, batch):
+        loss, metrics = ppo_loss(model, batch, args.impl)
+        return loss, dict(score=stats["score"], rollout_kl=stats["kl"], beta_kl=stats["kl_coef"], **metrics)
+
+    return train(run_folder(method, target), policy, loss_fn, ppo_batches(policy, ref, score_fn, train_prompts, state,
+                 stats, args, eos), args.ppo_iters * updates, args.ppo_lr, out=args.out, device=args.device,
+                 warmup=args.warmup, eval_every=args.ppo_eval_every * updates, evaluator=evaluator,
+                 log_every=args.log_every, state=state)
+
+
+def score_functions(sft_model, classifier, pairs, heldout, train_prompts, args, eos, methods):
+    """{'ppo': the normalised reward model, 'ppo-gt': the normalised r*}, for the methods asked for."""
+    fns = {}
+    if "ppo-gt" in methods:
+        gt = lambda p, r: reward(classifier, p, r, eos, args.block_size, args.device)
+        fns["ppo-gt"] = normalised(gt, sft_model, train_prompts, args, eos, "ppo-gt")
+    if "ppo" in methods:
+        rm = reward_model(sft_model, pairs, heldout, args, eos)
+        learned = lambda p, r: score(rm, p, r, eos, args.block_size, args.device)
+        fns["ppo"] = normalised(learned, sft_model, train_prompts, args, eos, "ppo")
+    return fns

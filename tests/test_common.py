@@ -1,0 +1,181 @@
+"""common.py: settings, prompts, batching and masks, the training loop (resume, NaN, DDP), checkpoints.
+
+    python -m pytest tests/test_common.py     (CPU; about 20 s)
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import EOS, Interrupted, free_port, interrupt_at, random_pairs, tiny_gpt
+
+import common
+import dpo
+import stages
+from data.corpus import Split, load_checkpoint, load_corpus, save_checkpoint
+from data.tiny.prepare import prepare as prepare_tiny
+from kernels import sequence_logprobs
+
+
+# ---------------------------------------------------------------- settings
+
+def test_runs_are_parsed_and_checked(capsys):
+    assert common.parse_runs("dpo:0.1,ft,ppo:6,ppo-gt:3") == [("dpo", 0.1), ("ft", 0.0), ("ppo", 6.0), ("ppo-gt", 3.0)]
+    for spec, message in [("dpo:0.1,sppo:1", "unknown method 'sppo'"), ("dpo:abc", "'abc' is not a number"),
+                          ("ppo:0", "target KL > 0"), ("ppo-gt:-3", "target KL > 0"), ("ppo", "target KL > 0")]:
+        with pytest.raises(SystemExit):
+            common.get_args(["--runs", spec])
+        err = capsys.readouterr().err
+        assert message in err and "--runs" in err and "Traceback" not in err
+
+
+def test_run_folders():
+    assert [common.run_folder(m, p) for m, p in [("dpo", 0.1), ("ft", 0.0), ("ppo-gt", 6.0), ("ul", 0.5)]] == \
+        ["runs/dpo_0.1", "runs/ft", "runs/ppo-gt_6", "runs/ul_0.5"]
+
+
+# ---------------------------------------------------------------- prompts, batching, masks
+
+def test_prompts_are_2_to_8_tokens_of_long_reviews():
+    lengths = np.array([50, 300, 250, 20, 400])
+    tokens = np.arange(lengths.sum()) % 256
+    split = Split(tokens.astype(np.uint16), np.concatenate([[0], np.cumsum(lengths)]), np.zeros(5, np.uint8),
+                  lengths.astype(np.int32))
+    prompts = common.make_prompts(split, 100, 200, np.random.default_rng(0))
+    assert len(prompts) == 3  # only the three reviews over 200 characters
+    starts = {int(split.offsets[i]) % 256 for i in (1, 2, 4)}
+    assert all(2 <= len(p) <= 8 and p[0] in starts for p in prompts)
+
+
+def test_pack_masks_only_response_targets():
+    idx, targets, mask = common.pack([[10, 11, 12], [20]], [[13, 14, EOS], [21, EOS]], 64, pad=0)
+    assert idx.tolist() == [[10, 11, 12, 13, 14], [20, 21, 0, 0, 0]]
+    assert targets.tolist() == [[11, 12, 13, 14, EOS], [21, EOS, 0, 0, 0]]
+    assert mask.tolist() == [[False, False, True, True, True], [True, True, False, False, False]]
+
+
+def test_prompt_and_padding_do_not_enter_the_sum():
+    torch.manual_seed(0)
+    idx, targets, mask = common.pack([[1, 2, 3, 4], [5]], [[6, EOS], [7, 8, 9, EOS]], 64)
+    h = torch.randn(2, idx.size(1), 16)
+    w = torch.randn(257, 16)
+    base = sequence_logprobs(h, w, None, None, targets, mask).seq_pol
+    h2 = h.clone()
+    h2[0, :3] += 5.0  # prompt positions of row 0 (their targets are prompt tokens)
+    h2[1, 4:] -= 5.0  # padding of row 1
+    assert torch.equal(sequence_logprobs(h2, w, None, None, targets, mask).seq_pol, base)
+    h2[0, 3] += 5.0  # the first response target of row 0 does count
+    assert not torch.equal(sequence_logprobs(h2, w, None, None, targets, mask).seq_pol[0], base[0])
+
+
+def test_empty_response_and_long_prompt():
+    with pytest.raises(ValueError, match="empty response"):
+        common.pack([[1, 2]], [[]], 64)
+    with pytest.raises(ValueError, match="prompt of 64 tokens does not fit block_size 64"):
+        common.pack([list(range(64))], [[1, EOS]], 64)
+    idx, targets, mask = common.pack([[1, 2]], [list(range(100))], 16)  # a long response is cut at the block size
+    assert idx.shape == (1, 16) and mask.sum() == 15
+
+
+def test_masked_mean():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 5.0]])
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    assert common.masked_mean(x, mask).item() == pytest.approx((1 + 2 + 3 + 5) / 4)
+
+
+# ---------------------------------------------------------------- the training loop: resume, NaN, DDP
+
+def small_dpo_run(out, name, interrupt=None):
+    """A DPO run on fixed pairs with a tiny model, evaluated every 2 steps (the evaluation samples)."""
+    policy, ref = tiny_gpt(1), tiny_gpt(1).requires_grad_(False)
+    rm = tiny_gpt(2, score_head=True)
+    pairs, rand = random_pairs()
+    prompts = [rand(2) for _ in range(4)]
+    get_batch = dpo.pair_batches(pairs, 4, 64, seed=7)
+    evaluator = lambda m, step: stages.evaluate(m, ref, rm, prompts, eos=EOS, seed=0, max_new_tokens=6,
+                                                block_size=64, device="cpu", impl="auto")
+    common.train(name, policy, lambda m, b: dpo.pair_loss(m, b, ref, "dpo", 0.1), interrupt_at(get_batch, interrupt),
+                 6, 1e-3, out=out, device="cpu", eval_every=2, evaluator=evaluator)
+    return [json.loads(x) for x in open(os.path.join(out, name, "eval.jsonl"))], policy
+
+
+def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
+    out = str(tmp_path)
+    full, p_full = small_dpo_run(out, "full")
+    with pytest.raises(Interrupted):
+        small_dpo_run(out, "resumed", interrupt=3)  # killed at step 3 (checkpoint after step 2)
+    assert [json.loads(x)["step"] for x in open(tmp_path / "resumed" / "eval.jsonl")] == [0, 2]
+    assert (tmp_path / "resumed" / "ckpt.pt").exists()
+    resumed, p_res = small_dpo_run(out, "resumed")
+    assert resumed == full
+    assert all(torch.equal(a, b) for a, b in zip(p_full.state_dict().values(), p_res.state_dict().values()))
+    assert not (tmp_path / "resumed" / "ckpt.pt").exists()
+
+
+def test_nan_loss_is_an_error(tmp_path):
+    batch = lambda step: common.pack([[1, 2]], [[3, EOS]], 64)
+    with pytest.raises(FloatingPointError, match=r"\[nan\] loss is nan at step 0"):
+        common.train("nan", tiny_gpt(), lambda m, b: (m(b[0]).sum() * float("nan"), {}), batch, 3, 1e-3,
+                     out=str(tmp_path), device="cpu")
+
+
+def _ddp_worker(rank, world, port, out_dir, result):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    common.setup_distributed("cpu")
+    policy, ref = tiny_gpt(1), tiny_gpt(2).requires_grad_(False)
+    pairs, _ = random_pairs()
+    losses = []
+
+    def loss_fn(m, b):
+        loss, metrics = dpo.pair_loss(m, b, ref, "dpo", 0.1)
+        losses.append(loss.item())
+        return loss, metrics
+    common.train("ddp", policy, loss_fn, dpo.pair_batches(pairs, 4, 64, seed=3), 1, 1e-2, out=out_dir, device="cpu")
+    torch.save(dict(loss=losses[0], params=policy.state_dict()), f"{result}.{rank}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    _ddp_worker(0, 1, free_port(), str(tmp_path / "single"), str(tmp_path / "single.pt"))
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")), nprocs=2)
+    single = torch.load(tmp_path / "single.pt.0", weights_only=True)
+    ranks = [torch.load(tmp_path / f"ddp.pt.{r}", weights_only=True) for r in (0, 1)]
+    # each rank's loss is the mean over its half of the batch: their mean is the one-process loss
+    assert abs((ranks[0]["loss"] + ranks[1]["loss"]) / 2 - single["loss"]) < 1e-5
+    for k, v in single["params"].items():  # one step later the parameters agree
+        assert torch.allclose(ranks[0]["params"][k], v, atol=1e-5), k
+        assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]), k
+
+
+# ---------------------------------------------------------------- files
+
+def test_truncated_data_file(tmp_path):
+    prepare_tiny(str(tmp_path), n_train=20, n_test=10)
+    path = tmp_path / "tiny.npz"
+    assert len(load_corpus(str(path))["train"]) == 20
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="tiny.npz is truncated or corrupt"):
+        load_corpus(str(path))
+    with pytest.raises(FileNotFoundError, match="run python data/"):
+        load_corpus(str(tmp_path / "missing" / "x.npz"))
+
+
+def test_tiny_data_is_made_in_a_folder_that_does_not_exist_yet(tmp_path):
+    data = common.load_data(str(tmp_path / "new" / "folder"), "tiny")
+    assert len(data["train"]) == 4000 and data["tokenizer"] == "bytes"
+
+
+def test_corrupt_checkpoint(tmp_path):
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(tiny_gpt().state_dict(), path)
+    assert not os.path.exists(path + ".tmp")
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\0" * 200)
+    with pytest.raises(ValueError, match="model.pt is truncated or corrupt"):
+        load_checkpoint(path)

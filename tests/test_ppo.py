@@ -1,0 +1,247 @@
+"""ppo.py: GAE, the per-token rewards, the clipped losses, the KL controller, the Bradley-Terry reward
+model, PPO learning a toy reward, the fused kernel against the reference, resume, DDP and bad input.
+
+    python -m pytest tests/test_ppo.py     (CPU; about 40 s)
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import EOS, Interrupted, free_port, interrupt_at, random_pairs, tiny_gpt
+
+import common
+import ppo
+
+GL = ppo.GAMMA * ppo.LAM
+
+
+# ---------------------------------------------------------------- advantages and rewards
+
+def test_gae_hand_worked():
+    # one prompt position, then three response tokens with rewards 0, 0, 1 and values 0.5, 0.2, 0.4, then padding
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[9.0, 0.5, 0.2, 0.4, 9.0]])
+    mask = torch.tensor([[False, True, True, True, False]])
+    # gamma = 1, lambda = 0.95: delta_3 = 1 - 0.4 = 0.6, delta_2 = 0.4 - 0.2 = 0.2, delta_1 = 0.2 - 0.5 = -0.3
+    want = [0.0, -0.3 + 0.95 * (0.2 + 0.95 * 0.6), 0.2 + 0.95 * 0.6, 0.6, 0.0]
+    assert ppo.gae(rewards, values, mask)[0].tolist() == pytest.approx(want)
+
+
+def test_gae_matches_its_definition_on_random_masked_rows():
+    """A_t = sum_l (gamma lambda)^l delta_{t+l} over the response tokens of a row, in float64."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 12
+    rewards, values = torch.randn(B, T, generator=g, dtype=torch.float64), torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):  # prompts and responses of different lengths, padding after
+        start = int(torch.randint(0, 5, (1,), generator=g))
+        mask[b, start:start + int(torch.randint(1, T - start + 1, (1,), generator=g))] = True
+    adv = ppo.gae(rewards, values, mask)
+    for b in range(B):
+        pos = mask[b].nonzero().squeeze(1).tolist()
+        v = [values[b, t].item() for t in pos] + [0.0]  # the value after the last response token is 0
+        deltas = [rewards[b, t].item() + ppo.GAMMA * v[k + 1] - v[k] for k, t in enumerate(pos)]
+        want = [sum(GL ** l * deltas[k + l] for l in range(len(pos) - k)) for k in range(len(pos))]
+        assert adv[b, pos].tolist() == pytest.approx(want, rel=1e-12)
+        assert adv[b][~mask[b]].abs().max() == 0
+
+
+def test_token_rewards_put_the_score_on_the_last_response_token():
+    logratio = torch.tensor([[5.0, 0.5, -0.2, 0.3, 7.0], [9.0, 9.0, 0.4, 0.1, 9.0]])
+    mask = torch.tensor([[False, True, True, True, False], [False, False, True, True, False]])
+    score = torch.tensor([2.0, -1.0])
+    r = ppo.token_rewards(logratio, score, mask, kl_coef=0.1)
+    want = [[0.0, -0.05, 0.02, -0.03 + 2.0, 0.0], [0.0, 0.0, -0.04, -0.01 - 1.0, 0.0]]
+    assert r.tolist() == [pytest.approx(w) for w in want]
+
+
+def test_whiten_is_zero_mean_unit_std_on_the_mask():
+    x = torch.randn(4, 7) * 3 + 2
+    mask = torch.rand(4, 7) > 0.3
+    w = ppo.whiten(x, mask)
+    assert w[mask].mean().item() == pytest.approx(0, abs=1e-6)
+    assert w[mask].var(unbiased=False).item() == pytest.approx(1, abs=1e-4)
+    assert w[~mask].abs().max() == 0
+
+
+# ---------------------------------------------------------------- the clipped losses
+
+def test_policy_loss_matches_the_clipped_objective_values_and_gradients():
+    torch.manual_seed(0)
+    old = torch.randn(3, 5, dtype=torch.float64)
+    logp = (old + torch.randn(3, 5, dtype=torch.float64) * 0.4).requires_grad_()
+    adv = torch.randn(3, 5, dtype=torch.float64)
+    mask = torch.rand(3, 5) > 0.2
+    loss, clipfrac = ppo.policy_loss(logp, old, adv, mask)
+    loss.backward()
+    n, eps = mask.sum().item(), ppo.CLIP
+    want, grad, clipped = 0.0, torch.zeros_like(old), 0
+    for i, j in mask.nonzero().tolist():
+        rho, a = float(np.exp(logp[i, j].item() - old[i, j].item())), adv[i, j].item()
+        bound = min(rho, 1 + eps) if a >= 0 else max(rho, 1 - eps)  # the pessimistic side of the clip
+        want += -a * bound / n
+        grad[i, j] = -a * rho / n if bound == rho else 0.0  # no gradient where the clip holds
+        clipped += abs(rho - 1) > eps
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    assert torch.allclose(logp.grad, grad, rtol=1e-10, atol=1e-14)
+    assert clipfrac.item() == pytest.approx(clipped / n) and 0 < clipped < n  # the draw clips some, not all
+
+
+def test_value_loss_matches_the_clipped_formula_values_and_gradients():
+    torch.manual_seed(1)
+    old = torch.randn(3, 5, dtype=torch.float64)
+    values = (old + torch.randn(3, 5, dtype=torch.float64) * 0.4).requires_grad_()
+    returns = torch.randn(3, 5, dtype=torch.float64)
+    mask = torch.rand(3, 5) > 0.2
+    loss = ppo.value_loss(values, old, returns, mask)
+    loss.backward()
+    n, eps = mask.sum().item(), ppo.CLIP
+    want, grad = 0.0, torch.zeros_like(old)
+    for i, j in mask.nonzero().tolist():
+        v, vo, r = values[i, j].item(), old[i, j].item(), returns[i, j].item()
+        vc = vo + min(max(v - vo, -eps), eps)
+        plain, clipped = (v - r) ** 2, (vc - r) ** 2
+        want += 0.5 * max(plain, clipped) / n
+        grad[i, j] = (v - r) / n if plain >= clipped or vc == v else 0.0
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    assert torch.allclose(values.grad, grad, rtol=1e-10, atol=1e-14)
+
+
+# ---------------------------------------------------------------- the KL controller
+
+def test_kl_controller_moves_beta_both_ways():
+    assert ppo.kl_update(0.2, kl=12.0, target=6.0, n=64, horizon=1000) == pytest.approx(0.2 * (1 + 0.2 * 0.064))
+    assert ppo.kl_update(0.2, kl=6.6, target=6.0, n=64, horizon=1000) == pytest.approx(0.2 * (1 + 0.1 * 0.064))
+    assert ppo.kl_update(0.2, kl=1.0, target=6.0, n=64, horizon=1000) == pytest.approx(0.2 * (1 - 0.2 * 0.064))
+    assert ppo.kl_update(0.2, kl=6.0, target=6.0, n=64, horizon=1000) == 0.2
+
+
+# ---------------------------------------------------------------- the reward model
+
+def toy_pairs(n, seed):
+    """Pairs whose chosen response is made of 'A' (65) and the rejected one of 'B' (66)."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 256, 3).tolist() for _ in range(n)]
+    return dict(prompt=prompts, chosen=[[65] * int(rng.integers(2, 6)) + [EOS] for _ in range(n)],
+                rejected=[[66] * int(rng.integers(2, 6)) + [EOS] for _ in range(n)])
+
+
+def test_bradley_terry_loss_and_reward_model_accuracy(tmp_path):
+    rm = tiny_gpt(0, score_head=True)
+    batch = ppo.pair_score_batch(toy_pairs(4, 0), range(4), EOS, 64)
+    loss, metrics = ppo.bradley_terry_loss(rm, batch)
+    s = rm.score(rm(batch[0]), batch[1]).detach().double()
+    assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(s[:4] - s[4:]).mean().item(), rel=1e-5)
+    assert metrics["acc"] == (s[:4] > s[4:]).double().mean().item()
+    args = common.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--batch", "8",
+                            "--bt-steps", "30", "--bt-lr", "3e-3", "--eval-every", "30", "--warmup", "1",
+                            "--block-size", "64", "--max-new-tokens", "8"])
+    trained = ppo.reward_model(tiny_gpt(1), toy_pairs(32, 1), toy_pairs(16, 2), args, EOS)
+    acc = [json.loads(x)["heldout_acc"] for x in open(tmp_path / "reward_model" / "eval.jsonl")]
+    assert acc[0] == 0.0 and acc[-1] == 1.0  # a zero head ties every pair (no pair counted right), then all right
+    assert trained.score_head.weight.abs().max() > 0
+
+
+# ---------------------------------------------------------------- PPO end to end at toy sizes
+
+def low_bytes(prompts, responses):
+    """The toy reward: the fraction of response tokens below 128, scaled to about unit spread."""
+    return torch.tensor([4.0 * np.mean([t < 128 for t in r]) for r in responses])
+
+
+def toy_args(out, *extra):
+    return common.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--max-new-tokens", "8",
+                            "--block-size", "64", "--ppo-batch", "16", "--ppo-minibatches", "2", "--ppo-epochs", "2",
+                            "--ppo-eval-every", "2", "--ppo-lr", "3e-3", "--warmup", "1", *extra])
+
+
+def toy_run(args, sft_model, evaluator=None, name="ppo"):
+    ref = tiny_gpt(3).requires_grad_(False)
+    prompts = [np.random.default_rng(i).integers(0, 256, 3).tolist() for i in range(32)]
+    evaluator = evaluator or (lambda m, step: dict(kl=0.0))
+    return ppo.run(name, 4.0, sft_model, ref, low_bytes, prompts, evaluator, args, EOS)
+
+
+def test_ppo_raises_a_known_reward_within_20_iterations(tmp_path):
+    import stages
+    prompts = [np.random.default_rng(100 + i).integers(0, 256, 3).tolist() for i in range(64)]
+    mean_reward = lambda m: low_bytes(None, stages.sample(m, prompts, 8, EOS, 0, "cpu")).mean().item() / 4
+    sft_model = tiny_gpt(3)
+    before = mean_reward(sft_model)
+    policy = toy_run(toy_args(tmp_path, "--ppo-iters", "20"), sft_model)
+    after = mean_reward(policy)
+    assert 0.35 < before < 0.65 and after > before + 0.15, (before, after)
+
+
+def test_fused_kernel_gives_the_reference_ppo_loss_and_gradients(tmp_path):
+    args = toy_args(tmp_path)
+    policy, ref = tiny_gpt(0, score_head=True), tiny_gpt(1).requires_grad_(False)
+    prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
+    data, _ = ppo.rollout(policy, ref, low_bytes, prompts, 0.1, 0, args, EOS)
+    with torch.no_grad():  # move the policy away from the rollout's so that ratios and the clip matter
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    results = []
+    for impl in ("triton", "reference"):
+        policy.zero_grad()
+        loss, _ = ppo.ppo_loss(policy, data, impl)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in policy.named_parameters()}))
+    (loss_t, grads_t), (loss_r, grads_r) = results
+    assert loss_t == pytest.approx(loss_r, rel=1e-5)
+    for name, g in grads_r.items():
+        assert g.abs().max() > 0, name
+        assert torch.allclose(grads_t[name], g, rtol=1e-4, atol=1e-6), name
+
+
+def test_interrupted_ppo_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    import stages
+    prompts = [[1, 2], [3, 4, 5]]
+    fingerprint = lambda samples: float(sum(t * (k + 1) for k, t in enumerate(sum(samples, []))))  # of the tokens
+    evaluator = lambda m, step: dict(kl=0.0, samples=fingerprint(stages.sample(m, prompts, 8, EOS, 0, "cpu")))
+    full = toy_run(toy_args(tmp_path / "a", "--ppo-iters", "4"), tiny_gpt(3), evaluator)
+    original = ppo.ppo_batches
+    monkeypatch.setattr(ppo, "ppo_batches", lambda *a: interrupt_at(original(*a), 10))  # in the 3rd iteration
+    with pytest.raises(Interrupted):
+        toy_run(toy_args(tmp_path / "b", "--ppo-iters", "4"), tiny_gpt(3), evaluator)
+    monkeypatch.setattr(ppo, "ppo_batches", original)
+    resumed = toy_run(toy_args(tmp_path / "b", "--ppo-iters", "4"), tiny_gpt(3), evaluator)
+    assert open(tmp_path / "a" / "runs/ppo_4/eval.jsonl").read() == open(tmp_path / "b" / "runs/ppo_4/eval.jsonl").read()
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    saved = [torch.load(tmp_path / d / "runs/ppo_4/model.pt", weights_only=True)["state"] for d in ("a", "b")]
+    assert saved[0] == saved[1] and saved[0]["kl_coef"] != ppo.KL_INIT
+
+
+def _ddp_worker(rank, world, port, out_dir, result):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    common.setup_distributed("cpu")
+    policy = toy_run(toy_args(out_dir, "--ppo-iters", "2"), tiny_gpt(3))
+    state = torch.load(os.path.join(out_dir, "runs/ppo_4/model.pt"), weights_only=True)["state"] if rank == 0 else None
+    torch.save(dict(params=policy.state_dict(), state=state), f"{result}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_ppo_under_ddp_two_processes_stay_in_step(tmp_path):
+    """Each rank samples half of every rollout; whitening and the KL controller use statistics over both,
+    and DDP averages the gradients: the two ranks end with the same parameters and beta_kl."""
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"ddp.pt.{r}", weights_only=True) for r in (0, 1)]
+    start = tiny_gpt(3).state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in ranks[0]["params"].items() if k in start)
+    for k, v in ranks[0]["params"].items():
+        assert torch.equal(v, ranks[1]["params"][k]), k
+    assert ranks[0]["state"]["kl_coef"] != ppo.KL_INIT
+
+
+def test_bad_ppo_input(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--ppo-batch 16 is more than the 4 training prompts"):
+        ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3), low_bytes, [[1]] * 4, None, toy_args(tmp_path), EOS)
+    for flags, message in [(["--ppo-batch", "0"], "--ppo-batch"), (["--ppo-minibatches", "100"], "--ppo-minibatches 100 is more than --ppo-batch")]:
+        with pytest.raises(SystemExit):
+            common.get_args(["--runs", "ppo:6", *flags])
+        assert message in capsys.readouterr().err
