@@ -4,7 +4,8 @@ The stages around the algorithms (numbering of common.py), each trained by commo
   3. the ground-truth reward r*: a sentiment classifier on the labels        classifier
   4. preference pairs from pi_ref's samples, scored by r*                    make_pairs, pairs_from
      and the Best-of-N baseline drawn on the frontier                        best_of_n
-  6. evaluation: samples of a policy, their mean r* and exact KL to pi_ref   sample, reward, evaluate
+  6. evaluation: samples of a policy, their mean r* and exact KL to pi_ref   evaluate
+and the sampling and scoring that 4, 5 and 6 share                          sample, score, reward
 """
 import json
 import math
@@ -75,7 +76,7 @@ def classifier_accuracy(rm, split, args, eos, batches=8):
     return acc
 
 
-# ----------------------------------------------------------------------------- 6. sampling, scoring, evaluation
+# ----------------------------------------------------------------------------- sampling and scoring (stages 4, 5 and 6)
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, eos, seed, device):
     """One completion per prompt at temperature 1 (no top-k), as token lists ending in EOS if it came."""
@@ -112,28 +113,6 @@ def score(model, prompts, responses, eos, block_size, device):
 def reward(rm, prompts, responses, eos, block_size, device):
     """r*(x, y) = p(positive) of the classifier."""
     return torch.sigmoid(score(rm, prompts, responses, eos, block_size, device))
-
-
-@torch.no_grad()
-def evaluate(policy, ref, rm, prompts, *, eos, seed, max_new_tokens, block_size, device, impl):
-    """Mean r* of policy samples on held-out prompts, and KL(pi || pi_ref) on those samples: exact (the
-    per-token KL over the whole vocabulary, summed over the response) and sampled (sum of log-ratios)."""
-    policy.eval()
-    # the same seed at every evaluation of every run (common random numbers): differences between
-    # steps and runs then come from the policies more than from the draw
-    responses = sample(policy, prompts, max_new_tokens, eos, seed, device)
-    r = reward(rm, prompts, responses, eos, block_size, device)
-    kl, kl_sampled = [], []
-    for i in range(0, len(prompts), 64):
-        resp = [x if x else [eos] for x in responses[i:i + 64]]  # an empty sample still has its EOS
-        idx, targets, mask = (x.to(device) for x in pack(prompts[i:i + 64], resp, block_size))
-        with amp(device):
-            out = logprobs(policy, ref, idx, targets, mask, impl, with_kl=True)
-        kl.append(out.kl.sum(-1).float().cpu())
-        kl_sampled.append((out.seq_pol - out.seq_ref).float().cpu())
-    policy.train()
-    return dict(reward=r.mean().item(), kl=torch.cat(kl).mean().item(), kl_sampled=torch.cat(kl_sampled).mean().item(),
-                length=float(np.mean([len(x) for x in responses])))
 
 
 # ----------------------------------------------------------------------------- 4. preference pairs
@@ -187,3 +166,26 @@ def best_of_n(sft_model, rm, prompts, args, eos):
     records = [dict(n=n, reward=r[:, :n].max(1).values.mean().item(), kl_bound=best_of_n_kl(n)) for n in ns]
     write_atomic(path, lambda f: f.write("".join(json.dumps(x) + "\n" for x in records).encode()))
     log("[best-of-n] " + ", ".join(f"N={x['n']}: {x['reward']:.3f}" for x in records))
+
+
+# ----------------------------------------------------------------------------- 6. evaluation
+@torch.no_grad()
+def evaluate(policy, ref, rm, prompts, *, eos, seed, max_new_tokens, block_size, device, impl):
+    """Mean r* of policy samples on held-out prompts, and KL(pi || pi_ref) on those samples: exact (the
+    per-token KL over the whole vocabulary, summed over the response) and sampled (sum of log-ratios)."""
+    policy.eval()
+    # the same seed at every evaluation of every run (common random numbers): differences between
+    # steps and runs then come from the policies more than from the draw
+    responses = sample(policy, prompts, max_new_tokens, eos, seed, device)
+    r = reward(rm, prompts, responses, eos, block_size, device)
+    kl, kl_sampled = [], []
+    for i in range(0, len(prompts), 64):
+        resp = [x if x else [eos] for x in responses[i:i + 64]]  # an empty sample still has its EOS
+        idx, targets, mask = (x.to(device) for x in pack(prompts[i:i + 64], resp, block_size))
+        with amp(device):
+            out = logprobs(policy, ref, idx, targets, mask, impl, with_kl=True)
+        kl.append(out.kl.sum(-1).float().cpu())
+        kl_sampled.append((out.seq_pol - out.seq_ref).float().cpu())
+    policy.train()
+    return dict(reward=r.mean().item(), kl=torch.cat(kl).mean().item(), kl_sampled=torch.cat(kl_sampled).mean().item(),
+                length=float(np.mean([len(x) for x in responses])))

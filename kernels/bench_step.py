@@ -1,8 +1,9 @@
 """
 Benchmark of a whole DPO training step (policy + frozen reference forward, the loss, backward,
-RMSprop step) at GPT-2 small and large shapes, through the fused kernel and through the PyTorch
-reference path, in bf16 autocast; and of sampling with generate(). Random weights and tokens: speed
-and memory do not depend on them.
+RMSprop step) and of a PPO minibatch update (policy + value head, the clipped losses, backward, step)
+at GPT-2 small and large shapes, through the fused kernel and through the PyTorch reference path, in
+bf16 autocast; and of sampling with generate() (PPO's rollouts are mostly sampling). Random weights
+and tokens: speed and memory do not depend on them.
 
     python kernels/bench_step.py     # CUDA: writes kernels/bench_step_cuda.json
                                      # CPU: a tiny model through the Triton interpreter, so the script cannot rot
@@ -25,6 +26,7 @@ if not CUDA:
 from common import amp, pack  # noqa: E402
 from data.corpus import write_atomic  # noqa: E402
 from dpo import pair_loss  # noqa: E402
+from ppo import ppo_loss  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -36,8 +38,10 @@ def sync():
         torch.cuda.synchronize()
 
 
-def step_time(model_name, impl, pairs, prompt=8, response=65, reps=8):
-    cfg = GPTConfig(**SHAPES[model_name])
+def step_time(model_name, impl, pairs, algo="dpo", prompt=8, response=65, reps=8):
+    """One optimizer step on 2 * pairs sequences: DPO's (policy and reference forward, loss, backward) or a
+    PPO minibatch update (policy forward with its value head, the clipped losses, backward; no reference)."""
+    cfg = GPTConfig(**SHAPES[model_name], score_head=algo == "ppo")
     torch.manual_seed(0)
     policy = GPT(cfg).to(DEVICE)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -46,7 +50,12 @@ def step_time(model_name, impl, pairs, prompt=8, response=65, reps=8):
     ids = lambda n: torch.randint(0, cfg.vocab_size - 1, (n,), generator=g).tolist()
     eos = cfg.vocab_size - 1
     batch = [x.to(DEVICE) for x in pack([ids(prompt)] * 2 * pairs, [ids(response - 1) + [eos] for _ in range(2 * pairs)],
-                                            cfg.block_size)]
+                                        cfg.block_size)]
+    if algo == "ppo":  # a rollout's tensors: old log-probs and values, advantages, returns
+        batch += [torch.randn(batch[0].shape, device=DEVICE) * s for s in (0.1, 0.1, 1.0, 1.0)]
+        batch[3] -= 3.0  # log-probs are negative
+    loss_fn = (lambda: pair_loss(policy, batch, ref, "dpo", 0.1, impl)) if algo == "dpo" else \
+        (lambda: ppo_loss(policy, batch, impl))
     times = []
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -54,7 +63,7 @@ def step_time(model_name, impl, pairs, prompt=8, response=65, reps=8):
         sync()
         t0 = time.perf_counter()
         with amp(DEVICE):
-            loss, _ = pair_loss(policy, batch, ref, "dpo", 0.1, impl)
+            loss, _ = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -63,7 +72,8 @@ def step_time(model_name, impl, pairs, prompt=8, response=65, reps=8):
             times.append(time.perf_counter() - t0)
     ms = sorted(times)[len(times) // 2] * 1e3
     tokens = batch[0].numel()
-    return dict(model=model_name, impl=impl, pairs=pairs, tokens=tokens, step_ms=ms, tokens_per_s=tokens / ms * 1e3,
+    return dict(model=model_name, algo=algo, impl=impl, sequences=2 * pairs, tokens=tokens, step_ms=ms,
+                tokens_per_s=tokens / ms * 1e3,
                 peak_gb=torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan"))
 
 
@@ -88,14 +98,16 @@ def main():
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), f"bench_step_{DEVICE}.json"))
     out = p.parse_args().out
     models, pairs, reps, gen = (("gpt2", "gpt2-large"), 64, 8, 256) if CUDA else (("tiny",), 2, 1, 4)
-    rows = [step_time(m, impl, pairs, reps=reps) for m in models for impl in ("triton", "reference")]
+    rows = [step_time(m, impl, pairs, algo, reps=reps) for algo in ("dpo", "ppo") for m in models
+            for impl in ("triton", "reference")]
     gens = [sample_rate(m, gen) for m in models]
     env = dict(device=torch.cuda.get_device_name() if CUDA else "cpu (Triton interpreter)", torch=torch.__version__,
                triton=__import__("triton").__version__)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"{'model':12}{'impl':11}{'tokens':>8}{'step ms':>9}{'tok/s':>10}{'peak GB':>9}")
+    print(f"{'step':6}{'model':12}{'impl':11}{'tokens':>8}{'step ms':>9}{'tok/s':>10}{'peak GB':>9}")
     for r in rows:
-        print(f"{r['model']:12}{r['impl']:11}{r['tokens']:>8}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10,.0f}{r['peak_gb']:>9.1f}")
+        print(f"{r['algo']:6}{r['model']:12}{r['impl']:11}{r['tokens']:>8}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10,.0f}"
+              f"{r['peak_gb']:>9.1f}")
     for r in gens:
         print(f"generate {r['model']}: {r['batch']} samples x {r['new_tokens']} tokens in {r['seconds']:.2f}s "
               f"= {r['samples_per_s']:.0f} samples/s")

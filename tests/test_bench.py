@@ -35,4 +35,6 @@ def test_bench_step_runs(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "step ms" in res.stdout and "generate tiny" in res.stdout
     steps = json.load(open(out))["steps"]
-    assert [r["impl"] for r in steps] == ["triton", "reference"] and all(r["tokens_per_s"] > 0 for r in steps)
+    assert [(r["algo"], r["impl"]) for r in steps] == [("dpo", "triton"), ("dpo", "reference"), ("ppo", "triton"),
+                                                       ("ppo", "reference")]
+    assert all(r["tokens_per_s"] > 0 for r in steps)
