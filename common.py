@@ -59,8 +59,13 @@ def parse_runs(spec):
             value = float(param) if param else 0.0
         except ValueError:
             raise ValueError(f"{run!r}: the parameter {param!r} is not a number") from None
-        if method in ("ppo", "ppo-gt") and not value > 0:
-            raise ValueError(f"{run!r}: PPO needs a target KL > 0, e.g. {method}:6")
+        need = {"dpo": "beta > 0, e.g. dpo:0.1", "ipo": "beta > 0, e.g. ipo:0.1", "cdpo": "beta > 0, e.g. cdpo:0.1",
+                "ul": "alpha > 0, e.g. ul:0.5 (ul:0 is Preferred-FT: ft)", "ppo": "a target KL > 0, e.g. ppo:6",
+                "ppo-gt": "a target KL > 0, e.g. ppo-gt:6"}
+        if method in need and not value > 0:
+            raise ValueError(f"{run!r}: {method} needs {need[method]}")
+        if method == "ft" and param:
+            raise ValueError(f"{run!r}: ft takes no parameter")
         runs.append((method, value))
     return runs
 

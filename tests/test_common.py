@@ -24,7 +24,9 @@ from kernels import sequence_logprobs
 def test_runs_are_parsed_and_checked(capsys):
     assert common.parse_runs("dpo:0.1,ft,ppo:6,ppo-gt:3") == [("dpo", 0.1), ("ft", 0.0), ("ppo", 6.0), ("ppo-gt", 3.0)]
     for spec, message in [("dpo:0.1,sppo:1", "unknown method 'sppo'"), ("dpo:abc", "'abc' is not a number"),
-                          ("ppo:0", "target KL > 0"), ("ppo-gt:-3", "target KL > 0"), ("ppo", "target KL > 0")]:
+                          ("ppo:0", "target KL > 0"), ("ppo-gt:-3", "target KL > 0"), ("ppo", "target KL > 0"),
+                          ("dpo", "dpo needs beta > 0"), ("ipo:0", "ipo needs beta > 0"), ("ul", "alpha > 0"),
+                          ("ft:0.5", "ft takes no parameter")]:
         with pytest.raises(SystemExit):
             common.get_args(["--runs", spec])
         err = capsys.readouterr().err
