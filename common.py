@@ -12,16 +12,17 @@ The pipeline (one numbering, used by every file):
   6. evaluate   mean r* of policy samples and the exact KL(pi || pi_ref)            stages.py
   7. figure     reward against KL                                                   plots/frontier.py
 """
-import argparse
 import json
 import os
+import shutil
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from data.corpus import load_checkpoint, load_corpus, save_checkpoint, write_atomic
+from data.corpus import (OneLineParser, UsageError, load_checkpoint, load_corpus, read_jsonl, save_checkpoint,
+                         write_atomic)
 from data.tiny.prepare import prepare as prepare_tiny
 from kernels import sequence_logprobs
 from model import GPT, GPTConfig
@@ -76,7 +77,7 @@ def run_folder(method, param):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="nanoDPO: the IMDb sentiment experiment of the DPO paper")
+    p = OneLineParser(description="nanoDPO: the IMDb sentiment experiment of the DPO paper")
     p.add_argument("--preset", choices=PRESETS, help="default: imdb on CUDA, tiny otherwise")
     p.add_argument("--out", help="run folder (default out/<preset>)")
     p.add_argument("--data-dir", help="folder holding <data>.npz (default data/<data>)")
@@ -88,8 +89,9 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--impl", default="auto", choices=("auto", "triton", "reference"), help="log-prob path (kernels/)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--figure", help="the frontier figure (default plots/<preset>_frontier.png)")
+    p.add_argument("--figure", help="the frontier figure (default <out>/frontier.png)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of conservative DPO (cdpo)")
+    p.add_argument("--redo", action="store_true", help="make again every stage whose recorded settings differ")
     for k, v in PRESETS["tiny"].items():  # every preset value can be overridden: --dpo-steps 50
         if k not in ("data", "init", "runs", "best_of"):
             p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None)
@@ -99,12 +101,18 @@ def get_args(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = args.out or os.path.join("out", args.preset)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
     for k, v in PRESETS["tiny"].items():  # sizes, steps and rates: positive (warm-up may be 0)
         if isinstance(v, (int, float)) and not getattr(args, k) >= (0 if k == "warmup" else 1 if isinstance(v, int) else 1e-30):
             p.error(f"--{k.replace('_', '-')}: expected a positive number, got {getattr(args, k)}")
     if args.block_size < max(18, args.max_new_tokens + 9):  # the classifier's crops take 16 tokens and more
         p.error(f"--block-size {args.block_size}: expected at least 18, and room for a prompt of up to 8 tokens "
                 f"and --max-new-tokens {args.max_new_tokens}")
+    if not all(n.strip().isdigit() and int(n) > 0 for n in args.best_of.split(",")):
+        p.error(f"--best-of {args.best_of}: expected comma-separated positive whole numbers, e.g. 1,2,4,8,16")
+    if not 0 <= args.label_smoothing < 0.5:
+        p.error(f"--label-smoothing {args.label_smoothing}: expected a flip probability in [0, 0.5)")
     if args.ppo_minibatches > args.ppo_batch:
         p.error(f"--ppo-minibatches {args.ppo_minibatches} is more than --ppo-batch {args.ppo_batch}")
     try:
@@ -113,6 +121,55 @@ def get_args(argv=None):
         p.error(f"--runs: {e}")
     args.data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.data)
     return args
+
+
+# ----------------------------------------------------------------------------- the settings each stage was made with
+def stage_plan(args):
+    """{output under --out: the settings it depends on, those of the stages it is built from included},
+    in pipeline order, for the stages this command needs. A changed upstream setting so changes every
+    stage after it too."""
+    pick = lambda *keys: {k: getattr(args, k) for k in keys}
+    sft = pick("data", "init", "model", "n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed",
+               "sft_steps", "sft_lr") | {"model": args.model if args.init == "pretrained" else None}
+    reward = sft | pick("rm_steps", "rm_lr")
+    pairs = reward | pick("n_prompts", "min_chars", "max_new_tokens")
+    prompts = pairs | pick("n_eval")  # the held-out prompts are drawn after the training prompts
+    plan = {"sft": sft, "reward": reward, "pairs.pt": pairs, "best_of_n.jsonl": prompts | pick("best_of")}
+    methods = {m for m, _ in args.run_list}
+    if "ppo" in methods:
+        plan["pairs_heldout.pt"] = prompts
+        plan["reward_model"] = prompts | pick("bt_steps", "bt_lr", "eval_every")
+    for m in methods & {"ppo", "ppo-gt"}:
+        plan[f"score_norm_{m}.json"] = plan["reward_model" if m == "ppo" else "pairs.pt"]
+    for method, param in args.run_list:
+        if method in ("ppo", "ppo-gt"):
+            plan[run_folder(method, param)] = prompts | plan[f"score_norm_{method}.json"] | pick(
+                "optimizer", "ppo_iters", "ppo_batch", "ppo_epochs", "ppo_minibatches", "ppo_lr", "ppo_eval_every",
+                "kl_horizon")
+        else:
+            plan[run_folder(method, param)] = prompts | pick("dpo_steps", "dpo_lr", "dpo_batch", "optimizer",
+                                                             "eval_every") | (pick("label_smoothing") if method == "cdpo" else {})
+    return plan
+
+
+def check_settings(out, plan, redo):
+    """Compare each stage's settings with those recorded in out/settings.json when it was made. A stage
+    made with other settings (or by an older nanoDPO that kept no record) is refused with one line, or
+    with redo deleted so that it is made again; then the plan is recorded. Rank 0 only."""
+    path = os.path.join(out, "settings.json")
+    recorded = json.load(open(path)) if os.path.exists(path) else {}
+    for stage, settings in plan.items():
+        target = os.path.join(out, stage)
+        if not os.path.exists(target) or recorded.get(stage) == settings:
+            continue
+        old = recorded.get(stage, {})
+        diff = ", ".join(f"{k} {old[k]} -> {v}" for k, v in settings.items() if k in old and old[k] != v)
+        why = f"was made with other settings ({diff})" if stage in recorded else "has no record of its settings"
+        if not redo:
+            raise UsageError(f"{target} {why}: use another --out, or --redo to make it and every stage after it again")
+        log(f"[redo] {target} {why}: making it again")
+        shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    write_atomic(path, lambda f: f.write(json.dumps(recorded | plan, indent=1).encode()))
 
 
 # ----------------------------------------------------------------------------- torchrun, devices, logging
@@ -227,10 +284,11 @@ def train(name, model, loss_fn, get_batch, steps, lr, *, out, device, optimizer=
     """Train `model` for `steps` steps on get_batch(step) with loss_fn(model, batch) -> (loss, metrics).
     Serves SFT, the classifier, the reward model and every DPO and PPO run. Its folder out/<name>/ holds
     ckpt.pt while running (resumed from after an interruption) and model.pt when done (then skipped).
-    evaluator(model, step) -> dict is called every eval_every steps and appended to eval.jsonl.
+    evaluator(model, step) -> dict is called every eval_every steps and appended to eval.jsonl (its list
+    "samples", if any, to samples.jsonl).
     state: a dict the caller updates during training (PPO's KL coefficient), checkpointed with the model."""
     folder, (rank, world) = os.path.join(out, name), rank_world()
-    final, ckpt, evals = (os.path.join(folder, f) for f in ("model.pt", "ckpt.pt", "eval.jsonl"))
+    final, ckpt, evals, samples = (os.path.join(folder, f) for f in ("model.pt", "ckpt.pt", "eval.jsonl", "samples.jsonl"))
     state = {} if state is None else state
     if os.path.exists(final):
         saved = load_checkpoint(final)
@@ -248,18 +306,23 @@ def train(name, model, loss_fn, get_batch, steps, lr, *, out, device, optimizer=
         opt.load_state_dict(saved["opt"])
         state.update(saved["state"])
         start = saved["step"]
-        if rank == 0 and os.path.exists(evals):
-            kept = [line for line in open(evals) if json.loads(line)["step"] < start]
-            write_atomic(evals, lambda f: f.write("".join(kept).encode()))
         log(f"[{name}] resumed at step {start} from {ckpt}")
+    for path in (evals, samples) if rank == 0 else ():  # a fresh start begins fresh files; a resumed one keeps the past
+        if os.path.exists(path):
+            kept = [r for r in read_jsonl(path) if r["step"] < start]
+            write_atomic(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     t0, tokens, last_kl = time.time(), 0, ""
     every = eval_every or steps
     for step in range(start, steps + 1):
         if evaluator is not None and rank == 0 and (step % every == 0 or step == steps):  # 1. evaluate
             record = dict(step=step, **evaluator(model, step))
+            texts = record.pop("samples", [])  # a few samples to read, kept apart from the numbers
             with open(evals, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            with open(samples, "a") if texts else nullcontext() as f:
+                for x in texts:
+                    f.write(json.dumps(dict(step=step, **x)) + "\n")
             log(f"[{name}] eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
             last_kl = f" kl {record['kl']:.2f}" if "kl" in record else ""  # progress lines show the latest KL
         if step == steps:

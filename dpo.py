@@ -15,6 +15,7 @@ out/<preset>/ and a rerun skips what is complete.
 """
 import copy
 import os
+import sys
 import time
 
 import numpy as np
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 
 import ppo
 import stages
-from common import (barrier, get_args, load_data, log, logprobs, make_prompts, masked_mean, pack, rank_world,
-                    run_folder, setup_distributed, train)
+from common import (barrier, check_settings, get_args, load_data, log, logprobs, make_prompts, masked_mean, pack,
+                    rank_world, run_folder, setup_distributed, stage_plan, train)
+from data.corpus import UsageError
 from model import get_tokenizer
 from plots.frontier import plot_frontier
 
@@ -105,7 +107,10 @@ def main(argv=None):
     args = get_args(argv)
     args.device = setup_distributed(args.device)
     log(f"nanoDPO: preset {args.preset} on {args.device} -> {args.out}")
-    os.makedirs(args.out, exist_ok=True)
+    plan = stage_plan(args)
+    if rank_world()[0] == 0:  # before any work: a finished stage is reused only if its settings match
+        check_settings(args.out, plan, args.redo)
+    barrier()
     t_start = time.time()
     data = load_data(args.data_dir, args.data)  # 1. data and prompts
     enc = get_tokenizer(data["tokenizer"])
@@ -122,7 +127,7 @@ def main(argv=None):
     ref = copy.deepcopy(sft).eval().requires_grad_(False)
     evaluator = lambda m, step: stages.evaluate(m, ref, classifier, eval_prompts, eos=eos, seed=args.seed,
                                                 max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-                                                device=args.device, impl=args.impl)
+                                                device=args.device, impl=args.impl, decode=enc.decode)
     ppo_methods = {m for m, _ in args.run_list if m in ("ppo", "ppo-gt")}
     if ppo_methods:  # PPO's reward model learns from the same pairs, validated on pairs of held-out prompts
         heldout = stages.make_pairs(sft, classifier, heldout_prompts, args, eos, name="pairs_heldout.pt") \
@@ -133,8 +138,9 @@ def main(argv=None):
             ppo.run(method, param, sft, ref, score_fns[method], train_prompts, evaluator, args, eos)
         else:
             run(method, param, sft, ref, pairs, evaluator, args)
-    if rank_world()[0] == 0:  # 7. the figure
-        log(f"wrote {plot_frontier(args.out, args.figure or os.path.join('plots', f'{args.preset}_frontier.png'))}")
+    if rank_world()[0] == 0:  # 7. the figure of this command's runs
+        names = [os.path.basename(run_folder(m, p)) for m, p in args.run_list]
+        log(f"wrote {plot_frontier(args.out, args.figure or os.path.join(args.out, 'frontier.png'), names)}")
     log(f"nanoDPO: done in {time.time() - t_start:.0f}s")
     barrier()
     if torch.distributed.is_initialized():
@@ -142,4 +148,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as e:  # a user's mistake (bad data, a stale stage): one line, no traceback
+        sys.exit(f"nanoDPO: error: {e}")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import amp, logprobs, masked_mean, pack, rank_world, run_folder, train, unwrap
+from common import amp, barrier, logprobs, masked_mean, pack, rank_world, run_folder, train, unwrap
 from data.corpus import write_atomic
 from stages import reward, sample, score, score_batch
 
@@ -79,17 +79,16 @@ def reward_model(sft_model, pairs, heldout, args, eos):
 
 def normalised(score_fn, sft_model, prompts, args, eos, name):
     """score_fn(prompts, responses) turned into a fixed affine map with mean 0 and std 1 on samples of pi_ref
-    (one per prompt), computed once and kept in out/<preset>/score_norm.json under `name`."""
-    path = os.path.join(args.out, "score_norm.json")
-    norms = json.load(open(path)) if os.path.exists(path) else {}
-    if name not in norms:
+    (one per prompt, at most MAX_NORM_SAMPLES), computed once and kept in out/<preset>/score_norm_<name>.json."""
+    path = os.path.join(args.out, f"score_norm_{name}.json")
+    if not os.path.exists(path):
         p = prompts[:MAX_NORM_SAMPLES]
         s = score_fn(p, sample(sft_model, p, args.max_new_tokens, eos, args.seed + 5, args.device))
-        norms[name] = dict(mean=s.mean().item(), std=s.std().item())
         if rank_world()[0] == 0:
-            write_atomic(path, lambda f: f.write(json.dumps(norms, indent=1).encode()))
-    mean, std = norms[name]["mean"], norms[name]["std"]
-    return lambda p, r: (score_fn(p, r) - mean) / std
+            write_atomic(path, lambda f: f.write(json.dumps(dict(mean=s.mean().item(), std=s.std().item())).encode()))
+    barrier()
+    norm = json.load(open(path))
+    return lambda p, r: (score_fn(p, r) - norm["mean"]) / norm["std"]
 
 
 # ----------------------------------------------------------------------------- 5b. per-token rewards, 5c. advantages

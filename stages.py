@@ -170,9 +170,11 @@ def best_of_n(sft_model, rm, prompts, args, eos):
 
 # ----------------------------------------------------------------------------- 6. evaluation
 @torch.no_grad()
-def evaluate(policy, ref, rm, prompts, *, eos, seed, max_new_tokens, block_size, device, impl):
+def evaluate(policy, ref, rm, prompts, *, eos, seed, max_new_tokens, block_size, device, impl, decode=None,
+             n_samples=4):
     """Mean r* of policy samples on held-out prompts, and KL(pi || pi_ref) on those samples: exact (the
-    per-token KL over the whole vocabulary, summed over the response) and sampled (sum of log-ratios)."""
+    per-token KL over the whole vocabulary, summed over the response) and sampled (sum of log-ratios).
+    With decode (ids -> text), also the first n_samples (prompt, response, reward) for people to read."""
     policy.eval()
     # the same seed at every evaluation of every run (common random numbers): differences between
     # steps and runs then come from the policies more than from the draw
@@ -187,5 +189,9 @@ def evaluate(policy, ref, rm, prompts, *, eos, seed, max_new_tokens, block_size,
         kl.append(out.kl.sum(-1).float().cpu())
         kl_sampled.append((out.seq_pol - out.seq_ref).float().cpu())
     policy.train()
-    return dict(reward=r.mean().item(), kl=torch.cat(kl).mean().item(), kl_sampled=torch.cat(kl_sampled).mean().item(),
-                length=float(np.mean([len(x) for x in responses])))
+    record = dict(reward=r.mean().item(), kl=torch.cat(kl).mean().item(), kl_sampled=torch.cat(kl_sampled).mean().item(),
+                  length=float(np.mean([len(x) for x in responses])))
+    if decode is not None:
+        record["samples"] = [dict(prompt=decode(p), response=decode(x), reward=r[i].item(), prompt_ids=p, response_ids=x)
+                             for i, (p, x) in enumerate(zip(prompts[:n_samples], responses))]
+    return record

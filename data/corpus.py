@@ -10,13 +10,26 @@ The format every data set is prepared into: labelled reviews, tokenised, in one 
     meta.json    the tokenizer's name and the counts, for people
 and the checkpoints of dpo.py's stages: torch.save, written atomically, read without unpickling code.
 """
+import argparse
 import json
 import os
+import sys
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+class UsageError(ValueError):
+    """A user's mistake (a bad file, a stale stage): the command line prints it as one line, no traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A mistake on the command line is one line (argparse would print the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every setting)\n")
 
 
 @dataclass
@@ -47,6 +60,25 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+def read_jsonl(path):
+    """The records of a .jsonl file. A torn last line (a kill during its write) is dropped with a warning;
+    any other line that is not JSON is an error that names the file and the line."""
+    with open(path) as f:
+        lines = f.readlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                print(f"warning: {path}: dropped its torn last line {i + 1} (an interrupted write)", file=sys.stderr)
+                break
+            raise UsageError(f"{path}, line {i + 1}: not a JSON record ({e.msg}); fix or delete that line") from None
+    return records
+
+
 def save_checkpoint(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f))
 
@@ -55,7 +87,7 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it to redo that stage") from e
+        raise UsageError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it to redo that stage") from e
 
 
 def save_corpus(out_dir, name, splits, enc, tokenizer):
@@ -78,14 +110,15 @@ def save_corpus(out_dir, name, splits, enc, tokenizer):
 def load_corpus(path):
     """{'train': Split, 'test': Split, 'tokenizer': name} from a prepared .npz; a clear error when it is broken."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: run python data/{os.path.basename(os.path.dirname(path))}/prepare.py")
+        name, folder = os.path.splitext(os.path.basename(path))[0], os.path.dirname(path) or "."
+        raise UsageError(f"{path} does not exist: run python data/{name}/prepare.py --out {folder}")
     try:
         with np.load(path) as z:
             splits = {s: Split(*(z[f"{s}_{k}"] for k in ("tokens", "offsets", "labels", "chars"))) for s in ("train", "test")}
             tokenizer = str(z["tokenizer"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and prepare it again") from e
+        raise UsageError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and prepare it again") from e
     for s, sp in splits.items():
         if len(sp.offsets) != len(sp.labels) + 1 or sp.offsets[-1] != len(sp.tokens):
-            raise ValueError(f"{path}: the {s} split's offsets do not match its tokens; delete it and prepare it again")
+            raise UsageError(f"{path}: the {s} split's offsets do not match its tokens; delete it and prepare it again")
     return dict(splits, tokenizer=tokenizer)

@@ -7,7 +7,6 @@ SFT reference at KL 0 (the mean reward of its samples), Best-of-N at its KL boun
 training curves.
 """
 import glob
-import json
 import os
 import sys
 
@@ -17,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.corpus import write_atomic  # noqa: E402
+from data.corpus import read_jsonl, write_atomic  # noqa: E402
 
 COLOURS = {"ipo": "tab:purple", "cdpo": "tab:pink", "ft": "tab:green", "ul": "tab:olive"}
 SHADES = {"dpo": "Reds", "ppo": "Blues", "ppo-gt": "YlOrBr"}  # one family per method, darker for a larger parameter
@@ -26,19 +25,19 @@ LABELS = {"dpo": "DPO beta={}", "ft": "Preferred-FT", "ul": "Unlikelihood alpha=
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 
 
-def read_runs(out_dir):
-    """{run name: [eval records]} for every run that wrote evaluations."""
+def read_runs(out_dir, names=None):
+    """{run name: [eval records]} for the runs named (default: every run that wrote evaluations)."""
     runs = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "runs", "*", "eval.jsonl"))):
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        name = os.path.basename(os.path.dirname(path))
+        records = read_jsonl(path) if names is None or name in names else []
         if records:
-            runs[os.path.basename(os.path.dirname(path))] = records
+            runs[name] = records
     return runs
 
 
-def plot_frontier(out_dir, png_path):
-    runs = read_runs(out_dir)
+def plot_frontier(out_dir, png_path, names=None):
+    runs = read_runs(out_dir, names)
     fig, (ax, ax_r, ax_k) = plt.subplots(1, 3, figsize=(16, 4.8))
     params = {}  # method -> its parameters, sorted: the shade and marker of a run
     for name in runs:
@@ -58,8 +57,7 @@ def plot_frontier(out_dir, png_path):
         ax_k.plot([r["step"] for r in recs], [r["kl"] for r in recs], c=colour, marker=marker, ms=3, label=label)
     bon = os.path.join(out_dir, "best_of_n.jsonl")
     if os.path.exists(bon):  # Best-of-N at its KL upper bound log N - (N - 1) / N
-        with open(bon) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
+        recs = read_jsonl(bon)
         ax.plot([r["kl_bound"] for r in recs], [r["reward"] for r in recs], "--", c="gray", marker="x",
                 label="Best-of-N (at its KL bound)")
         for r in recs:

@@ -14,7 +14,7 @@ from conftest import EOS, Interrupted, free_port, interrupt_at, random_pairs, ti
 import common
 import dpo
 import stages
-from data.corpus import Split, load_checkpoint, load_corpus, save_checkpoint
+from data.corpus import Split, UsageError, load_checkpoint, load_corpus, read_jsonl, save_checkpoint
 from data.tiny.prepare import prepare as prepare_tiny
 from kernels import sequence_logprobs
 
@@ -163,7 +163,7 @@ def test_truncated_data_file(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="tiny.npz is truncated or corrupt"):
         load_corpus(str(path))
-    with pytest.raises(FileNotFoundError, match="run python data/"):
+    with pytest.raises(UsageError, match="run python data/"):
         load_corpus(str(tmp_path / "missing" / "x.npz"))
 
 
@@ -181,3 +181,18 @@ def test_corrupt_checkpoint(tmp_path):
         f.write(b"\0" * 200)
     with pytest.raises(ValueError, match="model.pt is truncated or corrupt"):
         load_checkpoint(path)
+
+
+def test_a_torn_last_line_is_dropped_on_resume_and_a_bad_line_is_named(tmp_path, capsys):
+    out = str(tmp_path)
+    full, _ = small_dpo_run(out, "full")
+    with pytest.raises(Interrupted):
+        small_dpo_run(out, "torn", interrupt=3)
+    evals = tmp_path / "torn" / "eval.jsonl"
+    with open(evals, "a") as f:
+        f.write('{"step": 4, "rew')  # killed in the middle of writing the step-4 evaluation
+    resumed, _ = small_dpo_run(out, "torn")
+    assert resumed == full and "dropped its torn last line 3" in capsys.readouterr().err
+    evals.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(UsageError, match=r"torn/eval.jsonl, line 2: not a JSON record"):
+        read_jsonl(str(evals))

@@ -5,13 +5,19 @@ whole pipeline end to end (PPO runs included) at toy sizes.
 """
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import EOS, tiny_gpt
 
 import dpo
+import stages
 from common import pack
+from data.corpus import UsageError
+from model import GPT, GPTConfig
 
 
 def test_loss_is_ln2_when_policy_is_reference():
@@ -95,14 +101,16 @@ SMOKE = ["--sft-steps", "6", "--rm-steps", "4", "--dpo-steps", "4", "--eval-ever
          "--ppo-batch", "8", "--ppo-eval-every", "1", "--runs", "dpo:0.1,ft,ul:0.5,ipo:0.1,cdpo:0.1,ppo:2,ppo-gt:2"]
 
 
+def smoke_argv(tmp_path, *extra):
+    return ["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"),
+            *SMOKE, *extra]
+
+
 def test_smoke_whole_pipeline(tmp_path, capsys):
-    fig = tmp_path / "frontier.png"
-    argv = ["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path),
-            "--figure", str(fig), *SMOKE]
-    dpo.main(argv)
+    dpo.main(smoke_argv(tmp_path))
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("nanoDPO: preset tiny on cpu")
-    assert fig.stat().st_size > 10_000 and (tmp_path / "out" / "pairs.pt").exists()
+    assert (tmp_path / "out" / "frontier.png").stat().st_size > 10_000 and (tmp_path / "out" / "pairs.pt").exists()
     for run, steps in [("dpo_0.1", [0, 2, 4]), ("ft", [0, 2, 4]), ("ul_0.5", [0, 2, 4]), ("ipo_0.1", [0, 2, 4]),
                        ("cdpo_0.1", [0, 2, 4]), ("ppo_2", [0, 8, 16]), ("ppo-gt_2", [0, 8, 16])]:
         records = [json.loads(x) for x in open(tmp_path / "out" / "runs" / run / "eval.jsonl")]
@@ -110,6 +118,75 @@ def test_smoke_whole_pipeline(tmp_path, capsys):
         assert records[0]["kl"] == pytest.approx(0, abs=1e-5) and 0 <= records[-1]["reward"] <= 1
     rm_evals = [json.loads(x) for x in open(tmp_path / "out" / "reward_model" / "eval.jsonl")]
     assert 0 <= rm_evals[-1]["heldout_acc"] <= 1
+    # samples to read: a few per evaluation, their rewards those of r* on the same tokens
+    samples = [json.loads(x) for x in open(tmp_path / "out" / "runs" / "dpo_0.1" / "samples.jsonl")]
+    assert [s["step"] for s in samples] == [0] * 4 + [2] * 4 + [4] * 4
+    classifier = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32, score_head=True))
+    classifier.load_state_dict(torch.load(tmp_path / "out" / "reward" / "model.pt", weights_only=True)["model"])
+    r = stages.reward(classifier, [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples], EOS, 64, "cpu")
+    assert r.tolist() == pytest.approx([s["reward"] for s in samples], abs=1e-6)
+    assert all(s["prompt"] == bytes(s["prompt_ids"]).decode(errors="replace") for s in samples)
     # a rerun finds every stage complete and trains nothing
-    dpo.main(argv)
+    dpo.main(smoke_argv(tmp_path))
     assert "step     0 loss" not in capsys.readouterr().out
+    # a run redone after deleting its model starts a fresh evaluation file
+    os.remove(tmp_path / "out" / "runs" / "dpo_0.1" / "model.pt")
+    dpo.main(smoke_argv(tmp_path))
+    assert [json.loads(x)["step"] for x in open(tmp_path / "out" / "runs" / "dpo_0.1" / "eval.jsonl")] == [0, 2, 4]
+    assert "[runs/dpo_0.1] step     0" in capsys.readouterr().out
+    # changed settings are refused before any work, or with --redo the stage and all after it are made again
+    with pytest.raises(UsageError, match=r"out/reward was made with other settings \(rm_steps 4 -> 5\): .*--redo"):
+        dpo.main(smoke_argv(tmp_path, "--rm-steps", "5"))
+    assert "step" not in capsys.readouterr().out
+    dpo.main(smoke_argv(tmp_path, "--rm-steps", "5", "--redo"))
+    out = capsys.readouterr().out
+    assert "[sft] done already" in out and "[reward] step     0" in out and "[runs/ppo_2] step     0" in out
+    assert "[redo]" in out and "runs/ft was made with other settings" in out
+
+
+def test_stages_of_an_older_nanodpo_are_not_reused(tmp_path):
+    (tmp_path / "out" / "sft").mkdir(parents=True)
+    torch.save({}, tmp_path / "out" / "sft" / "model.pt")
+    with pytest.raises(UsageError, match="out/sft has no record of its settings"):
+        dpo.main(smoke_argv(tmp_path))
+
+
+def test_a_run_from_another_directory_writes_only_under_its_out(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    figure = os.path.join(repo, "plots", "tiny_frontier.png")
+    before = os.stat(figure).st_mtime_ns
+    argv = ["--preset", "tiny", "--device", "cpu", "--out", "here", "--data-dir", "data", *SMOKE[:-1], "dpo:0.1"]
+    res = subprocess.run([sys.executable, os.path.join(repo, "dpo.py"), *argv], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "here" / "frontier.png").exists() and (tmp_path / "data" / "tiny.npz").exists()
+    assert os.stat(figure).st_mtime_ns == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--runs", "dpo"], "--runs: 'dpo': dpo needs beta > 0"),
+    (["--runs", "dpo:abc"], "'abc' is not a number"),
+    (["--dpo-steps", "-5"], "--dpo-steps: expected a positive number, got -5"),
+    (["--eval-every", "0"], "--eval-every: expected a positive number, got 0"),
+    (["--n-prompts", "0"], "--n-prompts: expected a positive number, got 0"),
+    (["--block-size", "8"], "--block-size 8: expected at least 18"),
+    (["--best-of", "1,x"], "--best-of 1,x: expected"),
+    (["--label-smoothing", "0.7"], "--label-smoothing"),
+])
+def test_bad_flags_are_one_line_errors_before_any_stage(tmp_path, flags, message):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(repo, "dpo.py"), "--out", str(tmp_path / "out"), *flags],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_is_a_one_line_error(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(repo, "dpo.py"), "--preset", "imdb", "--device", "cpu",
+                          "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"nanoDPO: error: {tmp_path}/imdb.npz does not exist: run python "
+                                               f"data/imdb/prepare.py --out {tmp_path}"]

@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 
 import dpo
 import model as model_module
-from data.corpus import load_corpus
+from data.corpus import UsageError, load_corpus
 from data.imdb import prepare as imdb
 
 POS = ["A <br />great film.<br /><br />Loved the cast. " * 12, "Wonderful, moving and funny. " * 10]
@@ -82,13 +84,13 @@ def test_partial_download_leaves_nothing(tmp_path, monkeypatch):
     class Cut(io.BytesIO):
         headers = {"Content-Length": "84125825"}
     monkeypatch.setattr(model_module.urllib.request, "urlopen", lambda url, timeout: Cut(b"x" * 1000))
-    with pytest.raises(RuntimeError, match="could not download .*aclImdb_v1.tar.gz.*--source"):
+    with pytest.raises(UsageError, match="could not download .*aclImdb_v1.tar.gz.*--source"):
         imdb.prepare(None, str(tmp_path), tokenizer="bytes")
     assert os.listdir(tmp_path) == []
 
 
 def test_missing_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--source .*nope.tar.gz does not exist"):
+    with pytest.raises(UsageError, match="--source .*nope.tar.gz does not exist"):
         imdb.prepare(str(tmp_path / "nope.tar.gz"), str(tmp_path), tokenizer="bytes")
 
 
@@ -108,3 +110,26 @@ def test_imdb_preset_end_to_end_at_toy_sizes(tmp_path, capsys):
         assert len(open(tmp_path / "out" / "runs" / run / "eval.jsonl").readlines()) == 3
     bon = [json.loads(x) for x in open(tmp_path / "out" / "best_of_n.jsonl")]
     assert [r["n"] for r in bon] == [1, 2, 4] and bon[0]["kl_bound"] == 0
+
+
+def test_prepare_into_a_folder_that_does_not_exist_yet(tmp_path):
+    archive = str(tmp_path / "fake.tar.gz")
+    meta = imdb.prepare(archive, str(tmp_path / "new" / "folder"), sha256=fabricate(archive), tokenizer="bytes")
+    assert meta["train"]["reviews"] > 0 and (tmp_path / "new" / "folder" / "imdb.npz").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "checksum", "corrupt"])
+def test_prepare_command_line_mistakes_are_one_line(tmp_path, case):
+    archive = tmp_path / "fake.tar.gz"
+    digest = fabricate(str(archive))
+    args = {"missing": ["--source", str(tmp_path / "nope.tar.gz")], "checksum": ["--source", str(archive)],
+            "corrupt": ["--source", str(archive), "--sha256", digest]}[case]
+    if case == "corrupt":
+        archive.write_bytes(archive.read_bytes()[:200])
+        args[-1] = hashlib.sha256(archive.read_bytes()).hexdigest()
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "imdb", "prepare.py")
+    res = subprocess.run([sys.executable, script, *args, "--tokenizer", "bytes", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=60)
+    lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("warning: ")]  # the repack's warning
+    assert res.returncode != 0 and len(lines) == 1 and lines[0].startswith("prepare.py: error: "), res.stderr
+    assert "delete" not in lines[0]  # never advise deleting the user's own --source file

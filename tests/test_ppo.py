@@ -201,7 +201,7 @@ def test_interrupted_ppo_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     import stages
     prompts = [[1, 2], [3, 4, 5]]
     fingerprint = lambda samples: float(sum(t * (k + 1) for k, t in enumerate(sum(samples, []))))  # of the tokens
-    evaluator = lambda m, step: dict(kl=0.0, samples=fingerprint(stages.sample(m, prompts, 8, EOS, 0, "cpu")))
+    evaluator = lambda m, step: dict(kl=0.0, fingerprint=fingerprint(stages.sample(m, prompts, 8, EOS, 0, "cpu")))
     full = toy_run(toy_args(tmp_path / "a", "--ppo-iters", "4"), tiny_gpt(3), evaluator)
     original = ppo.ppo_batches
     monkeypatch.setattr(ppo, "ppo_batches", lambda *a: interrupt_at(original(*a), 10))  # in the 3rd iteration

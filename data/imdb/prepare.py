@@ -11,7 +11,6 @@ The archive's sha256 is checked: a download or a local copy whose digest differs
 (train|test / pos|neg; unsup/, *.feat, urls and the vocabulary are ignored), `<br />` becomes a newline,
 and data/imdb/imdb.npz (format: data/corpus.py) and meta.json are written beside this file.
 """
-import argparse
 import hashlib
 import os
 import re
@@ -21,7 +20,7 @@ import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from data.corpus import save_corpus  # noqa: E402
+from data.corpus import OneLineParser, UsageError, save_corpus  # noqa: E402
 from model import download, get_tokenizer  # noqa: E402
 
 URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
@@ -45,13 +44,13 @@ def fetch(source, out_dir, expected):
             try:
                 download(URL, source)
             except OSError as e:
-                raise RuntimeError(f"could not download {URL} ({e}). Fetch it on a machine with internet and "
-                                   f"pass it with --source, or put it at {source}") from e
+                raise UsageError(f"could not download {URL} ({e}). Fetch it on a machine with internet and "
+                                 f"pass it with --source, or put it at {source}") from e
     elif not os.path.exists(source):
-        raise FileNotFoundError(f"--source {source} does not exist")
+        raise UsageError(f"--source {source} does not exist")
     digest = sha256_of(source)
     if digest != expected:
-        raise ValueError(f"{source} has sha256 {digest}, expected {expected}. If this is a copy you trust "
+        raise UsageError(f"{source} has sha256 {digest}, expected {expected}. If this is a copy you trust "
                          f"(a repack, say), pass --sha256 {digest}")
     if digest != SHA256:
         print(f"warning: {source} is not the official aclImdb_v1.tar.gz (sha256 {digest}); accepted by --sha256",
@@ -71,10 +70,10 @@ def read_reviews(archive):
                     text = tar.extractfile(member).read().decode("utf-8").replace("<br />", "\n")
                     found[split].append((label, rid, text))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise ValueError(f"{archive} is not a readable .tar.gz ({type(e).__name__}: {e}); delete it and fetch it again") from e
+        raise UsageError(f"{archive} is not a readable .tar.gz ({type(e).__name__}: {e}); fetch the archive again") from e
     for split, rows in found.items():
         if not rows:
-            raise ValueError(f"{archive} holds no aclImdb/{split}/pos|neg/*.txt reviews: is it the IMDb archive?")
+            raise UsageError(f"{archive} holds no aclImdb/{split}/pos|neg/*.txt reviews: is it the IMDb archive?")
     for rows in found.values():
         rows.sort()
     return {s: ([t for _, _, t in rows], [y for y, _, _ in rows]) for s, rows in found.items()}
@@ -87,13 +86,16 @@ def prepare(source=None, out_dir=HERE, sha256=SHA256, tokenizer="gpt2"):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", help="a local copy of aclImdb_v1.tar.gz (default: download it)")
     p.add_argument("--sha256", default=SHA256, help="the digest to expect (default: the official archive's)")
     p.add_argument("--out", default=HERE, help="where imdb.npz and meta.json go")
     p.add_argument("--tokenizer", default="gpt2", choices=("gpt2", "bytes"), help="bytes: offline, for tests")
     a = p.parse_args()
-    print(prepare(a.source, a.out, a.sha256, a.tokenizer))
+    try:
+        print(prepare(a.source, a.out, a.sha256, a.tokenizer))
+    except UsageError as e:  # a user's mistake: one line, no traceback
+        sys.exit(f"prepare.py: error: {e}")
 
 # python data/imdb/prepare.py prints the counts:
 # {'tokenizer': 'gpt2', 'train': {'reviews': 25000, 'positive': 12500, 'tokens': ..., 'test': {'reviews': 25000, ...}}
