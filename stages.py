@@ -69,10 +69,12 @@ def classifier(args, data, eos, vocab, sft_model):
 
 
 @torch.no_grad()
-def classifier_accuracy(rm, split, args, eos, batches=8):
-    test = review_batches(split, args.batch, args.block_size, eos, args.seed + 2, crop=False)
-    acc = np.mean([classifier_loss(rm, [x.to(args.device) for x in test(i)])[1]["acc"] for i in range(batches)])
-    log(f"[reward] classifier accuracy on {batches * args.batch} test reviews: {acc:.3f}")
+def classifier_accuracy(rm, split, args, eos):
+    """Accuracy of r* > 0.5 on every review of the split, read whole (as far as the block size allows)."""
+    reviews = [split.review(i).tolist() for i in range(len(split))]
+    positive = score(rm, [[]] * len(reviews), reviews, eos, args.block_size, args.device) > 0
+    acc = (positive.numpy() == split.labels.astype(bool)).mean()
+    log(f"[reward] classifier accuracy on all {len(reviews)} test reviews: {acc:.3f}")
     return acc
 
 
