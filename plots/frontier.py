@@ -36,22 +36,22 @@ def read_runs(out_dir, names=None):
     return runs
 
 
+def run_style(name, names):
+    """Colour, marker and label of a run; names: every run drawn beside it (a larger parameter, a darker shade)."""
+    method, _, param = name.partition("_")
+    order = sorted(float(n.partition("_")[2] or 0) for n in names if n.partition("_")[0] == method)
+    i = order.index(float(param or 0))
+    colour = COLOURS.get(method, "gray")
+    if method in SHADES:
+        colour = plt.get_cmap(SHADES[method])(0.45 + 0.5 * i / max(1, len(order) - 1))
+    return colour, MARKERS[i % len(MARKERS)], LABELS[method].format(param) if method in LABELS else name
+
+
 def plot_frontier(out_dir, png_path, names=None):
     runs = read_runs(out_dir, names)
     fig, (ax, ax_r, ax_k) = plt.subplots(1, 3, figsize=(16, 4.8))
-    params = {}  # method -> its parameters, sorted: the shade and marker of a run
-    for name in runs:
-        method, _, param = name.partition("_")
-        params.setdefault(method, []).append(float(param or 0))
     for name, recs in runs.items():
-        method, _, param = name.partition("_")
-        order = sorted(params[method])
-        i = order.index(float(param or 0))
-        marker = MARKERS[i % len(MARKERS)]
-        label = LABELS[method].format(param) if method in LABELS else name
-        colour = COLOURS.get(method, "gray")
-        if method in SHADES:
-            colour = plt.get_cmap(SHADES[method])(0.45 + 0.5 * i / max(1, len(order) - 1))
+        colour, marker, label = run_style(name, runs)
         ax.scatter([r["kl"] for r in recs], [r["reward"] for r in recs], color=colour, marker=marker, s=22, alpha=0.8, label=label)
         ax_r.plot([r["step"] for r in recs], [r["reward"] for r in recs], c=colour, marker=marker, ms=3, label=label)
         ax_k.plot([r["step"] for r in recs], [r["kl"] for r in recs], c=colour, marker=marker, ms=3, label=label)

@@ -1,0 +1,79 @@
+"""Several seeds of one experiment: every seed's frontier on one figure, and the last step of each run as
+mean and range over the seeds.
+
+    for s in 1337 1 2; do python dpo.py --seed $s --out out/tiny_seed$s; done
+    python plots/seeds.py out/tiny_seed1337 out/tiny_seed1 out/tiny_seed2 --figure plots/tiny_seeds.png
+
+One panel per method family (DPO, PPO, PPO-GT, the baselines). In each, a run's upper envelope per seed: the
+best reward reached at or below each KL, over that run's evaluations, drawn as a step line, one line style per
+seed, so that the spread between seeds is seen beside the spread between methods.
+"""
+import argparse
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.corpus import write_atomic  # noqa: E402
+from plots.frontier import read_runs, run_style  # noqa: E402
+
+FAMILIES = {"DPO and its variants": ("dpo", "ipo", "cdpo"), "PPO": ("ppo",), "PPO-GT": ("ppo-gt",),
+            "Preferred-FT, Unlikelihood": ("ft", "ul")}
+DASHES = ["-", "--", ":", "-."]
+
+
+def envelope(records):
+    """(KL, best reward so far) over evaluations sorted by KL: the run's frontier."""
+    pts = sorted((r["kl"], r["reward"]) for r in records)
+    return [k for k, _ in pts], list(np.maximum.accumulate([r for _, r in pts]))
+
+
+def summary(out_dirs):
+    """{run: [(reward, kl) of its last evaluation, one per seed]} for the runs every seed has."""
+    per_seed = [read_runs(d) for d in out_dirs]
+    common = set(per_seed[0]).intersection(*per_seed[1:])
+    return {name: [(runs[name][-1]["reward"], runs[name][-1]["kl"]) for runs in per_seed] for name in sorted(common)}
+
+
+def plot_seeds(out_dirs, png_path):
+    per_seed = [read_runs(d) for d in out_dirs]
+    fig, axes = plt.subplots(1, len(FAMILIES), figsize=(5 * len(FAMILIES), 4.4), sharey=True)
+    for ax, (title, methods) in zip(axes, FAMILIES.items()):
+        for s, (out_dir, runs) in enumerate(zip(out_dirs, per_seed)):
+            for name, recs in runs.items():
+                if name.partition("_")[0] not in methods:
+                    continue
+                colour, _, label = run_style(name, runs)
+                kl, best = envelope(recs)
+                ax.step(kl, best, where="post", color=colour, ls=DASHES[s % len(DASHES)], alpha=0.85,
+                        label=f"{label} ({os.path.basename(os.path.normpath(out_dir))})")
+        ax.set(title=title, xlabel="KL(pi || pi_ref)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # a family none of the folders ran stays empty
+            ax.legend(fontsize=6)
+    axes[0].set_ylabel("best mean reward r* at or below this KL")
+    fig.tight_layout()
+    write_atomic(png_path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    plt.close(fig)
+    return png_path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dirs", nargs="+", help="run folders of dpo.py, one per seed")
+    p.add_argument("--figure", default="seeds.png")
+    a = p.parse_args()
+    print(f"{'run':14}{'reward mean':>12}{'(min - max)':>16}{'KL mean':>9}{'(min - max)':>14}")
+    for name, vals in summary(a.out_dirs).items():
+        r, k = np.array(vals).T
+        print(f"{name:14}{r.mean():>12.3f}   ({r.min():.3f} - {r.max():.3f}){k.mean():>9.1f}   ({k.min():.1f} - {k.max():.1f})")
+    print(f"wrote {plot_seeds(a.out_dirs, a.figure)}")
+
+
+if __name__ == "__main__":
+    main()
