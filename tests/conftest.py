@@ -56,3 +56,19 @@ def interrupt_at(get_batch, step):
             raise Interrupted(f"killed at step {s}")
         return get_batch(s)
     return wrapped
+
+
+def assert_fused_matches_reference(model, loss_of):
+    """loss_of(impl) through the fused kernel (the interpreter on a CPU) and through the plain reference: the
+    same loss, and the same nonzero gradient of every parameter of model."""
+    results = []
+    for impl in ("triton", "reference"):
+        model.zero_grad()
+        loss = loss_of(impl)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_t, grads_t), (loss_r, grads_r) = results
+    assert loss_t == pytest.approx(loss_r, rel=1e-5)
+    for name, g in grads_r.items():
+        assert g.abs().max() > 0, name
+        assert torch.allclose(grads_t[name], g, rtol=1e-4, atol=1e-6), name

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import EOS, Interrupted, free_port, interrupt_at, random_pairs, tiny_gpt
+from conftest import EOS, Interrupted, assert_fused_matches_reference, free_port, interrupt_at, tiny_gpt
 
 import common
 import ppo
@@ -69,12 +69,16 @@ def test_whiten_is_zero_mean_unit_std_on_the_mask():
 
 # ---------------------------------------------------------------- the clipped losses
 
-def test_policy_loss_matches_the_clipped_objective_values_and_gradients():
-    torch.manual_seed(0)
+def clip_case(seed):
+    """Old values, new ones a step away (with grad), a random third tensor (advantages or returns), a mask."""
+    torch.manual_seed(seed)
     old = torch.randn(3, 5, dtype=torch.float64)
-    logp = (old + torch.randn(3, 5, dtype=torch.float64) * 0.4).requires_grad_()
-    adv = torch.randn(3, 5, dtype=torch.float64)
-    mask = torch.rand(3, 5) > 0.2
+    new = (old + torch.randn(3, 5, dtype=torch.float64) * 0.4).requires_grad_()
+    return old, new, torch.randn(3, 5, dtype=torch.float64), torch.rand(3, 5) > 0.2
+
+
+def test_policy_loss_matches_the_clipped_objective_values_and_gradients():
+    old, logp, adv, mask = clip_case(0)
     loss, clipfrac = ppo.policy_loss(logp, old, adv, mask)
     loss.backward()
     n, eps = mask.sum().item(), ppo.CLIP
@@ -91,11 +95,7 @@ def test_policy_loss_matches_the_clipped_objective_values_and_gradients():
 
 
 def test_value_loss_matches_the_clipped_formula_values_and_gradients():
-    torch.manual_seed(1)
-    old = torch.randn(3, 5, dtype=torch.float64)
-    values = (old + torch.randn(3, 5, dtype=torch.float64) * 0.4).requires_grad_()
-    returns = torch.randn(3, 5, dtype=torch.float64)
-    mask = torch.rand(3, 5) > 0.2
+    old, values, returns, mask = clip_case(1)
     loss = ppo.value_loss(values, old, returns, mask)
     loss.backward()
     n, eps = mask.sum().item(), ppo.CLIP
@@ -184,17 +184,7 @@ def test_fused_kernel_gives_the_reference_ppo_loss_and_gradients(tmp_path):
     with torch.no_grad():  # move the policy away from the rollout's so that ratios and the clip matter
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    results = []
-    for impl in ("triton", "reference"):
-        policy.zero_grad()
-        loss, _ = ppo.ppo_loss(policy, data, impl)
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in policy.named_parameters()}))
-    (loss_t, grads_t), (loss_r, grads_r) = results
-    assert loss_t == pytest.approx(loss_r, rel=1e-5)
-    for name, g in grads_r.items():
-        assert g.abs().max() > 0, name
-        assert torch.allclose(grads_t[name], g, rtol=1e-4, atol=1e-6), name
+    assert_fused_matches_reference(policy, lambda impl: ppo.ppo_loss(policy, data, impl)[0])
 
 
 def test_interrupted_ppo_resumes_to_the_same_numbers(tmp_path, monkeypatch):
