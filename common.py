@@ -101,6 +101,8 @@ def get_args(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = args.out or os.path.join("out", args.preset)
+    if args.init == "pretrained" and args.model not in GPT.SIZES and not os.path.isdir(args.model or ""):
+        p.error(f"--model {args.model}: expected one of {', '.join(GPT.SIZES)} or a Hugging Face folder")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
     for k, v in PRESETS["tiny"].items():  # sizes, steps and rates: positive (warm-up may be 0)

@@ -162,6 +162,7 @@ def test_a_run_from_another_directory_writes_only_under_its_out(tmp_path):
     (["--block-size", "8"], "--block-size 8: expected at least 18"),
     (["--best-of", "1,x"], "--best-of 1,x: expected"),
     (["--label-smoothing", "0.7"], "--label-smoothing"),
+    (["--preset", "imdb", "--device", "cpu", "--model", "gpt3"], "--model gpt3: expected one of gpt2"),
 ])
 def test_bad_flags_are_one_line_errors_before_any_stage(tmp_path, flags, message):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
