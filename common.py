@@ -35,7 +35,7 @@ PRESETS = {
                  optimizer="adamw", eval_every=20, n_eval=128, best_of="1,2,4,8,16",
                  bt_steps=100, bt_lr=5e-4, ppo_iters=24, ppo_batch=64, ppo_epochs=4, ppo_minibatches=2,
                  ppo_lr=5e-5, ppo_eval_every=4, kl_horizon=128,
-                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ppo:3,ppo:8,ppo-gt:3,ppo-gt:8"),
+                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ppo:3,ppo:8,ppo-gt:3,ppo-gt:8,simpo:2,orpo:0.1,kto:0.1"),
     "imdb": dict(data="imdb", init="pretrained", model="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024,
                  sft_steps=1500, sft_lr=5e-5, rm_steps=1500, rm_lr=2e-5, batch=32, min_chars=200,
                  n_prompts=25000, max_new_tokens=64, dpo_steps=1500, dpo_lr=1e-6, dpo_batch=64, warmup=150,
@@ -43,10 +43,11 @@ PRESETS = {
                  bt_steps=4500, bt_lr=1e-5, ppo_iters=100, ppo_batch=1024, ppo_epochs=4, ppo_minibatches=16,
                  ppo_lr=1.4e-5, ppo_eval_every=10, kl_horizon=10000,
                  runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ul:0.05,ul:0.1,ul:0.5,ul:1,"
-                      "ppo:3,ppo:6,ppo:9,ppo:12,ppo-gt:3,ppo-gt:6,ppo-gt:9,ppo-gt:12"),
+                      "ppo:3,ppo:6,ppo:9,ppo:12,ppo-gt:3,ppo-gt:6,ppo-gt:9,ppo-gt:12,simpo:2,orpo:0.1,kto:0.1"),
 }
-# a run is "method:param": the parameter is beta (dpo, ipo, cdpo), alpha (ul), or the target KL (ppo, ppo-gt)
-METHODS = ("dpo", "ipo", "cdpo", "ft", "ul", "ppo", "ppo-gt")
+# a run is "method:param": the parameter is beta (dpo, ipo, cdpo, simpo, kto), lambda (orpo), alpha (ul), or the
+# target KL (ppo, ppo-gt)
+METHODS = ("dpo", "ipo", "cdpo", "simpo", "orpo", "kto", "ft", "ul", "ppo", "ppo-gt")
 
 
 def parse_runs(spec):
@@ -61,10 +62,13 @@ def parse_runs(spec):
         except ValueError:
             raise ValueError(f"{run!r}: the parameter {param!r} is not a number") from None
         need = {"dpo": "beta > 0, e.g. dpo:0.1", "ipo": "beta > 0, e.g. ipo:0.1", "cdpo": "beta > 0, e.g. cdpo:0.1",
+                "simpo": "beta > 0, e.g. simpo:2", "kto": "beta > 0, e.g. kto:0.1",
                 "ul": "alpha > 0, e.g. ul:0.5 (ul:0 is Preferred-FT: ft)", "ppo": "a target KL > 0, e.g. ppo:6",
                 "ppo-gt": "a target KL > 0, e.g. ppo-gt:6"}
         if method in need and not value > 0:
             raise ValueError(f"{run!r}: {method} needs {need[method]}")
+        if method == "orpo" and not (param and value >= 0):
+            raise ValueError(f"{run!r}: orpo needs lambda >= 0, e.g. orpo:0.1")
         if method == "ft" and param:
             raise ValueError(f"{run!r}: ft takes no parameter")
         runs.append((method, value))
@@ -196,6 +200,15 @@ def rank_world():
 def barrier():
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def global_mean(*xs):
+    """Means of scalars over every rank (the plain values without torchrun)."""
+    t = torch.tensor(xs, dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t.tolist()
 
 
 def unwrap(model):

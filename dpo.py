@@ -24,23 +24,24 @@ import torch.nn.functional as F
 
 import ppo
 import stages
-from common import (barrier, check_settings, get_args, load_data, log, logprobs, make_prompts, masked_mean, pack,
-                    rank_world, run_folder, setup_distributed, stage_plan, train)
+from common import (barrier, check_settings, get_args, global_mean, load_data, log, logprobs, make_prompts,
+                    masked_mean, pack, rank_world, run_folder, setup_distributed, stage_plan, train)
 from data.corpus import UsageError
 from model import get_tokenizer
 from plots.frontier import plot_frontier
 
 
 # ----------------------------------------------------------------------------- 5. the pairs DPO trains on
-def pair_batches(pairs, dpo_batch, block_size, seed):
+def pair_batches(pairs, dpo_batch, block_size, seed, mismatched=False):
     """get_batch(step): this rank's share of dpo_batch pairs (prompt x, chosen y_w, rejected y_l), chosen and
-    rejected packed into one batch, so both go through one forward: rows [0, n) chosen, [n, 2n) rejected."""
+    rejected packed into one batch, so both go through one forward: rows [0, n) chosen, [n, 2n) rejected.
+    mismatched (KTO): rows [2n, 3n) pair each prompt with the next pair's chosen response, for its KL estimate."""
     def get_batch(step):
         rank, world = rank_world()
         rows = np.random.default_rng([seed, step]).integers(len(pairs["prompt"]), size=dpo_batch)[rank::world]
-        prompts = [pairs["prompt"][i] for i in rows]
-        return pack(prompts + prompts, [pairs["chosen"][i] for i in rows] + [pairs["rejected"][i] for i in rows],
-                    block_size)
+        prompts, chosen = [pairs["prompt"][i] for i in rows], [pairs["chosen"][i] for i in rows]
+        extra = (prompts, chosen[1:] + chosen[:1]) if mismatched else ([], [])
+        return pack(prompts + prompts + extra[0], chosen + [pairs["rejected"][i] for i in rows] + extra[1], block_size)
     return get_batch
 
 
@@ -75,31 +76,79 @@ def unlikelihood_loss(tok_c, mask_c, tok_r, mask_r, alpha):
     return nll - alpha * masked_mean(torch.log1p(-p_r), mask_r)
 
 
+# ----------------------------------------------------------------------------- DPO's successors on the same pairs
+def simpo_loss(pi_c, pi_r, len_c, len_r, beta, gamma_ratio=0.5):
+    """SimPO (Meng et al. 2024): -log sigmoid(beta / |y_w| * log pi(y_w | x) - beta / |y_l| * log pi(y_l | x) - gamma).
+    No reference model: the reward is the length-normalised log-likelihood itself, and the margin gamma =
+    gamma_ratio * beta asks the chosen to win by that much. len_*: Shape (batch,) response lengths in tokens.
+    Returns losses Shape (batch,) and the rewards of chosen and rejected (detached)."""
+    r_c, r_r = beta * pi_c / len_c, beta * pi_r / len_r
+    return -F.logsigmoid(r_c - r_r - gamma_ratio * beta), r_c.detach(), r_r.detach()
+
+
+def log_odds(mean_logp):
+    """log(P / (1 - P)) for P = exp(mean_logp) < 1, computed without forming 1 - P where P is near 1."""
+    m = mean_logp.clamp(max=-1e-6)
+    log1m = torch.where(m > -0.6931, torch.log(-torch.expm1(m)), torch.log1p(-torch.exp(m)))  # log(1 - e^m)
+    return m - log1m
+
+
+def orpo_loss(pi_c, pi_r, len_c, len_r, lam):
+    """ORPO (Hong et al. 2024): the chosen response's NLL (per token) + lam * -log sigmoid(log odds(y_w) - log
+    odds(y_l)), odds(y) = P / (1 - P) with P = exp(log pi(y | x) / |y|), the length-normalised likelihood.
+    No reference model. Returns losses Shape (batch,) and the log odds of chosen and rejected (detached)."""
+    o_c, o_r = log_odds(pi_c / len_c), log_odds(pi_r / len_r)
+    return -pi_c / len_c - lam * F.logsigmoid(o_c - o_r), o_c.detach(), o_r.detach()
+
+
+def kto_loss(pi_c, pi_r, ref_c, ref_r, mismatched_logratio, beta, lambda_d=1.0, lambda_u=1.0):
+    """KTO (Ethayarajh et al. 2024) on the pairs split into desirable (chosen) and undesirable (rejected) examples:
+        lambda_d * (1 - sigmoid(beta * (r_w - z0))) and lambda_u * (1 - sigmoid(beta * (z0 - r_l))),
+    r = log pi(y | x) - log pi_ref(y | x), z0 = max(0, mean log-ratio of mismatched (x, y') in the batch): an
+    estimate of KL(pi || pi_ref) that carries no gradient. mismatched_logratio: Shape (batch,).
+    Returns losses Shape (2 * batch,), desirable first, and the rewards beta * r of chosen and rejected (detached)."""
+    z0 = max(0.0, global_mean(mismatched_logratio.mean().item())[0])  # over every rank's share; a number, no grad
+    r_c, r_r = pi_c - ref_c, pi_r - ref_r
+    losses = torch.cat([lambda_d * (1 - torch.sigmoid(beta * (r_c - z0))), lambda_u * (1 - torch.sigmoid(beta * (z0 - r_r)))])
+    return losses, beta * r_c.detach(), beta * r_r.detach()
+
+
+REFERENCE_FREE = ("ft", "ul", "simpo", "orpo")  # trained without a reference forward (evaluation still has one)
+
+
 def pair_loss(model, batch, ref, method, param, impl="auto", label_smoothing=0.0):
-    """The loss of one batch of pairs. Preferred-FT and Unlikelihood need no reference forward."""
+    """The loss of one batch of pairs under `method`, param its beta, alpha or lambda."""
     idx, targets, mask = batch
-    n = idx.size(0) // 2
-    baseline = method in ("ft", "ul")
-    out = logprobs(model, None if baseline else ref, idx, targets, mask, impl)  # chosen and rejected in one forward
-    if baseline:
+    n = idx.size(0) // (3 if method == "kto" else 2)
+    out = logprobs(model, None if method in REFERENCE_FREE else ref, idx, targets, mask, impl)  # all rows, one forward
+    c, r, m = slice(0, n), slice(n, 2 * n), slice(2 * n, None)
+    if method in ("ft", "ul"):
         alpha = 0.0 if method == "ft" else param
-        return unlikelihood_loss(out.token_pol[:n], mask[:n], out.token_pol[n:], mask[n:], alpha), {}
-    losses, r_c, r_r = dpo_loss(out.seq_pol[:n], out.seq_pol[n:], out.seq_ref[:n], out.seq_ref[n:], param, method,
-                                label_smoothing)
+        return unlikelihood_loss(out.token_pol[c], mask[c], out.token_pol[r], mask[r], alpha), {}
+    if method == "simpo":
+        losses, r_c, r_r = simpo_loss(out.seq_pol[c], out.seq_pol[r], mask[c].sum(-1), mask[r].sum(-1), param)
+    elif method == "orpo":
+        losses, r_c, r_r = orpo_loss(out.seq_pol[c], out.seq_pol[r], mask[c].sum(-1), mask[r].sum(-1), param)
+    elif method == "kto":
+        losses, r_c, r_r = kto_loss(out.seq_pol[c], out.seq_pol[r], out.seq_ref[c], out.seq_ref[r],
+                                    out.seq_pol[m] - out.seq_ref[m], param)
+    else:
+        losses, r_c, r_r = dpo_loss(out.seq_pol[c], out.seq_pol[r], out.seq_ref[c], out.seq_ref[r], param, method,
+                                    label_smoothing)
     return losses.mean(), {"acc": (r_c > r_r).float().mean().item(), "margin": (r_c - r_r).mean().item(),
                            "chosen": r_c.mean().item(), "rejected": r_r.mean().item(),
-                           "logp_c": out.seq_pol[:n].mean().item(), "logp_r": out.seq_pol[n:].mean().item()}
+                           "logp_c": out.seq_pol[c].mean().item(), "logp_r": out.seq_pol[r].mean().item()}
 
 
 # ----------------------------------------------------------------------------- 5. one run
 def run(method, param, sft_model, ref, pairs, evaluator, args):
-    """A policy that starts as pi_ref, trained on the pairs with the loss of `method` (beta or alpha = param)."""
+    """A policy that starts as pi_ref, trained on the pairs with the loss of `method` (param: its beta, alpha or lambda)."""
     policy = copy.deepcopy(sft_model).train()
+    batches = pair_batches(pairs, args.dpo_batch, args.block_size, args.seed + 3, mismatched=method == "kto")
     return train(run_folder(method, param), policy,
-                 lambda m, b: pair_loss(m, b, ref, method, param, args.impl, args.label_smoothing),
-                 pair_batches(pairs, args.dpo_batch, args.block_size, args.seed + 3), args.dpo_steps, args.dpo_lr,
-                 out=args.out, device=args.device, optimizer=args.optimizer, warmup=args.warmup,
-                 eval_every=args.eval_every, evaluator=evaluator, log_every=args.log_every)
+                 lambda m, b: pair_loss(m, b, ref, method, param, args.impl, args.label_smoothing), batches,
+                 args.dpo_steps, args.dpo_lr, out=args.out, device=args.device, optimizer=args.optimizer,
+                 warmup=args.warmup, eval_every=args.eval_every, evaluator=evaluator, log_every=args.log_every)
 
 
 # ----------------------------------------------------------------------------- the sweep: every run on one axis

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import amp, barrier, logprobs, masked_mean, pack, rank_world, run_folder, train, unwrap
+from common import amp, barrier, global_mean, logprobs, masked_mean, pack, rank_world, run_folder, train, unwrap
 from data.corpus import write_atomic
 from stages import reward, sample, score, score_batch
 
@@ -115,15 +115,6 @@ def gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
         next_value = torch.where(m, values[:, t], next_value)
         adv[:, t] = torch.where(m, a, 0.0)
     return adv
-
-
-def global_mean(*xs):
-    """Means of scalars over every rank (the plain values without torchrun)."""
-    t = torch.tensor(xs, dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return t.tolist()
 
 
 def whiten(x, mask):

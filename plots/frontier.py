@@ -19,9 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.corpus import read_jsonl, write_atomic  # noqa: E402
 
 COLOURS = {"ipo": "tab:purple", "cdpo": "tab:pink", "ft": "tab:green", "ul": "tab:olive"}
-SHADES = {"dpo": "Reds", "ppo": "Blues", "ppo-gt": "YlOrBr"}  # one family per method, darker for a larger parameter
+# one colour family per method, darker for a larger parameter
+SHADES = {"dpo": "Reds", "ppo": "Blues", "ppo-gt": "YlOrBr", "simpo": "Purples", "orpo": "Greys", "kto": "PuRd"}
 LABELS = {"dpo": "DPO beta={}", "ft": "Preferred-FT", "ul": "Unlikelihood alpha={}", "ipo": "IPO beta={}",
-          "cdpo": "cDPO beta={}", "ppo": "PPO target KL {}", "ppo-gt": "PPO-GT target KL {}"}
+          "cdpo": "cDPO beta={}", "ppo": "PPO target KL {}", "ppo-gt": "PPO-GT target KL {}", "simpo": "SimPO beta={}",
+          "orpo": "ORPO lambda={}", "kto": "KTO beta={}"}
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 
 
@@ -43,7 +45,7 @@ def run_style(name, names):
     i = order.index(float(param or 0))
     colour = COLOURS.get(method, "gray")
     if method in SHADES:
-        colour = plt.get_cmap(SHADES[method])(0.45 + 0.5 * i / max(1, len(order) - 1))
+        colour = plt.get_cmap(SHADES[method])(0.45 + 0.5 * i / (len(order) - 1) if len(order) > 1 else 0.75)
     return colour, MARKERS[i % len(MARKERS)], LABELS[method].format(param) if method in LABELS else name
 
 
@@ -69,8 +71,8 @@ def plot_frontier(out_dir, png_path, names=None):
            title=f"reward vs KL frontier ({os.path.basename(os.path.normpath(out_dir))})")
     ax_r.set(xlabel="step", ylabel="mean reward", title="reward during training")
     ax_k.set(xlabel="step", ylabel="KL", title="KL during training")
-    ax.legend(fontsize=7)
-    ax_r.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)  # a dozen runs and more: two columns keep the points visible
+    ax_r.legend(fontsize=6, ncol=2)
     for a in (ax, ax_r, ax_k):
         a.grid(alpha=0.3)
     fig.tight_layout()

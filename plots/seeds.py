@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.corpus import write_atomic  # noqa: E402
 from plots.frontier import read_runs, run_style  # noqa: E402
 
-FAMILIES = {"DPO and its variants": ("dpo", "ipo", "cdpo"), "PPO": ("ppo",), "PPO-GT": ("ppo-gt",),
-            "Preferred-FT, Unlikelihood": ("ft", "ul")}
+FAMILIES = {"DPO and its variants": ("dpo", "ipo", "cdpo"), "DPO's successors": ("simpo", "orpo", "kto"),
+            "PPO": ("ppo",), "PPO-GT": ("ppo-gt",), "Preferred-FT, Unlikelihood": ("ft", "ul")}
 DASHES = ["-", "--", ":", "-."]
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import EOS, assert_fused_matches_reference, tiny_gpt
@@ -88,7 +89,8 @@ def test_fused_kernel_gives_the_reference_gradients(method):
 SMOKE = ["--sft-steps", "6", "--rm-steps", "4", "--dpo-steps", "4", "--eval-every", "2", "--n-prompts", "16",
          "--n-eval", "4", "--max-new-tokens", "8", "--batch", "4", "--dpo-batch", "4", "--n-layer", "1",
          "--n-embd", "32", "--n-head", "2", "--block-size", "64", "--bt-steps", "4", "--ppo-iters", "2",
-         "--ppo-batch", "8", "--ppo-eval-every", "1", "--runs", "dpo:0.1,ft,ul:0.5,ipo:0.1,cdpo:0.1,ppo:2,ppo-gt:2"]
+         "--ppo-batch", "8", "--ppo-eval-every", "1", "--runs",
+         "dpo:0.1,ft,ul:0.5,ipo:0.1,cdpo:0.1,simpo:2,orpo:0.1,kto:0.1,ppo:2,ppo-gt:2"]
 
 
 def smoke_argv(tmp_path, *extra):
@@ -102,7 +104,8 @@ def test_smoke_whole_pipeline(tmp_path, capsys):
     assert out.splitlines()[0].startswith("nanoDPO: preset tiny on cpu")
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 10_000 and (tmp_path / "out" / "pairs.pt").exists()
     for run, steps in [("dpo_0.1", [0, 2, 4]), ("ft", [0, 2, 4]), ("ul_0.5", [0, 2, 4]), ("ipo_0.1", [0, 2, 4]),
-                       ("cdpo_0.1", [0, 2, 4]), ("ppo_2", [0, 8, 16]), ("ppo-gt_2", [0, 8, 16])]:
+                       ("cdpo_0.1", [0, 2, 4]), ("simpo_2", [0, 2, 4]), ("orpo_0.1", [0, 2, 4]), ("kto_0.1", [0, 2, 4]),
+                       ("ppo_2", [0, 8, 16]), ("ppo-gt_2", [0, 8, 16])]:
         records = [json.loads(x) for x in open(tmp_path / "out" / "runs" / run / "eval.jsonl")]
         assert [r["step"] for r in records] == steps, run
         assert records[0]["kl"] == pytest.approx(0, abs=1e-5) and 0 <= records[-1]["reward"] <= 1
@@ -163,6 +166,9 @@ def test_a_run_from_another_directory_writes_only_under_its_out(tmp_path):
     (["--best-of", "1,x"], "--best-of 1,x: expected"),
     (["--label-smoothing", "0.7"], "--label-smoothing"),
     (["--preset", "imdb", "--device", "cpu", "--model", "gpt3"], "--model gpt3: expected one of gpt2"),
+    (["--runs", "dpo:0.1,simpo:0"], "'simpo:0': simpo needs beta > 0"),
+    (["--runs", "orpo:-0.1"], "'orpo:-0.1': orpo needs lambda >= 0"),
+    (["--runs", "kto:-1"], "'kto:-1': kto needs beta > 0"),
 ])
 def test_bad_flags_are_one_line_errors_before_any_stage(tmp_path, flags, message):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,3 +187,105 @@ def test_missing_data_is_a_one_line_error(tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [f"nanoDPO: error: {tmp_path}/imdb.npz does not exist: run python "
                                                f"data/imdb/prepare.py --out {tmp_path}"]
+
+
+# ---------------------------------------------------------------- DPO's successors: SimPO, ORPO, KTO
+
+def f64(*xs):
+    return [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in xs]
+
+
+SUCCESSOR_CASES = [  # hand-picked log-probs of chosen and rejected, then random ones
+    ([-3.0, -10.0, -0.5], [-5.0, -4.0, -0.7]),
+    (list(np.random.default_rng(0).uniform(-60, -0.01, 6)), list(np.random.default_rng(1).uniform(-60, -0.01, 6))),
+]
+
+
+@pytest.mark.parametrize("pi_c, pi_r", SUCCESSOR_CASES)
+def test_simpo_and_orpo_match_their_formulas_values_and_gradients(pi_c, pi_r):
+    n = len(pi_c)
+    len_c, len_r = torch.arange(2.0, 2 + n, dtype=torch.float64), torch.arange(7.0, 7 + n, dtype=torch.float64)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    for name, loss_fn, param in [("simpo", dpo.simpo_loss, 2.0), ("orpo", dpo.orpo_loss, 0.1)]:
+        c, r = f64(pi_c, pi_r)
+        losses, _, _ = loss_fn(c, r, len_c, len_r, param)
+        losses.sum().backward()
+        for i in range(n):
+            mc, mr, lc = pi_c[i] / len_c[i].item(), pi_r[i] / len_r[i].item(), len_c[i].item()
+            if name == "simpo":  # -log sigmoid(beta mc - beta mr - gamma), gamma = beta / 2
+                z = param * (mc - mr) - param / 2
+                want, d_c = -math.log(sig(z)), -(1 - sig(z)) * param / lc
+            else:  # -mc + lam * -log sigmoid(log odds(mc) - log odds(mr)), log odds(m) = m - log(1 - e^m)
+                lo = lambda m: m - math.log(1 - math.exp(m))
+                z = lo(mc) - lo(mr)
+                want = -mc - param * math.log(sig(z))
+                d_c = (-1 - param * (1 - sig(z)) * (1 + math.exp(mc) / (1 - math.exp(mc)))) / lc
+            assert losses[i].item() == pytest.approx(want, rel=1e-9), (name, i)
+            assert c.grad[i].item() == pytest.approx(d_c, rel=1e-7), (name, i)
+
+
+def test_orpo_log_odds_are_finite_near_certainty():
+    m = torch.tensor([-1e-9, -1e-4, -0.69, -0.7, -30.0], dtype=torch.float32)
+    got = dpo.log_odds(m).double()
+    want = torch.tensor([math.log(math.exp(x) / -math.expm1(x)) for x in [-1e-6, -1e-4, -0.69, -0.7, -30.0]],
+                        dtype=torch.float64)
+    assert torch.isfinite(got).all() and torch.allclose(got, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pi_c, pi_r", SUCCESSOR_CASES)
+def test_kto_matches_its_formula_and_z0_is_a_clamped_constant(pi_c, pi_r):
+    n, beta = len(pi_c), 0.1
+    ref_c, ref_r = [x + 1.0 for x in pi_c], [x - 0.5 for x in pi_r]
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    for mismatched, z0 in [([2.0] * n, 2.0), ([-3.0] * n, 0.0)]:  # z0 is the mean log-ratio, never below 0
+        c, r, mm = f64(pi_c, pi_r, mismatched)
+        losses, _, _ = dpo.kto_loss(c, r, torch.tensor(ref_c, dtype=torch.float64),
+                                    torch.tensor(ref_r, dtype=torch.float64), mm, beta)
+        losses.sum().backward()
+        want = [1 - sig(beta * (pc - rc - z0)) for pc, rc in zip(pi_c, ref_c)] + \
+               [1 - sig(beta * (z0 - (pr - rr))) for pr, rr in zip(pi_r, ref_r)]
+        assert losses.tolist() == pytest.approx(want, rel=1e-12)
+        assert c.grad.tolist() == pytest.approx([-beta * sig(beta * (pc - rc - z0)) * (1 - sig(beta * (pc - rc - z0)))
+                                                 for pc, rc in zip(pi_c, ref_c)], rel=1e-9)
+        assert mm.grad is None  # z0 carries no gradient
+
+
+def test_reference_free_losses_do_not_read_the_reference():
+    policy = tiny_gpt(0)
+    batch = pack([[1, 2], [3]] * 2, [[4, 5, EOS], [6, EOS], [7, EOS], [8, 9, EOS]], 64)
+    for method, param in [("simpo", 2.0), ("orpo", 0.1)]:
+        without, _ = dpo.pair_loss(policy, batch, None, method, param)
+        with_ref, _ = dpo.pair_loss(policy, batch, tiny_gpt(5), method, param)
+        assert without.item() == with_ref.item()
+
+
+@pytest.mark.parametrize("method, param", [("simpo", 2.0), ("orpo", 0.1), ("kto", 0.1)])
+def test_one_step_of_each_successor_raises_the_chosen_over_the_rejected(method, param):
+    policy, ref = tiny_gpt(), tiny_gpt().requires_grad_(False)
+    pairs = dict(prompt=[[1, 2], [3, 4]], chosen=[[3, 4, EOS], [5, 5, EOS]], rejected=[[5, 6, EOS], [7, 8, 9, EOS]])
+    batch = dpo.pair_batches(pairs, 2, 64, seed=0, mismatched=method == "kto")(0)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    before, m0 = dpo.pair_loss(policy, batch, ref, method, param)
+    before.backward()
+    opt.step()
+    after, m1 = dpo.pair_loss(policy, batch, ref, method, param)
+    gap = lambda m: m["logp_c"] - m["logp_r"]
+    assert gap(m1) > gap(m0) and after < before
+
+
+@pytest.mark.parametrize("method", ["simpo", "orpo", "kto"])
+def test_fused_kernel_gives_the_reference_gradients_for_the_successors(method):
+    policy, ref = tiny_gpt(seed=0), tiny_gpt(seed=1).requires_grad_(False)
+    pairs = dict(prompt=[[1, 2, 3], [4]], chosen=[[5, 6, EOS], [7, 8, 9, EOS]], rejected=[[5, EOS], [9, 9, EOS]])
+    batch = dpo.pair_batches(pairs, 4, 64, seed=0, mismatched=method == "kto")(0)
+    param = {"simpo": 2.0, "orpo": 0.1, "kto": 0.5}[method]
+    assert_fused_matches_reference(policy, lambda impl: dpo.pair_loss(policy, batch, ref, method, param, impl)[0])
+
+
+def test_kto_batches_add_mismatched_rows():
+    pairs = dict(prompt=[[1], [2], [3]], chosen=[[10, EOS], [20, EOS], [30, EOS]], rejected=[[11, EOS], [21, EOS], [31, EOS]])
+    idx, targets, mask = dpo.pair_batches(pairs, 3, 64, seed=0, mismatched=True)(0)
+    n = idx.size(0) // 3
+    for i in range(n):  # row 2n + i: the prompt of pair i with the chosen response of pair i + 1
+        assert idx[2 * n + i, 0] == idx[i, 0] and targets[2 * n + i][mask[2 * n + i]].tolist() == \
+            targets[(i + 1) % n][mask[(i + 1) % n]].tolist()
