@@ -110,7 +110,8 @@ def get_args(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
     for k, v in PRESETS["tiny"].items():  # sizes, steps and rates: positive (warm-up may be 0)
-        if isinstance(v, (int, float)) and not getattr(args, k) >= (0 if k == "warmup" else 1 if isinstance(v, int) else 1e-30):
+        least = 0 if k == "warmup" else 1 if isinstance(v, int) else 1e-30
+        if isinstance(v, (int, float)) and not getattr(args, k) >= least:
             p.error(f"--{k.replace('_', '-')}: expected a positive number, got {getattr(args, k)}")
     if args.block_size < max(18, args.max_new_tokens + 9):  # the classifier's crops take 16 tokens and more
         p.error(f"--block-size {args.block_size}: expected at least 18, and room for a prompt of up to 8 tokens "
@@ -135,8 +136,8 @@ def stage_plan(args):
     in pipeline order, for the stages this command needs. A changed upstream setting so changes every
     stage after it too."""
     pick = lambda *keys: {k: getattr(args, k) for k in keys}
-    sft = pick("data", "init", "model", "n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed",
-               "sft_steps", "sft_lr") | {"model": args.model if args.init == "pretrained" else None}
+    sft = pick("data", "init", "n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps",
+               "sft_lr") | {"model": args.model if args.init == "pretrained" else None}
     reward = sft | pick("rm_steps", "rm_lr")
     pairs = reward | pick("n_prompts", "min_chars", "max_new_tokens")
     prompts = pairs | pick("n_eval")  # the held-out prompts are drawn after the training prompts
@@ -153,8 +154,9 @@ def stage_plan(args):
                 "optimizer", "ppo_iters", "ppo_batch", "ppo_epochs", "ppo_minibatches", "ppo_lr", "ppo_eval_every",
                 "kl_horizon")
         else:
+            extra = pick("label_smoothing") if method == "cdpo" else {}
             plan[run_folder(method, param)] = prompts | pick("dpo_steps", "dpo_lr", "dpo_batch", "optimizer",
-                                                             "eval_every") | (pick("label_smoothing") if method == "cdpo" else {})
+                                                             "eval_every") | extra
     return plan
 
 
@@ -169,7 +171,7 @@ def check_settings(out, plan, redo):
         if not os.path.exists(target) or recorded.get(stage) == settings:
             continue
         old = recorded.get(stage, {})
-        diff = ", ".join(f"{k} {old[k]} -> {v}" for k, v in settings.items() if k in old and old[k] != v)
+        diff = ", ".join(f"{k} {old.get(k, 'unset')} -> {v}" for k, v in settings.items() if old.get(k, "unset") != v)
         why = f"was made with other settings ({diff})" if stage in recorded else "has no record of its settings"
         if not redo:
             raise UsageError(f"{target} {why}: use another --out, or --redo to make it and every stage after it again")
@@ -303,7 +305,8 @@ def train(name, model, loss_fn, get_batch, steps, lr, *, out, device, optimizer=
     "samples", if any, to samples.jsonl).
     state: a dict the caller updates during training (PPO's KL coefficient), checkpointed with the model."""
     folder, (rank, world) = os.path.join(out, name), rank_world()
-    final, ckpt, evals, samples = (os.path.join(folder, f) for f in ("model.pt", "ckpt.pt", "eval.jsonl", "samples.jsonl"))
+    final, ckpt, evals, samples = (os.path.join(folder, f)
+                                   for f in ("model.pt", "ckpt.pt", "eval.jsonl", "samples.jsonl"))
     state = {} if state is None else state
     if os.path.exists(final):
         saved = load_checkpoint(final)

@@ -109,7 +109,8 @@ def kto_loss(pi_c, pi_r, ref_c, ref_r, mismatched_logratio, beta, lambda_d=1.0, 
     Returns losses Shape (2 * batch,), desirable first, and the rewards beta * r of chosen and rejected (detached)."""
     z0 = max(0.0, global_mean(mismatched_logratio.mean().item())[0])  # over every rank's share; a number, no grad
     r_c, r_r = pi_c - ref_c, pi_r - ref_r
-    losses = torch.cat([lambda_d * (1 - torch.sigmoid(beta * (r_c - z0))), lambda_u * (1 - torch.sigmoid(beta * (z0 - r_r)))])
+    losses = torch.cat([lambda_d * (1 - torch.sigmoid(beta * (r_c - z0))),
+                        lambda_u * (1 - torch.sigmoid(beta * (z0 - r_r)))])
     return losses, beta * r_c.detach(), beta * r_r.detach()
 
 
@@ -142,7 +143,7 @@ def pair_loss(model, batch, ref, method, param, impl="auto", label_smoothing=0.0
 
 # ----------------------------------------------------------------------------- 5. one run
 def run(method, param, sft_model, ref, pairs, evaluator, args):
-    """A policy that starts as pi_ref, trained on the pairs with the loss of `method` (param: its beta, alpha or lambda)."""
+    """A policy that starts as pi_ref, trained on the pairs with the loss of `method` (param: beta, alpha or lambda)."""
     policy = copy.deepcopy(sft_model).train()
     batches = pair_batches(pairs, args.dpo_batch, args.block_size, args.seed + 3, mismatched=method == "kto")
     return train(run_folder(method, param), policy,

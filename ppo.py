@@ -34,6 +34,14 @@ MAX_NORM_SAMPLES = 1024  # SFT samples that fix each score's affine normalisatio
 
 
 # ----------------------------------------------------------------------------- 5a. the reward model
+def with_zero_head(model, device):
+    """A copy of model with a zero-initialised scalar head: its first scores (or values) are all 0."""
+    copied = copy.deepcopy(model)
+    copied.score_head = torch.nn.Linear(copied.config.n_embd, 1).to(device)
+    torch.nn.init.zeros_(copied.score_head.weight), torch.nn.init.zeros_(copied.score_head.bias)
+    return copied
+
+
 def bradley_terry_loss(model, batch):
     """-log sigmoid(r(x, y_w) - r(x, y_l)): chosen rows first, then the rejected ones, in score layout."""
     idx, mask = batch
@@ -52,9 +60,7 @@ def pair_score_batch(pairs, rows, eos, block_size):
 def reward_model(sft_model, pairs, heldout, args, eos):
     """r_phi, initialised from the SFT model (a zero scalar head) and trained on DPO's pairs; its accuracy
     on the pairs of held-out prompts is evaluated as it trains (out/<preset>/reward_model/eval.jsonl)."""
-    rm = copy.deepcopy(sft_model)
-    rm.score_head = torch.nn.Linear(rm.config.n_embd, 1).to(args.device)
-    torch.nn.init.zeros_(rm.score_head.weight), torch.nn.init.zeros_(rm.score_head.bias)
+    rm = with_zero_head(sft_model, args.device)
 
     def get_batch(step):
         rank, world = rank_world()
@@ -63,14 +69,14 @@ def reward_model(sft_model, pairs, heldout, args, eos):
 
     @torch.no_grad()
     def heldout_accuracy(model, step):
-        correct = 0
-        for i in range(0, len(heldout["prompt"]), 128):
-            idx, mask = (x.to(args.device) for x in pair_score_batch(heldout, range(i, min(i + 128, len(heldout["prompt"]))),
-                                                                     eos, args.block_size))
+        n, correct = len(heldout["prompt"]), 0
+        for i in range(0, n, 128):
+            batch = pair_score_batch(heldout, range(i, min(i + 128, n)), eos, args.block_size)
+            idx, mask = (x.to(args.device) for x in batch)
             with amp(args.device):
                 s = model.score(model(idx), mask).float()
             correct += (s[: len(s) // 2] > s[len(s) // 2:]).sum().item()
-        return dict(heldout_acc=correct / len(heldout["prompt"]))
+        return dict(heldout_acc=correct / n)
 
     return train("reward_model", rm, bradley_terry_loss, get_batch, args.bt_steps, args.bt_lr, out=args.out,
                  device=args.device, warmup=args.warmup, eval_every=args.eval_every, evaluator=heldout_accuracy,
@@ -205,9 +211,7 @@ def run(method, target, sft_model, ref, score_fn, train_prompts, evaluator, args
     evaluator(model, step) is DPO's evaluation."""
     if len(train_prompts) < args.ppo_batch:
         raise ValueError(f"--ppo-batch {args.ppo_batch} is more than the {len(train_prompts)} training prompts")
-    policy = copy.deepcopy(sft_model).train()
-    policy.score_head = torch.nn.Linear(policy.config.n_embd, 1).to(args.device)  # the value head V(s_t)
-    torch.nn.init.zeros_(policy.score_head.weight), torch.nn.init.zeros_(policy.score_head.bias)
+    policy = with_zero_head(sft_model, args.device).train()  # its scalar head is the value head V(s_t)
     state, stats = dict(kl_coef=KL_INIT), dict(target=target)
     updates = args.ppo_epochs * args.ppo_minibatches
 
