@@ -16,7 +16,7 @@ from conftest import EOS, assert_fused_matches_reference, tiny_gpt
 
 import dpo
 import stages
-from common import pack
+from common import get_args, pack
 from data.corpus import UsageError
 from model import GPT, GPTConfig
 
@@ -289,3 +289,11 @@ def test_kto_batches_add_mismatched_rows():
     for i in range(n):  # row 2n + i: the prompt of pair i with the chosen response of pair i + 1
         assert idx[2 * n + i, 0] == idx[i, 0] and targets[2 * n + i][mask[2 * n + i]].tolist() == \
             targets[(i + 1) % n][mask[(i + 1) % n]].tolist()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        get_args(["--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error: --device cuda: no CUDA GPU is visible to torch; use --device cpu" in err
