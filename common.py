@@ -163,7 +163,23 @@ def stage_plan(args):
 def check_settings(out, plan, redo):
     """Compare each stage's settings with those recorded in out/settings.json when it was made. A stage
     made with other settings (or by an older nanoDPO that kept no record) is refused with one line, or
-    with redo deleted so that it is made again; then the plan is recorded. Rank 0 only."""
+    with redo deleted so that it is made again; then the plan is recorded. Rank 0 checks; under torchrun
+    every rank learns its verdict, so that all stop together."""
+    error = ""
+    if rank_world()[0] == 0:
+        try:
+            _check_settings(out, plan, redo)
+        except UsageError as e:
+            error = str(e)
+    if torch.distributed.is_initialized():
+        verdict = [error]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error:
+        raise UsageError(error)
+
+
+def _check_settings(out, plan, redo):
     path = os.path.join(out, "settings.json")
     recorded = json.load(open(path)) if os.path.exists(path) else {}
     for stage, settings in plan.items():

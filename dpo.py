@@ -157,10 +157,7 @@ def main(argv=None):
     args = get_args(argv)
     args.device = setup_distributed(args.device)
     log(f"nanoDPO: preset {args.preset} on {args.device} -> {args.out}")
-    plan = stage_plan(args)
-    if rank_world()[0] == 0:  # before any work: a finished stage is reused only if its settings match
-        check_settings(args.out, plan, args.redo)
-    barrier()
+    check_settings(args.out, stage_plan(args), args.redo)  # before any work: a stage is reused only if its settings match
     t_start = time.time()
     data = load_data(args.data_dir, args.data)  # 1. data and prompts
     enc = get_tokenizer(data["tokenizer"])

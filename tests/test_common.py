@@ -196,3 +196,25 @@ def test_a_torn_last_line_is_dropped_on_resume_and_a_bad_line_is_named(tmp_path,
     evals.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
     with pytest.raises(UsageError, match=r"torn/eval.jsonl, line 2: not a JSON record"):
         read_jsonl(str(evals))
+
+
+def _settings_worker(rank, world, port, out, result):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    common.setup_distributed("cpu")
+    try:
+        common.check_settings(out, {"sft": {"sft_steps": 300}}, redo=False)
+        outcome = "went on"
+    except UsageError as e:
+        outcome = str(e)
+    with open(f"{result}.{rank}", "w") as f:
+        f.write(outcome)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_stale_stage_stops_every_rank(tmp_path):
+    """Rank 0 checks the settings; under torchrun every rank must stop with it, not wait at a barrier."""
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "settings.json").write_text(json.dumps({"sft": {"sft_steps": 200}}))
+    mp.spawn(_settings_worker, args=(2, free_port(), str(tmp_path), str(tmp_path / "r")), nprocs=2)
+    for rank in (0, 1):
+        assert "sft was made with other settings (sft_steps 200 -> 300)" in (tmp_path / f"r.{rank}").read_text()
