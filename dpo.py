@@ -9,9 +9,9 @@ nanoDPO: Direct Preference Optimization (Rafailov et al., 2023), read top to bot
 The controlled sentiment experiment of the paper (Sec. 6.1, App. C.1). Stages 1-4 (data, the SFT
 reference pi_ref, the ground-truth reward r*, the preference pairs) are in stages.py, the machinery
 (settings, batching, the fused log-probs, the training loop) in common.py, PPO in ppo.py. This file is
-DPO itself: 5. the pairs it trains on and its loss, one run per beta and the baselines on the same
-loop, then 6. evaluation of every run on one axis and 7. the figure. Every stage writes under
-out/<preset>/ and a rerun skips what is complete.
+DPO itself: 5. the pairs it trains on and its loss, its successors (SimPO, ORPO, KTO), one run per beta
+and the baselines on the same loop, then 6. evaluation of every run on one axis and 7. the figure. Every
+stage writes under out/<preset>/, with the settings it was made with; a rerun skips what is complete.
 """
 import copy
 import os
@@ -177,8 +177,9 @@ def main(argv=None):
                                                 device=args.device, impl=args.impl, decode=enc.decode)
     ppo_methods = {m for m, _ in args.run_list if m in ("ppo", "ppo-gt")}
     if ppo_methods:  # PPO's reward model learns from the same pairs, validated on pairs of held-out prompts
-        heldout = stages.make_pairs(sft, classifier, heldout_prompts, args, eos, name="pairs_heldout.pt") \
-            if "ppo" in ppo_methods else None
+        heldout = None
+        if "ppo" in ppo_methods:
+            heldout = stages.make_pairs(sft, classifier, heldout_prompts, args, eos, name="pairs_heldout.pt")
         score_fns = ppo.score_functions(sft, classifier, pairs, heldout, train_prompts, args, eos, ppo_methods)
     for method, param in args.run_list:  # 5. and 6. every run, evaluated the same way
         if method in ppo_methods:
