@@ -21,8 +21,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from data.corpus import (OneLineParser, UsageError, load_checkpoint, load_corpus, read_jsonl, save_checkpoint,
-                         write_atomic)
+from data.corpus import (OneLineParser, UsageError, append_jsonl, load_checkpoint, load_corpus, read_jsonl,
+                         save_checkpoint, write_atomic)
 from data.tiny.prepare import prepare as prepare_tiny
 from kernels import sequence_logprobs
 from model import GPT, GPTConfig
@@ -352,11 +352,8 @@ def train(name, model, loss_fn, get_batch, steps, lr, *, out, device, optimizer=
         if evaluator is not None and rank == 0 and (step % every == 0 or step == steps):  # 1. evaluate
             record = dict(step=step, **evaluator(model, step))
             texts = record.pop("samples", [])  # a few samples to read, kept apart from the numbers
-            with open(evals, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            with open(samples, "a") if texts else nullcontext() as f:
-                for x in texts:
-                    f.write(json.dumps(dict(step=step, **x)) + "\n")
+            append_jsonl(evals, [record])
+            append_jsonl(samples, [dict(step=step, **x) for x in texts])
             log(f"[{name}] eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
             last_kl = f" kl {record['kl']:.2f}" if "kl" in record else ""  # progress lines show the latest KL
         if step == steps:

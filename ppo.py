@@ -67,16 +67,10 @@ def reward_model(sft_model, pairs, heldout, args, eos):
         rows = np.random.default_rng([args.seed + 4, step]).integers(len(pairs["prompt"]), size=args.batch)[rank::world]
         return pair_score_batch(pairs, rows, eos, args.block_size)
 
-    @torch.no_grad()
     def heldout_accuracy(model, step):
-        n, correct = len(heldout["prompt"]), 0
-        for i in range(0, n, 128):
-            batch = pair_score_batch(heldout, range(i, min(i + 128, n)), eos, args.block_size)
-            idx, mask = (x.to(args.device) for x in batch)
-            with amp(args.device):
-                s = model.score(model(idx), mask).float()
-            correct += (s[: len(s) // 2] > s[len(s) // 2:]).sum().item()
-        return dict(heldout_acc=correct / n)
+        s_c, s_r = (score(model, heldout["prompt"], heldout[k], eos, args.block_size, args.device)
+                    for k in ("chosen", "rejected"))
+        return dict(heldout_acc=(s_c > s_r).float().mean().item())
 
     return train("reward_model", rm, bradley_terry_loss, get_batch, args.bt_steps, args.bt_lr, out=args.out,
                  device=args.device, warmup=args.warmup, eval_every=args.eval_every, evaluator=heldout_accuracy,
@@ -87,11 +81,10 @@ def normalised(score_fn, sft_model, prompts, args, eos, name):
     """score_fn(prompts, responses) turned into a fixed affine map with mean 0 and std 1 on samples of pi_ref
     (one per prompt, at most MAX_NORM_SAMPLES), computed once and kept in out/<preset>/score_norm_<name>.json."""
     path = os.path.join(args.out, f"score_norm_{name}.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path) and rank_world()[0] == 0:  # under torchrun rank 0 samples, every rank reads the file
         p = prompts[:MAX_NORM_SAMPLES]
         s = score_fn(p, sample(sft_model, p, args.max_new_tokens, eos, args.seed + 5, args.device))
-        if rank_world()[0] == 0:
-            write_atomic(path, lambda f: f.write(json.dumps(dict(mean=s.mean().item(), std=s.std().item())).encode()))
+        write_atomic(path, lambda f: f.write(json.dumps(dict(mean=s.mean().item(), std=s.std().item())).encode()))
     barrier()
     norm = json.load(open(path))
     return lambda p, r: (score_fn(p, r) - norm["mean"]) / norm["std"]

@@ -79,6 +79,13 @@ def read_jsonl(path):
     return records
 
 
+def append_jsonl(path, records):
+    """Append records to a .jsonl file, one JSON object a line."""
+    if records:
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
 def save_checkpoint(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f))
 
