@@ -29,9 +29,9 @@ from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------- settings
 PRESETS = {
-    "tiny": dict(data="tiny", init="scratch", n_layer=4, n_head=4, n_embd=128, block_size=128,
+    "tiny": dict(data="tiny", init="scratch", n_layer=4, n_head=4, n_embd=128, block_size=64,
                  sft_steps=300, sft_lr=2e-3, rm_steps=200, rm_lr=2e-4, batch=32, min_chars=100,
-                 n_prompts=300, max_new_tokens=64, dpo_steps=160, dpo_lr=5e-5, dpo_batch=16, warmup=10,
+                 n_prompts=300, max_new_tokens=48, dpo_steps=160, dpo_lr=5e-5, dpo_batch=16, warmup=10,
                  optimizer="adamw", eval_every=20, n_eval=128, best_of="1,2,4,8,16",
                  bt_steps=100, bt_lr=5e-4, ppo_iters=24, ppo_batch=64, ppo_epochs=4, ppo_minibatches=2,
                  ppo_lr=5e-5, ppo_eval_every=4, kl_horizon=128,
@@ -138,8 +138,8 @@ def stage_plan(args):
     pick = lambda *keys: {k: getattr(args, k) for k in keys}
     sft = pick("data", "init", "n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps",
                "sft_lr") | {"model": args.model if args.init == "pretrained" else None}
-    reward = sft | pick("rm_steps", "rm_lr")
-    pairs = reward | pick("n_prompts", "min_chars", "max_new_tokens")
+    reward = sft | pick("rm_steps", "rm_lr", "max_new_tokens")  # its crops cover the scored length
+    pairs = reward | pick("n_prompts", "min_chars")
     prompts = pairs | pick("n_eval")  # the held-out prompts are drawn after the training prompts
     plan = {"sft": sft, "reward": reward, "pairs.pt": pairs, "best_of_n.jsonl": prompts | pick("best_of")}
     methods = {m for m, _ in args.run_list}
@@ -249,7 +249,12 @@ def load_data(data_dir, name):
     path = os.path.join(data_dir, f"{name}.npz")
     if name == "tiny" and not os.path.exists(path):  # generated offline in seconds
         prepare_tiny(data_dir)
-    return load_corpus(path)
+    data = load_corpus(path)
+    if name == "tiny" and data["tokenizer"] != "words":  # made by an older nanoDPO, in bytes
+        log(f"{path} holds the old byte-level tiny corpus: making the word-level one")
+        prepare_tiny(data_dir)
+        data = load_corpus(path)
+    return data
 
 
 def make_prompts(split, n, min_chars, rng):
@@ -260,26 +265,34 @@ def make_prompts(split, n, min_chars, rng):
 
 
 # ----------------------------------------------------------------------------- batching and log-probs
-def pack(prompts, responses, block_size, pad=0):
-    """Concatenate prompt and response ids (tokenised separately) into one right-padded batch.
+def layout(prompt, response, bos):
+    """The one layout of every sequence in nanoDPO: a beginning-of-text token (the EOS id, as in GPT-2), the
+    prompt, the response. SFT trains pi_ref on layout([], review + [EOS]); sampling starts from
+    layout(prompt, []); every log-prob, KL and score reads layout(prompt, response). So pi_ref always sees
+    text where it learned it: the first word of a review right after the beginning-of-text token."""
+    return [bos] + list(prompt) + list(response)
+
+
+def pack(prompts, responses, block_size, bos):
+    """Lay out each (prompt, response) (tokenised separately) and right-pad them into one batch.
     Returns idx (B, T) inputs, targets (B, T) = the sequence shifted by one, and mask (B, T): True
     where the target is a response token. Prompt and padding never enter a sum; the mask is explicit,
     not inferred from pad == EOS."""
     rows = []
     for p, r in zip(prompts, responses):
         if len(r) == 0:
-            raise ValueError("empty response: every response must hold at least its EOS token")
-        if len(p) >= block_size:
-            raise ValueError(f"prompt of {len(p)} tokens does not fit block_size {block_size}")
-        rows.append((p, r[: block_size + 1 - len(p)]))  # a too-long response is cut at the block size
-    T = max(len(p) + len(r) for p, r in rows) - 1
-    idx = torch.full((len(rows), T), pad, dtype=torch.long)
-    targets = torch.full((len(rows), T), pad, dtype=torch.long)
+            raise ValueError("empty response: every response must hold at least one token")
+        if len(p) + 1 >= block_size:
+            raise ValueError(f"prompt of {len(p)} tokens and its beginning-of-text token do not fit block_size {block_size}")
+        rows.append((len(p) + 1, layout(p, r, bos)[: block_size + 1]))  # a too-long response is cut at the block size
+    T = max(len(seq) for _, seq in rows) - 1
+    idx = torch.full((len(rows), T), bos, dtype=torch.long)
+    targets = torch.full((len(rows), T), bos, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, (p, r) in enumerate(rows):
-        seq = torch.tensor(p + r)
+    for i, (n_prompt, seq) in enumerate(rows):
+        seq = torch.tensor(seq)
         idx[i, : len(seq) - 1], targets[i, : len(seq) - 1] = seq[:-1], seq[1:]
-        mask[i, len(p) - 1: len(seq) - 1] = True
+        mask[i, n_prompt - 1: len(seq) - 1] = True
     return idx, targets, mask
 
 

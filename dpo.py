@@ -32,7 +32,7 @@ from plots.frontier import plot_frontier
 
 
 # ----------------------------------------------------------------------------- 5. the pairs DPO trains on
-def pair_batches(pairs, dpo_batch, block_size, seed, mismatched=False):
+def pair_batches(pairs, dpo_batch, block_size, eos, seed, mismatched=False):
     """get_batch(step): this rank's share of dpo_batch pairs (prompt x, chosen y_w, rejected y_l), chosen and
     rejected packed into one batch, so both go through one forward: rows [0, n) chosen, [n, 2n) rejected.
     mismatched (KTO): rows [2n, 3n) pair each prompt with the next pair's chosen response, for its KL estimate."""
@@ -41,7 +41,8 @@ def pair_batches(pairs, dpo_batch, block_size, seed, mismatched=False):
         rows = np.random.default_rng([seed, step]).integers(len(pairs["prompt"]), size=dpo_batch)[rank::world]
         prompts, chosen = [pairs["prompt"][i] for i in rows], [pairs["chosen"][i] for i in rows]
         extra = (prompts, chosen[1:] + chosen[:1]) if mismatched else ([], [])
-        return pack(prompts + prompts + extra[0], chosen + [pairs["rejected"][i] for i in rows] + extra[1], block_size)
+        return pack(prompts + prompts + extra[0], chosen + [pairs["rejected"][i] for i in rows] + extra[1], block_size,
+                    eos)
     return get_batch
 
 
@@ -142,10 +143,10 @@ def pair_loss(model, batch, ref, method, param, impl="auto", label_smoothing=0.0
 
 
 # ----------------------------------------------------------------------------- 5. one run
-def run(method, param, sft_model, ref, pairs, evaluator, args):
+def run(method, param, sft_model, ref, pairs, evaluator, args, eos):
     """A policy that starts as pi_ref, trained on the pairs with the loss of `method` (param: beta, alpha or lambda)."""
     policy = copy.deepcopy(sft_model).train()
-    batches = pair_batches(pairs, args.dpo_batch, args.block_size, args.seed + 3, mismatched=method == "kto")
+    batches = pair_batches(pairs, args.dpo_batch, args.block_size, eos, args.seed + 3, mismatched=method == "kto")
     return train(run_folder(method, param), policy,
                  lambda m, b: pair_loss(m, b, ref, method, param, args.impl, args.label_smoothing), batches,
                  args.dpo_steps, args.dpo_lr, out=args.out, device=args.device, optimizer=args.optimizer,
@@ -160,7 +161,7 @@ def main(argv=None):
     check_settings(args.out, stage_plan(args), args.redo)  # before any work: a stage is reused only if its settings match
     t_start = time.time()
     data = load_data(args.data_dir, args.data)  # 1. data and prompts
-    enc = get_tokenizer(data["tokenizer"])
+    enc = get_tokenizer(data["tokenizer"], data["words"])
     eos, vocab = enc.eot_token, enc.n_vocab
     rng = np.random.default_rng(args.seed)
     train_prompts = make_prompts(data["train"], args.n_prompts, args.min_chars, rng)
@@ -185,7 +186,7 @@ def main(argv=None):
         if method in ppo_methods:
             ppo.run(method, param, sft, ref, score_fns[method], train_prompts, evaluator, args, eos)
         else:
-            run(method, param, sft, ref, pairs, evaluator, args)
+            run(method, param, sft, ref, pairs, evaluator, args, eos)
     if rank_world()[0] == 0:  # 7. the figure of this command's runs
         names = [os.path.basename(run_folder(m, p)) for m, p in args.run_list]
         log(f"wrote {plot_frontier(args.out, args.figure or os.path.join(args.out, 'frontier.png'), names)}")

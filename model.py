@@ -1,5 +1,5 @@
 """
-GPT-2, written out plainly (after nanoGPT), plus the two tokenizers nanoDPO uses.
+GPT-2, written out plainly (after nanoGPT), plus the tokenizers nanoDPO uses.
 
 - `model(idx)` returns the final hidden states (after ln_f), shape (B, T, C). Training never
   computes the (B, T, V) logits: the fused log-prob kernel in kernels/ takes the hidden states
@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import sys
 import urllib.request
@@ -339,13 +340,44 @@ def download_gpt2(name, cache_dir=None):
 
 # ---------------------------------------------------------------- tokenizers
 
-def get_tokenizer(name):
+class WordTokenizer:
+    """Whole words and single punctuation marks as tokens, then <|endoftext|>: the tiny preset's language, so
+    that what its models write can be read. The vocabulary is given (data/tiny/prepare.py derives it from the
+    generator's word lists); a word outside it is an error. decode puts a space between words, none before
+    . , ! : ) and none after (, which rebuilds the generator's text exactly."""
+    PATTERN = r"\w+|[^\w\s]"
+
+    def __init__(self, words):
+        self.words = list(words) + ["<|endoftext|>"]
+        self.ids = {w: i for i, w in enumerate(self.words)}
+        self.eot_token, self.n_vocab = len(self.words) - 1, len(self.words)
+
+    def encode_ordinary(self, text):
+        try:
+            return [self.ids[w] for w in re.findall(self.PATTERN, text)]
+        except KeyError as e:
+            raise ValueError(f"{e.args[0]!r} is not in the tokenizer's vocabulary of {self.n_vocab - 1} words") from None
+
+    def encode_ordinary_batch(self, texts):
+        return [self.encode_ordinary(t) for t in texts]
+
+    def decode(self, ids):
+        text = ""
+        for w in (self.words[i] for i in ids):
+            text += w if not text or w in ".,!:)" or text.endswith("(") else " " + w
+        return text
+
+
+def get_tokenizer(name, words=None):
     """'gpt2': tiktoken's GPT-2 BPE (fetched by tiktoken on first use).
-    'bytes': an offline byte-level encoding, 256 bytes + <|endoftext|> = 256, for the tiny preset."""
+    'bytes': an offline byte-level encoding, 256 bytes + <|endoftext|> = 256.
+    'words': a WordTokenizer over `words` (the tiny preset's)."""
     import tiktoken
     if name == "gpt2":
         return tiktoken.get_encoding("gpt2")
     if name == "bytes":
         return tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
                                  special_tokens={"<|endoftext|>": 256})
-    raise ValueError(f"unknown tokenizer {name!r}: expected 'gpt2' or 'bytes'")
+    if name == "words" and words is not None:
+        return WordTokenizer(words)
+    raise ValueError(f"unknown tokenizer {name!r}: expected 'gpt2', 'bytes', or 'words' with its word list")

@@ -163,7 +163,7 @@ def rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
     policy.eval()
     responses = sample(policy, prompts, args.max_new_tokens, eos, seed, args.device)
     s = score_fn(prompts, responses).to(args.device)
-    idx, targets, mask = (x.to(args.device) for x in pack(prompts, responses, args.block_size))
+    idx, targets, mask = (x.to(args.device) for x in pack(prompts, responses, args.block_size, eos))
     with amp(args.device):
         h = policy(idx)
         out = logprobs(policy, ref, idx, targets, mask, args.impl, with_kl=True, hidden=h)

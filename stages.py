@@ -15,25 +15,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import amp, barrier, log, logprobs, make_model, masked_mean, pack, rank_world, train, unwrap
+from common import amp, barrier, layout, log, logprobs, make_model, masked_mean, pack, rank_world, train, unwrap
 from data.corpus import load_checkpoint, save_checkpoint, write_atomic
 from model import left_pad
 
 
 # ----------------------------------------------------------------------------- 2. SFT and 3. the classifier
-def review_batches(split, batch, block_size, eos, seed, crop):
+def review_batches(split, batch, block_size, eos, seed, scored_len=None):
     """get_batch(step) over reviews, deterministic in (seed, step) so that a resumed run sees the same
-    batches. A review becomes EOS + its tokens + EOS (cut at the block size); crop=True takes a prefix of
-    random length (the classifier must also judge the short texts that it scores later). The fourth
-    tensor holds the labels."""
+    batches. A review is laid out as common.layout([], review + [EOS]), cut at the block size. With
+    scored_len (the classifier) each review is cut to a random length of at least 8 tokens, half the
+    time at most scored_len: the classifier must judge the short texts it scores later (a prompt of up
+    to 8 tokens and a response) as well as whole reviews. The fourth tensor holds the labels."""
     def get_batch(step):
         rng, (rank, world) = np.random.default_rng([seed, step]), rank_world()
         rows = rng.integers(len(split), size=batch)[rank::world]
         seqs = []
         for i in rows:
             r = split.review(i).tolist()
-            seqs.append((r[: rng.integers(16, block_size - 1)] if crop else r) + [eos])
-        idx, targets, mask = pack([[eos]] * len(seqs), seqs, block_size, pad=eos)
+            if scored_len is not None:
+                top = block_size - 2 if rng.random() < 0.5 else min(scored_len, block_size - 2)
+                r = r[: rng.integers(8, top + 1)]
+            seqs.append(r + [eos])
+        idx, targets, mask = pack([[]] * len(seqs), seqs, block_size, eos)
         return idx, targets, mask, torch.tensor(split.labels[rows], dtype=torch.float)
     return get_batch
 
@@ -44,7 +48,7 @@ def sft(args, data, eos, vocab):
         idx, targets, mask, _ = batch
         return -masked_mean(logprobs(model, None, idx, targets, mask, args.impl).token_pol, mask), {}
     return train("sft", make_model(args, vocab), nll, review_batches(data["train"], args.batch, args.block_size, eos,
-                 args.seed, crop=False), args.sft_steps, args.sft_lr, out=args.out, device=args.device,
+                 args.seed), args.sft_steps, args.sft_lr, out=args.out, device=args.device,
                  warmup=args.warmup, log_every=args.log_every)
 
 
@@ -62,42 +66,59 @@ def classifier(args, data, eos, vocab, sft_model):
     if args.init == "scratch":  # a classifier from scratch learns slowly: start from the SFT model's weights
         rm.load_state_dict(sft_model.state_dict(), strict=False)
     rm = train("reward", rm, classifier_loss, review_batches(data["train"], args.batch, args.block_size, eos,
-               args.seed + 1, crop=True), args.rm_steps, args.rm_lr, out=args.out, device=args.device,
+               args.seed + 1, scored_len(args)), args.rm_steps, args.rm_lr, out=args.out, device=args.device,
                warmup=args.warmup, log_every=args.log_every).eval()
     classifier_accuracy(rm, data["test"], args, eos)
     return rm
 
 
+def scored_len(args):
+    """The longest text r* judges in the pipeline: a prompt of up to 8 tokens and a response."""
+    return 8 + args.max_new_tokens
+
+
 @torch.no_grad()
 def classifier_accuracy(rm, split, args, eos):
-    """Accuracy of r* > 0.5 on every review of the split, read whole (as far as the block size allows)."""
-    reviews = [split.review(i).tolist() for i in range(len(split))]
-    positive = score(rm, [[]] * len(reviews), reviews, eos, args.block_size, args.device) > 0
-    acc = (positive.numpy() == split.labels.astype(bool)).mean()
-    log(f"[reward] classifier accuracy on all {len(reviews)} test reviews: {acc:.3f}")
+    """Accuracy of r* > 0.5 on every review of the split, read whole (as far as the block size allows) and cut
+    to the length r* judges in the pipeline; written to out/<preset>/reward/accuracy.json."""
+    path = os.path.join(args.out, "reward", "accuracy.json")
+    if os.path.exists(path):
+        acc = json.load(open(path))
+    else:
+        reviews = [split.review(i).tolist() for i in range(len(split))]
+        correct = lambda texts: (score(rm, [[]] * len(texts), texts, eos, args.block_size, args.device).numpy() > 0) \
+            == split.labels.astype(bool)
+        acc = dict(whole=correct(reviews).mean().item(), scored=correct([r[:scored_len(args)] for r in reviews]).mean().item(),
+                   scored_len=scored_len(args), reviews=len(reviews))
+        if rank_world()[0] == 0:
+            write_atomic(path, lambda f: f.write(json.dumps(acc).encode()))
+    log(f"[reward] classifier accuracy on all {acc['reviews']} test reviews: {acc['whole']:.3f} whole, "
+        f"{acc['scored']:.3f} cut to the scored {acc['scored_len']} tokens")
     return acc
 
 
 # ----------------------------------------------------------------------------- sampling and scoring (stages 4, 5 and 6)
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, eos, seed, device):
-    """One completion per prompt at temperature 1 (no top-k), as token lists ending in EOS if it came."""
+def sample(model, prompts, max_new_tokens, eos, seed, device, temperature=1.0):
+    """One completion per prompt (temperature 1, no top-k, in the pipeline; 0 is greedy), each from
+    common.layout(prompt, []), as token lists ending in EOS if it came."""
     out = []
     g = torch.Generator(device=device).manual_seed(seed)
     for i in range(0, len(prompts), 256):
-        idx, pmask = left_pad(prompts[i:i + 256], eos)
+        idx, pmask = left_pad([layout(p, [], eos) for p in prompts[i:i + 256]], eos)
         with amp(device):
-            new, new_mask = model.generate(idx.to(device), pmask.to(device), max_new_tokens, temperature=1.0,
+            new, new_mask = model.generate(idx.to(device), pmask.to(device), max_new_tokens, temperature=temperature,
                                            eos=eos, generator=g)
         out += [row[m].tolist() for row, m in zip(new.cpu(), new_mask.cpu())]
     return out
 
 
 def score_batch(prompts, responses, eos, block_size):
-    """The layout every scalar head reads (the classifier r* and PPO's reward model): EOS + prompt +
-    response + EOS, right-padded. Returns idx (B, T) and mask (B, T), the head reading the last True."""
+    """What every scalar head reads (the classifier r* and PPO's reward model): the text prompt + response
+    (its EOS, if any, dropped) in the SFT's layout, common.layout([], text + [EOS]), right-padded. Returns
+    idx (B, T) and mask (B, T); the head reads the hidden state of the last True, the text's last token."""
     seqs = [p + [t for t in r if t != eos] + [eos] for p, r in zip(prompts, responses)]
-    idx, _, mask = pack([[eos]] * len(seqs), seqs, block_size, eos)
+    idx, _, mask = pack([[]] * len(seqs), seqs, block_size, eos)
     return idx, mask
 
 
@@ -126,7 +147,7 @@ def make_pairs(sft_model, rm, prompts, args, eos, name="pairs.pt"):
         repeated = [p for p in prompts for _ in range(4)]
         samples = sample(sft_model, repeated, args.max_new_tokens, eos, args.seed, args.device)
         rewards = reward(rm, repeated, samples, eos, args.block_size, args.device)
-        pairs = pairs_from(prompts, samples, rewards.tolist(), eos)
+        pairs = pairs_from(prompts, samples, rewards.tolist())
         log(f"[pairs] {len(pairs['prompt'])} pairs from {len(prompts)} prompts ({name}); "
             f"mean reward of pi_ref samples {rewards.mean().item():.3f}")
         save_checkpoint(pairs, path)
@@ -134,19 +155,19 @@ def make_pairs(sft_model, rm, prompts, args, eos, name="pairs.pt"):
     return load_checkpoint(path)
 
 
-def pairs_from(prompts, samples, rewards, eos, k=4):
+def pairs_from(prompts, samples, rewards, k=4):
     """samples[k*i : k*(i+1)] answer prompts[i]; every pair of them with different rewards becomes
-    (prompt, chosen = the higher reward, rejected), each response ending in EOS (appended if cut off)."""
+    (prompt, chosen = the higher reward, rejected), each response as sampled: a response cut at
+    --max-new-tokens gets no EOS it never sampled (README, "Truncated responses")."""
     pairs = dict(prompt=[], chosen=[], rejected=[])
-    with_eos = lambda r: r if r[-1:] == [eos] else r + [eos]
     for n, p in enumerate(prompts):
         for i in range(k * n, k * n + k):
             for j in range(i + 1, k * n + k):
                 if rewards[i] != rewards[j]:  # ties are dropped
                     hi, lo = (i, j) if rewards[i] > rewards[j] else (j, i)
                     pairs["prompt"].append(p)
-                    pairs["chosen"].append(with_eos(samples[hi]))
-                    pairs["rejected"].append(with_eos(samples[lo]))
+                    pairs["chosen"].append(samples[hi])
+                    pairs["rejected"].append(samples[lo])
     return pairs
 
 
@@ -185,7 +206,7 @@ def evaluate(policy, ref, rm, prompts, *, eos, seed, max_new_tokens, block_size,
     kl, kl_sampled = [], []
     for i in range(0, len(prompts), 64):
         resp = [x if x else [eos] for x in responses[i:i + 64]]  # an empty sample still has its EOS
-        idx, targets, mask = (x.to(device) for x in pack(prompts[i:i + 64], resp, block_size))
+        idx, targets, mask = (x.to(device) for x in pack(prompts[i:i + 64], resp, block_size, eos))
         with amp(device):
             out = logprobs(policy, ref, idx, targets, mask, impl, with_kl=True)
         kl.append(out.kl.sum(-1).float().cpu())

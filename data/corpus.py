@@ -6,7 +6,8 @@ The format every data set is prepared into: labelled reviews, tokenised, in one 
                  s_offsets int64  (reviews + 1,)   review i is s_tokens[s_offsets[i]:s_offsets[i + 1]]
                  s_labels  uint8  (reviews,)       1 = positive, 0 = negative
                  s_chars   int32  (reviews,)       length of the review text in characters
-                 tokenizer                the name for model.get_tokenizer: gpt2 or bytes
+                 tokenizer                the name for model.get_tokenizer: gpt2, bytes or words
+                 words     str    (vocabulary,)    the word list of a 'words' tokenizer (empty otherwise)
     meta.json    the tokenizer's name and the counts, for people
 and the checkpoints of dpo.py's stages: torch.save, written atomically, read without unpickling code.
 """
@@ -98,8 +99,9 @@ def load_checkpoint(path):
 
 
 def save_corpus(out_dir, name, splits, enc, tokenizer):
-    """splits: {'train': (texts, labels), 'test': (texts, labels)}; enc: a tiktoken Encoding."""
-    arrays, meta = {"tokenizer": np.array(tokenizer)}, {"tokenizer": tokenizer}
+    """splits: {'train': (texts, labels), 'test': (texts, labels)}; enc: a tiktoken Encoding or a WordTokenizer."""
+    words = enc.words[:-1] if tokenizer == "words" else []  # without its <|endoftext|>, which it adds itself
+    arrays, meta = {"tokenizer": np.array(tokenizer), "words": np.array(words, dtype=str)}, {"tokenizer": tokenizer}
     for split, (texts, labels) in splits.items():
         ids = enc.encode_ordinary_batch(list(texts))
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
@@ -115,17 +117,18 @@ def save_corpus(out_dir, name, splits, enc, tokenizer):
 
 
 def load_corpus(path):
-    """{'train': Split, 'test': Split, 'tokenizer': name} from a prepared .npz; a clear error when it is broken."""
+    """{'train': Split, 'test': Split, 'tokenizer': name, 'words': a words tokenizer's list (else empty)} from a
+    prepared .npz; a clear error when it is broken."""
     if not os.path.exists(path):
         name, folder = os.path.splitext(os.path.basename(path))[0], os.path.dirname(path) or "."
         raise UsageError(f"{path} does not exist: run python data/{name}/prepare.py --out {folder}")
     try:
         with np.load(path) as z:
             splits = {s: Split(*(z[f"{s}_{k}"] for k in ("tokens", "offsets", "labels", "chars"))) for s in ("train", "test")}
-            tokenizer = str(z["tokenizer"])
+            tokenizer, words = str(z["tokenizer"]), z["words"].tolist() if "words" in z else []
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise UsageError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and prepare it again") from e
     for s, sp in splits.items():
         if len(sp.offsets) != len(sp.labels) + 1 or sp.offsets[-1] != len(sp.tokens):
             raise UsageError(f"{path}: the {s} split's offsets do not match its tokens; delete it and prepare it again")
-    return dict(splits, tokenizer=tokenizer)
+    return dict(splits, tokenizer=tokenizer, words=words)

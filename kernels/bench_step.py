@@ -50,7 +50,7 @@ def step_time(model_name, impl, pairs, algo="dpo", prompt=8, response=65, reps=8
     ids = lambda n: torch.randint(0, cfg.vocab_size - 1, (n,), generator=g).tolist()
     eos = cfg.vocab_size - 1
     batch = [x.to(DEVICE) for x in pack([ids(prompt)] * 2 * pairs, [ids(response - 1) + [eos] for _ in range(2 * pairs)],
-                                        cfg.block_size)]
+                                        cfg.block_size, eos)]
     if algo == "ppo":  # a rollout's tensors: old log-probs and values, advantages, returns
         batch += [torch.randn(batch[0].shape, device=DEVICE) * s for s in (0.1, 0.1, 1.0, 1.0)]
         batch[3] -= 3.0  # log-probs are negative

@@ -51,34 +51,34 @@ def test_prompts_are_2_to_8_tokens_of_long_reviews():
     assert all(2 <= len(p) <= 8 and p[0] in starts for p in prompts)
 
 
-def test_pack_masks_only_response_targets():
-    idx, targets, mask = common.pack([[10, 11, 12], [20]], [[13, 14, EOS], [21, EOS]], 64, pad=0)
-    assert idx.tolist() == [[10, 11, 12, 13, 14], [20, 21, 0, 0, 0]]
-    assert targets.tolist() == [[11, 12, 13, 14, EOS], [21, EOS, 0, 0, 0]]
-    assert mask.tolist() == [[False, False, True, True, True], [True, True, False, False, False]]
+def test_pack_lays_out_bos_prompt_response_and_masks_only_response_targets():
+    idx, targets, mask = common.pack([[10, 11, 12], [20]], [[13, 14, EOS], [21, EOS]], 64, EOS)
+    assert idx.tolist() == [[EOS, 10, 11, 12, 13, 14], [EOS, 20, 21, EOS, EOS, EOS]]
+    assert targets.tolist() == [[10, 11, 12, 13, 14, EOS], [20, 21, EOS, EOS, EOS, EOS]]
+    assert mask.tolist() == [[False, False, False, True, True, True], [False, True, True, False, False, False]]
 
 
 def test_prompt_and_padding_do_not_enter_the_sum():
     torch.manual_seed(0)
-    idx, targets, mask = common.pack([[1, 2, 3, 4], [5]], [[6, EOS], [7, 8, 9, EOS]], 64)
+    idx, targets, mask = common.pack([[1, 2, 3, 4], [5]], [[6, EOS], [7, 8, 9, EOS]], 64, EOS)
     h = torch.randn(2, idx.size(1), 16)
     w = torch.randn(257, 16)
     base = sequence_logprobs(h, w, None, None, targets, mask).seq_pol
     h2 = h.clone()
-    h2[0, :3] += 5.0  # prompt positions of row 0 (their targets are prompt tokens)
-    h2[1, 4:] -= 5.0  # padding of row 1
+    h2[0, :4] += 5.0  # BOS and prompt positions of row 0 (their targets are prompt tokens)
+    h2[1, 5:] -= 5.0  # padding of row 1
     assert torch.equal(sequence_logprobs(h2, w, None, None, targets, mask).seq_pol, base)
-    h2[0, 3] += 5.0  # the first response target of row 0 does count
+    h2[0, 4] += 5.0  # the first response target of row 0 does count
     assert not torch.equal(sequence_logprobs(h2, w, None, None, targets, mask).seq_pol[0], base[0])
 
 
 def test_empty_response_and_long_prompt():
     with pytest.raises(ValueError, match="empty response"):
-        common.pack([[1, 2]], [[]], 64)
-    with pytest.raises(ValueError, match="prompt of 64 tokens does not fit block_size 64"):
-        common.pack([list(range(64))], [[1, EOS]], 64)
-    idx, targets, mask = common.pack([[1, 2]], [list(range(100))], 16)  # a long response is cut at the block size
-    assert idx.shape == (1, 16) and mask.sum() == 15
+        common.pack([[1, 2]], [[]], 64, EOS)
+    with pytest.raises(ValueError, match="prompt of 63 tokens and its beginning-of-text token do not fit block_size 64"):
+        common.pack([list(range(63))], [[1, EOS]], 64, EOS)
+    idx, targets, mask = common.pack([[1, 2]], [list(range(100))], 16, EOS)  # a long response is cut at the block size
+    assert idx.shape == (1, 16) and mask.sum() == 14
 
 
 def test_masked_mean():
@@ -95,7 +95,7 @@ def small_dpo_run(out, name, interrupt=None):
     rm = tiny_gpt(2, score_head=True)
     pairs, rand = random_pairs()
     prompts = [rand(2) for _ in range(4)]
-    get_batch = dpo.pair_batches(pairs, 4, 64, seed=7)
+    get_batch = dpo.pair_batches(pairs, 4, 64, EOS, seed=7)
     evaluator = lambda m, step: stages.evaluate(m, ref, rm, prompts, eos=EOS, seed=0, max_new_tokens=6,
                                                 block_size=64, device="cpu", impl="auto")
     common.train(name, policy, lambda m, b: dpo.pair_loss(m, b, ref, "dpo", 0.1), interrupt_at(get_batch, interrupt),
@@ -117,7 +117,7 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
 
 
 def test_nan_loss_is_an_error(tmp_path):
-    batch = lambda step: common.pack([[1, 2]], [[3, EOS]], 64)
+    batch = lambda step: common.pack([[1, 2]], [[3, EOS]], 64, EOS)
     with pytest.raises(FloatingPointError, match=r"\[nan\] loss is nan at step 0"):
         common.train("nan", tiny_gpt(), lambda m, b: (m(b[0]).sum() * float("nan"), {}), batch, 3, 1e-3,
                      out=str(tmp_path), device="cpu")
@@ -135,7 +135,7 @@ def _ddp_worker(rank, world, port, out_dir, result):
         loss, metrics = dpo.pair_loss(m, b, ref, "dpo", 0.1)
         losses.append(loss.item())
         return loss, metrics
-    common.train("ddp", policy, loss_fn, dpo.pair_batches(pairs, 4, 64, seed=3), 1, 1e-2, out=out_dir, device="cpu")
+    common.train("ddp", policy, loss_fn, dpo.pair_batches(pairs, 4, 64, EOS, seed=3), 1, 1e-2, out=out_dir, device="cpu")
     torch.save(dict(loss=losses[0], params=policy.state_dict()), f"{result}.{rank}")
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -169,7 +169,7 @@ def test_truncated_data_file(tmp_path):
 
 def test_tiny_data_is_made_in_a_folder_that_does_not_exist_yet(tmp_path):
     data = common.load_data(str(tmp_path / "new" / "folder"), "tiny")
-    assert len(data["train"]) == 4000 and data["tokenizer"] == "bytes"
+    assert len(data["train"]) == 4000 and data["tokenizer"] == "words" and len(data["words"]) == 178
 
 
 def test_corrupt_checkpoint(tmp_path):

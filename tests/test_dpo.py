@@ -18,12 +18,13 @@ import dpo
 import stages
 from common import get_args, pack
 from data.corpus import UsageError
-from model import GPT, GPTConfig
+from data.tiny.prepare import vocabulary
+from model import GPT, GPTConfig, WordTokenizer
 
 
 def test_loss_is_ln2_when_policy_is_reference():
     model = tiny_gpt()
-    idx, targets, mask = pack([[1, 2, 3], [4, 5]] * 2, [[6, 7, EOS], [8, EOS], [9, 9, 9, EOS], [10, EOS]], 64)
+    idx, targets, mask = pack([[1, 2, 3], [4, 5]] * 2, [[6, 7, EOS], [8, EOS], [9, 9, 9, EOS], [10, EOS]], 64, EOS)
     for method in ("dpo", "cdpo"):
         loss, m = dpo.pair_loss(model, (idx, targets, mask), model, method, 0.1, label_smoothing=0.1)
         assert abs(loss.item() - math.log(2)) < 1e-6 and m["margin"] == 0 and m["chosen"] == 0
@@ -54,11 +55,11 @@ def test_losses_match_their_formulas():
 
 def test_pair_batches_put_chosen_first():
     pairs = dict(prompt=[[1], [2]], chosen=[[10, EOS], [20, EOS]], rejected=[[11, 12, EOS], [21, EOS]])
-    idx, targets, mask = dpo.pair_batches(pairs, 4, 64, seed=0)(0)
+    idx, targets, mask = dpo.pair_batches(pairs, 4, 64, EOS, seed=0)(0)
     n = idx.size(0) // 2
     for i in range(n):  # row i and row n + i share the prompt; row i holds the chosen response
-        k = idx[i, 0].item() - 1
-        assert idx[n + i, 0].item() == k + 1
+        k = idx[i, 1].item() - 1  # position 0 holds the beginning-of-text token, then the prompt
+        assert idx[n + i, 1].item() == k + 1
         assert targets[i][mask[i]].tolist() == pairs["chosen"][k]
         assert targets[n + i][mask[n + i]].tolist() == pairs["rejected"][k]
 
@@ -66,7 +67,7 @@ def test_pair_batches_put_chosen_first():
 def test_one_step_raises_the_margin():
     policy, ref = tiny_gpt(), tiny_gpt()
     ref.requires_grad_(False)
-    batch = pack([[1, 2], [1, 2]], [[3, 4, EOS], [5, 6, EOS]], 64)  # one pair: chosen, rejected
+    batch = pack([[1, 2], [1, 2]], [[3, 4, EOS], [5, 6, EOS]], 64, EOS)  # one pair: chosen, rejected
     opt = torch.optim.SGD(policy.parameters(), lr=0.1)
     before, m0 = dpo.pair_loss(policy, batch, ref, "dpo", 0.1)
     before.backward()
@@ -82,7 +83,7 @@ def test_fused_kernel_gives_the_reference_gradients(method):
     included (it gets gradient both as wte and as lm_head)."""
     policy, ref = tiny_gpt(seed=0), tiny_gpt(seed=1)
     ref.requires_grad_(False)
-    batch = pack([[1, 2, 3], [4]] * 2, [[5, 6, EOS], [7, 8, 9, EOS], [5, EOS], [9, 9, EOS]], 64)
+    batch = pack([[1, 2, 3], [4]] * 2, [[5, 6, EOS], [7, 8, 9, EOS], [5, EOS], [9, 9, EOS]], 64, EOS)
     assert_fused_matches_reference(policy, lambda impl: dpo.pair_loss(policy, batch, ref, method, 0.5, impl)[0])
 
 
@@ -114,11 +115,14 @@ def test_smoke_whole_pipeline(tmp_path, capsys):
     # samples to read: a few per evaluation, their rewards those of r* on the same tokens
     samples = [json.loads(x) for x in open(tmp_path / "out" / "runs" / "dpo_0.1" / "samples.jsonl")]
     assert [s["step"] for s in samples] == [0] * 4 + [2] * 4 + [4] * 4
-    classifier = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32, score_head=True))
+    enc = WordTokenizer(vocabulary())  # the tiny corpus's words
+    classifier = GPT(GPTConfig(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=32, score_head=True))
     classifier.load_state_dict(torch.load(tmp_path / "out" / "reward" / "model.pt", weights_only=True)["model"])
-    r = stages.reward(classifier, [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples], EOS, 64, "cpu")
+    r = stages.reward(classifier, [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples],
+                      enc.eot_token, 64, "cpu")
     assert r.tolist() == pytest.approx([s["reward"] for s in samples], abs=1e-6)
-    assert all(s["prompt"] == bytes(s["prompt_ids"]).decode(errors="replace") for s in samples)
+    assert all(s["prompt"] == enc.decode(s["prompt_ids"]) and s["response"] == enc.decode(s["response_ids"])
+               for s in samples)
     # a rerun finds every stage complete and trains nothing
     dpo.main(smoke_argv(tmp_path))
     assert "step     0 loss" not in capsys.readouterr().out
@@ -252,7 +256,7 @@ def test_kto_matches_its_formula_and_z0_is_a_clamped_constant(pi_c, pi_r):
 
 def test_reference_free_losses_do_not_read_the_reference():
     policy = tiny_gpt(0)
-    batch = pack([[1, 2], [3]] * 2, [[4, 5, EOS], [6, EOS], [7, EOS], [8, 9, EOS]], 64)
+    batch = pack([[1, 2], [3]] * 2, [[4, 5, EOS], [6, EOS], [7, EOS], [8, 9, EOS]], 64, EOS)
     for method, param in [("simpo", 2.0), ("orpo", 0.1)]:
         without, _ = dpo.pair_loss(policy, batch, None, method, param)
         with_ref, _ = dpo.pair_loss(policy, batch, tiny_gpt(5), method, param)
@@ -263,7 +267,7 @@ def test_reference_free_losses_do_not_read_the_reference():
 def test_one_step_of_each_successor_raises_the_chosen_over_the_rejected(method, param):
     policy, ref = tiny_gpt(), tiny_gpt().requires_grad_(False)
     pairs = dict(prompt=[[1, 2], [3, 4]], chosen=[[3, 4, EOS], [5, 5, EOS]], rejected=[[5, 6, EOS], [7, 8, 9, EOS]])
-    batch = dpo.pair_batches(pairs, 2, 64, seed=0, mismatched=method == "kto")(0)
+    batch = dpo.pair_batches(pairs, 2, 64, EOS, seed=0, mismatched=method == "kto")(0)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     before, m0 = dpo.pair_loss(policy, batch, ref, method, param)
     before.backward()
@@ -277,17 +281,17 @@ def test_one_step_of_each_successor_raises_the_chosen_over_the_rejected(method, 
 def test_fused_kernel_gives_the_reference_gradients_for_the_successors(method):
     policy, ref = tiny_gpt(seed=0), tiny_gpt(seed=1).requires_grad_(False)
     pairs = dict(prompt=[[1, 2, 3], [4]], chosen=[[5, 6, EOS], [7, 8, 9, EOS]], rejected=[[5, EOS], [9, 9, EOS]])
-    batch = dpo.pair_batches(pairs, 4, 64, seed=0, mismatched=method == "kto")(0)
+    batch = dpo.pair_batches(pairs, 4, 64, EOS, seed=0, mismatched=method == "kto")(0)
     param = {"simpo": 2.0, "orpo": 0.1, "kto": 0.5}[method]
     assert_fused_matches_reference(policy, lambda impl: dpo.pair_loss(policy, batch, ref, method, param, impl)[0])
 
 
 def test_kto_batches_add_mismatched_rows():
     pairs = dict(prompt=[[1], [2], [3]], chosen=[[10, EOS], [20, EOS], [30, EOS]], rejected=[[11, EOS], [21, EOS], [31, EOS]])
-    idx, targets, mask = dpo.pair_batches(pairs, 3, 64, seed=0, mismatched=True)(0)
+    idx, targets, mask = dpo.pair_batches(pairs, 3, 64, EOS, seed=0, mismatched=True)(0)
     n = idx.size(0) // 3
     for i in range(n):  # row 2n + i: the prompt of pair i with the chosen response of pair i + 1
-        assert idx[2 * n + i, 0] == idx[i, 0] and targets[2 * n + i][mask[2 * n + i]].tolist() == \
+        assert idx[2 * n + i, 1] == idx[i, 1] and targets[2 * n + i][mask[2 * n + i]].tolist() == \
             targets[(i + 1) % n][mask[(i + 1) % n]].tolist()
 
 

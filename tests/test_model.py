@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import model as model_module
+from data.tiny.prepare import make_split, vocabulary
 from model import GPT, GPTConfig, get_tokenizer, read_safetensors
 
 transformers = pytest.importorskip("transformers", reason="test-only dependency (requirements-test.txt)")
@@ -225,6 +226,18 @@ def test_byte_tokenizer_is_offline_and_lossless():
     ids = enc.encode(text)
     assert ids == list(text.encode("utf-8")) and enc.decode(ids) == text
     assert enc.encode("<|endoftext|>", allowed_special="all") == [256] and enc.n_vocab == 257
+
+
+def test_word_tokenizer_rebuilds_every_generated_review_and_names_an_unknown_word():
+    enc = get_tokenizer("words", vocabulary())
+    texts, _ = make_split(500, 7)
+    ids = enc.encode_ordinary_batch(texts)
+    assert all(enc.decode(x) == t for x, t in zip(ids, texts))
+    assert enc.encode_ordinary("I saw Moonfall (1987).") == [enc.ids[w] for w in ("I", "saw", "Moonfall", "(", "1987", ")", ".")]
+    assert enc.eot_token == enc.n_vocab - 1 == len(vocabulary()) and enc.decode([enc.eot_token]) == "<|endoftext|>"
+    assert max(max(x) for x in ids) < enc.eot_token  # the EOS never comes from text
+    with pytest.raises(ValueError, match="'splendid' is not in the tokenizer's vocabulary of 178 words"):
+        enc.encode_ordinary("A splendid film.")
 
 
 # ---------------------------------------------------------------- CUDA

@@ -9,10 +9,12 @@ sentiments: the same situation as IMDb, small enough for a CPU.
 
     python data/tiny/prepare.py      # writes data/tiny/tiny.npz and data/tiny/meta.json
 
-Tokens are bytes (model.get_tokenizer("bytes")): 256 byte values and <|endoftext|> = 256.
+Tokens are the generator's words and punctuation marks (model.WordTokenizer over `vocabulary()`, derived
+from the lists below, so nothing needs a file or the internet), and <|endoftext|> last.
 """
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -20,7 +22,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from data.corpus import save_corpus  # noqa: E402
-from model import get_tokenizer  # noqa: E402
+from model import WordTokenizer  # noqa: E402
 
 TITLES = ["Moonfall", "The Quiet Harbor", "Red Summer", "Glass City", "The Last Orchard", "Night Train",
           "Paper Kings", "Blue Meridian", "The Long Winter", "Silver Lake", "Iron Garden", "Wild Hours"]
@@ -35,12 +37,22 @@ CLOSERS = {True: ["I loved it.", "Highly recommended.", "A must see.", "I would 
            False: ["I hated it.", "Avoid it.", "A waste of time.", "I walked out.", "One out of ten."]}
 
 
+YEARS = range(1950, 2024)
+
+
+def vocabulary():
+    """Every word and punctuation mark review() can write, in a fixed order (the token ids)."""
+    texts = TITLES + GENRES + ASPECTS + GOOD + BAD + OPENERS + OPINIONS + CLOSERS[True] + CLOSERS[False]
+    words = [w for t in texts for w in re.findall(WordTokenizer.PATTERN, re.sub(r"\{\w\}", " ", t))]
+    return list(dict.fromkeys(words)) + [str(y) for y in YEARS]
+
+
 def review(rng):
     """One synthetic review and its label (1 = positive)."""
     s = rng.beta(0.3, 0.3)  # most reviews lean clearly one way, some are mixed
     pick = lambda xs: xs[rng.integers(len(xs))]
     votes = rng.random(2 * rng.integers(1, 3) + 1) < s  # 3 or 5 opinions: positive or not
-    parts = [pick(OPENERS).format(t=pick(TITLES), g=pick(GENRES), y=rng.integers(1950, 2024))]
+    parts = [pick(OPENERS).format(t=pick(TITLES), g=pick(GENRES), y=rng.integers(YEARS.start, YEARS.stop))]
     for positive in votes[:-1]:
         parts.append(pick(OPINIONS).format(a=pick(ASPECTS), w=pick(GOOD if positive else BAD)))
     parts.append(pick(CLOSERS[bool(votes[-1])]))
@@ -54,16 +66,15 @@ def make_split(n, seed):
 
 
 def prepare(out_dir=HERE, n_train=4000, n_test=1000, seed=1337):
-    enc = get_tokenizer("bytes")  # the byte tokenizer lives with the model
     splits = {"train": make_split(n_train, seed), "test": make_split(n_test, seed + 1)}
-    return save_corpus(out_dir, "tiny", splits, enc, tokenizer="bytes")
+    return save_corpus(out_dir, "tiny", splits, WordTokenizer(vocabulary()), tokenizer="words")
 
 
 if __name__ == "__main__":
     meta = prepare()
     print(json.dumps(meta, indent=1))
 
-# python data/tiny/prepare.py prints:
-#  "tokenizer": "bytes",
-#  "train": {"reviews": 4000, "positive": 1950, "tokens": 523753, "mean_tokens": 130.9},
-#  "test": {"reviews": 1000, "positive": 490, "tokens": 129367, "mean_tokens": 129.4}
+# python data/tiny/prepare.py prints (178 words, <|endoftext|> = 178):
+#  "tokenizer": "words",
+#  "train": {"reviews": 4000, "positive": 1950, "tokens": 120236, "mean_tokens": 30.1},
+#  "test": {"reviews": 1000, "positive": 490, "tokens": 29709, "mean_tokens": 29.7}
