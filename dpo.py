@@ -69,12 +69,13 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, method="dpo", label_smoothing=0.0):
 
 def unlikelihood_loss(tok_c, mask_c, tok_r, mask_r, alpha):
     """Preferred-FT (alpha = 0) and Unlikelihood: raise log p of the chosen tokens and push down the
-    rejected ones with -log(1 - p) (Welleck et al. 2019). tok_*: Shape (batch, T) per-token log-probs."""
+    rejected ones with -log(1 - p) (Welleck et al. 2019). tok_*: Shape (batch, T) per-token log-probs.
+    log(1 - p) = log(-expm1(log p)), exact in fp32 too; log p is clamped at -1e-6 (p <= 1 - 1e-6) so that a
+    rejected token the policy is sure of costs 13.8 nats at most, and such a token gets no gradient."""
     nll = -masked_mean(tok_c, mask_c)
     if alpha == 0:
         return nll
-    p_r = tok_r.exp().clamp(max=1 - 1e-6)
-    return nll - alpha * masked_mean(torch.log1p(-p_r), mask_r)
+    return nll - alpha * masked_mean(torch.log(-torch.expm1(tok_r.clamp(max=-1e-6))), mask_r)
 
 
 # ----------------------------------------------------------------------------- DPO's successors on the same pairs
@@ -88,7 +89,8 @@ def simpo_loss(pi_c, pi_r, len_c, len_r, beta, gamma_ratio=0.5):
 
 
 def log_odds(mean_logp):
-    """log(P / (1 - P)) for P = exp(mean_logp) < 1, computed without forming 1 - P where P is near 1."""
+    """log(P / (1 - P)) for P = exp(mean_logp) < 1, computed without forming 1 - P where P is near 1.
+    mean_logp is clamped at -1e-6 (P <= 1 - 1e-6, log odds <= 13.8), where the odds would be infinite."""
     m = mean_logp.clamp(max=-1e-6)
     log1m = torch.where(m > -0.6931, torch.log(-torch.expm1(m)), torch.log1p(-torch.exp(m)))  # log(1 - e^m)
     return m - log1m
@@ -96,8 +98,8 @@ def log_odds(mean_logp):
 
 def orpo_loss(pi_c, pi_r, len_c, len_r, lam):
     """ORPO (Hong et al. 2024): the chosen response's NLL (per token) + lam * -log sigmoid(log odds(y_w) - log
-    odds(y_l)), odds(y) = P / (1 - P) with P = exp(log pi(y | x) / |y|), the length-normalised likelihood.
-    No reference model. Returns losses Shape (batch,) and the log odds of chosen and rejected (detached)."""
+    odds(y_l)), odds(y) = P / (1 - P) with P = exp(log pi(y | x) / |y|), the length-normalised likelihood,
+    clamped at P <= 1 - 1e-6 (log_odds). No reference model. Returns losses Shape (batch,) and the log odds of chosen and rejected (detached)."""
     o_c, o_r = log_odds(pi_c / len_c), log_odds(pi_r / len_r)
     return -pi_c / len_c - lam * F.logsigmoid(o_c - o_r), o_c.detach(), o_r.detach()
 

@@ -125,14 +125,18 @@ def whiten(x, mask):
 # ----------------------------------------------------------------------------- 5d. the losses
 def policy_loss(logp, old_logp, adv, mask):
     """Clipped surrogate (Schulman et al. 2017): mean over tokens of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)),
-    rho = pi / pi_old. Returns the loss and the fraction of tokens where the clip is active."""
+    rho = pi / pi_old; old_logp and adv are the rollout's, constants here. Returns the loss and the fraction of
+    tokens where the clip binds (the clipped term is the larger, so that token has no gradient)."""
+    old_logp, adv = old_logp.detach(), adv.detach()
     ratio = torch.exp(logp - old_logp)
-    losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
-    return masked_mean(losses, mask), masked_mean(((ratio - 1).abs() > CLIP).float(), mask)
+    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP)
+    return masked_mean(torch.max(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
 
 
 def value_loss(values, old_values, returns, mask):
-    """0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, -eps, eps)."""
+    """0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, -eps, eps); V_old and the
+    returns R are the rollout's, constants here."""
+    old_values, returns = old_values.detach(), returns.detach()
     clipped = old_values + (values - old_values).clamp(-CLIP, CLIP)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
@@ -145,7 +149,7 @@ def ppo_loss(model, batch, impl):
     values = unwrap(model).score_head(h).squeeze(-1).float()
     pg, clipfrac = policy_loss(logp, old_logp, adv, mask)
     vf = value_loss(values, old_values, returns, mask)
-    return pg + VF_COEF * vf, {"pg": pg.item(), "vf": vf.item(), "clip": clipfrac.item()}
+    return pg + VF_COEF * vf, {"pg": pg.item(), "vf": vf.item(), "clipfrac": clipfrac.item()}
 
 
 # ----------------------------------------------------------------------------- 5e. the KL controller

@@ -88,10 +88,16 @@ def test_policy_loss_matches_the_clipped_objective_values_and_gradients():
         bound = min(rho, 1 + eps) if a >= 0 else max(rho, 1 - eps)  # the pessimistic side of the clip
         want += -a * bound / n
         grad[i, j] = -a * rho / n if bound == rho else 0.0  # no gradient where the clip holds
-        clipped += abs(rho - 1) > eps
+        clipped += bound != rho  # the clip binds
     assert loss.item() == pytest.approx(want, rel=1e-12)
     assert torch.allclose(logp.grad, grad, rtol=1e-10, atol=1e-14)
     assert clipfrac.item() == pytest.approx(clipped / n) and 0 < clipped < n  # the draw clips some, not all
+
+
+def test_rollout_tensors_are_constants_inside_the_losses():
+    old, logp, adv, mask = (x.detach().clone().requires_grad_(x.dtype.is_floating_point) for x in clip_case(0))
+    (ppo.policy_loss(logp, old, adv, mask)[0] + ppo.value_loss(logp, old, adv, mask)).backward()
+    assert old.grad is None and adv.grad is None and logp.grad.abs().sum() > 0
 
 
 def test_value_loss_matches_the_clipped_formula_values_and_gradients():
