@@ -28,7 +28,7 @@ def test_runs_are_parsed_and_checked(capsys):
                           ("dpo", "dpo needs beta > 0"), ("ipo:0", "ipo needs beta > 0"), ("ul", "alpha > 0"),
                           ("ft:0.5", "ft takes no parameter")]:
         with pytest.raises(SystemExit):
-            common.get_args(["--runs", spec])
+            common.get_args(["--device", "cpu", "--runs", spec])
         err = capsys.readouterr().err
         assert message in err and "--runs" in err and "Traceback" not in err
 
