@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -199,12 +199,14 @@ def _check_settings(out, plan, redo):
 # ----------------------------------------------------------------------------- torchrun, devices, logging
 def setup_distributed(device):
     """Under torchrun (WORLD_SIZE > 1): join the process group and return this rank's device; each rank
-    then takes every world-th example of a global batch and DDP averages the gradients."""
+    then takes every world-th example of a global batch and DDP averages the gradients. A CUDA device
+    becomes the current one, in one process too: Triton launches on the current device."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
     return device
 
 
@@ -220,13 +222,45 @@ def barrier():
         torch.distributed.barrier()
 
 
-def global_mean(*xs):
-    """Means of scalars over every rank (the plain values without torchrun)."""
-    t = torch.tensor(xs, dtype=torch.float64)
+def global_mean(*xs, device):
+    """Means of scalars over every rank (the plain values without torchrun). device: this rank's device,
+    where the all-reduce happens (NCCL takes CUDA tensors only)."""
+    t = torch.tensor(xs, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
         t /= torch.distributed.get_world_size()
     return t.tolist()
+
+
+@contextmanager
+def local_rank_first():
+    """Under torchrun, local rank 0 runs the block first (a download, a data preparation) and the other
+    ranks of its machine run it after, when they find its files; one process just runs it."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not first:
+        barrier()
+    yield
+    if first:
+        barrier()
+
+
+def derive_seed(*keys):
+    """A seed for torch.Generator from integers (a base seed, an iteration, a rank, an index)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def sharded(fn, items, chunk=256):
+    """[fn(items[i:i + chunk], i) for each chunk], flattened in order: fn returns a list per chunk. Under
+    torchrun the chunks are dealt round-robin over the ranks and every rank gets the whole result. fn
+    sees the chunk's start i (seed by it): the result then does not depend on the number of ranks."""
+    rank, world = rank_world()
+    starts = range(0, len(items), chunk)
+    done = {i: fn(items[i:i + chunk], i) for n, i in enumerate(starts) if n % world == rank}
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, done)
+        done = {i: x for part in parts for i, x in part.items()}
+    return [x for i in starts for x in done[i]]
 
 
 def unwrap(model):
@@ -247,14 +281,10 @@ def log(*a):
 # ----------------------------------------------------------------------------- 1. data
 def load_data(data_dir, name):
     path = os.path.join(data_dir, f"{name}.npz")
-    if name == "tiny" and not os.path.exists(path):  # generated offline in seconds
-        prepare_tiny(data_dir)
-    data = load_corpus(path)
-    if name == "tiny" and data["tokenizer"] != "words":  # made by an older nanoDPO, in bytes
-        log(f"{path} holds the old byte-level tiny corpus: making the word-level one")
-        prepare_tiny(data_dir)
-        data = load_corpus(path)
-    return data
+    with local_rank_first():
+        if name == "tiny" and (not os.path.exists(path) or load_corpus(path)["tokenizer"] != "words"):
+            prepare_tiny(data_dir)  # generated offline in seconds; also replaces an older nanoDPO's byte-level corpus
+    return load_corpus(path)
 
 
 def make_prompts(split, n, min_chars, rng):
@@ -317,7 +347,8 @@ def masked_mean(x, mask):
 def make_model(args, vocab_size, score_head=False):
     """pretrained GPT-2 (args.model), or a GPT of the preset's shape from scratch, seeded by args.seed."""
     if args.init == "pretrained":
-        return GPT.from_pretrained(args.model, dropout=0.0, score_head=score_head).to(args.device)
+        with local_rank_first():  # one download per machine
+            return GPT.from_pretrained(args.model, dropout=0.0, score_head=score_head).to(args.device)
     cfg = GPTConfig(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                     n_embd=args.n_embd, score_head=score_head)
     torch.manual_seed(args.seed)
@@ -376,8 +407,10 @@ def train(name, model, loss_fn, get_batch, steps, lr, *, out, device, optimizer=
         batch = [x.to(device) for x in get_batch(step)]  # 3. this rank's share of the batch
         with amp(device):  # 4. forward, loss
             loss, metrics = loss_fn(ddp, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"[{name}] loss is {loss.item()} at step {step}; the last checkpoint is {ckpt}")
+        finite = bool(torch.isfinite(loss))
+        if global_mean(float(finite), device=loss.device)[0] < 1:  # every rank raises, none waits in DDP's all-reduce
+            what = f"loss is {loss.item()}" if not finite else "loss is not finite on another rank"
+            raise FloatingPointError(f"[{name}] {what} at step {step}; the last checkpoint is {ckpt}")
         loss.backward()  # 5. backward (DDP averages the gradients over ranks), clip, step
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
         opt.step()

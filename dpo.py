@@ -110,7 +110,7 @@ def kto_loss(pi_c, pi_r, ref_c, ref_r, mismatched_logratio, beta, lambda_d=1.0, 
     r = log pi(y | x) - log pi_ref(y | x), z0 = max(0, mean log-ratio of mismatched (x, y') in the batch): an
     estimate of KL(pi || pi_ref) that carries no gradient. mismatched_logratio: Shape (batch,).
     Returns losses Shape (2 * batch,), desirable first, and the rewards beta * r of chosen and rejected (detached)."""
-    z0 = max(0.0, global_mean(mismatched_logratio.mean().item())[0])  # over every rank's share; a number, no grad
+    z0 = max(0.0, global_mean(mismatched_logratio.mean().item(), device=pi_c.device)[0])  # all ranks; no grad
     r_c, r_r = pi_c - ref_c, pi_r - ref_r
     losses = torch.cat([lambda_d * (1 - torch.sigmoid(beta * (r_c - z0))),
                         lambda_u * (1 - torch.sigmoid(beta * (z0 - r_r)))])

@@ -156,9 +156,10 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def score(self, h, mask):
-        """Scalar head on the last real token: h (B, T, C), mask (B, T) right-padded -> (B,)."""
+        """Scalar head on the last real token: h (B, T, C), mask (B, T) right-padded -> (B,) in fp32."""
         last = mask.long().sum(1).clamp(min=1) - 1
-        return self.score_head(h[torch.arange(h.size(0), device=h.device), last]).squeeze(-1)
+        with torch.autocast(h.device.type, enabled=False):  # fp32: in bf16 close rewards would tie
+            return self.score_head(h[torch.arange(h.size(0), device=h.device), last].float()).squeeze(-1)
 
     @torch.no_grad()
     def generate(self, idx, prompt_mask, max_new_tokens, temperature=1.0, top_k=None, eos=None,

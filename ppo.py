@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import amp, barrier, global_mean, logprobs, masked_mean, pack, rank_world, run_folder, train, unwrap
+from common import (amp, barrier, derive_seed, global_mean, logprobs, masked_mean, pack, rank_world, run_folder, sharded,
+                    train, unwrap)
 from data.corpus import write_atomic
 from stages import reward, sample, score, score_batch
 
@@ -81,10 +82,12 @@ def normalised(score_fn, sft_model, prompts, args, eos, name):
     """score_fn(prompts, responses) turned into a fixed affine map with mean 0 and std 1 on samples of pi_ref
     (one per prompt, at most MAX_NORM_SAMPLES), computed once and kept in out/<preset>/score_norm_<name>.json."""
     path = os.path.join(args.out, f"score_norm_{name}.json")
-    if not os.path.exists(path) and rank_world()[0] == 0:  # under torchrun rank 0 samples, every rank reads the file
-        p = prompts[:MAX_NORM_SAMPLES]
-        s = score_fn(p, sample(sft_model, p, args.max_new_tokens, eos, args.seed + 5, args.device))
-        write_atomic(path, lambda f: f.write(json.dumps(dict(mean=s.mean().item(), std=s.std().item())).encode()))
+    if not os.path.exists(path):  # under torchrun every rank samples a share, rank 0 writes, every rank reads
+        draw = lambda p, i: score_fn(p, sample(sft_model, p, args.max_new_tokens, eos, derive_seed(args.seed + 5, i),
+                                               args.device)).tolist()
+        s = torch.tensor(sharded(draw, prompts[:MAX_NORM_SAMPLES]))
+        if rank_world()[0] == 0:
+            write_atomic(path, lambda f: f.write(json.dumps(dict(mean=s.mean().item(), std=s.std().item())).encode()))
     barrier()
     norm = json.load(open(path))
     return lambda p, r: (score_fn(p, r) - norm["mean"]) / norm["std"]
@@ -118,7 +121,7 @@ def gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
 
 def whiten(x, mask):
     """(x - mean) / std over the masked entries of the whole rollout (every rank's share), 0 off the mask."""
-    mean, sq = global_mean(masked_mean(x, mask).item(), masked_mean(x * x, mask).item())
+    mean, sq = global_mean(masked_mean(x, mask).item(), masked_mean(x * x, mask).item(), device=x.device)
     return (x - mean) * (sq - mean ** 2 + 1e-8) ** -0.5 * mask
 
 
@@ -175,13 +178,13 @@ def rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
     policy.train()
     logp, logratio = out.token_pol.float(), (out.token_pol - out.token_ref).float()
     adv = gae(token_rewards(logratio, s, mask, kl_coef), values, mask)
-    score_mean, kl = global_mean(s.mean().item(), out.kl.sum(-1).float().mean().item())  # the kernel's exact KL
+    score_mean, kl = global_mean(s.mean().item(), out.kl.sum(-1).float().mean().item(), device=s.device)  # exact KL
     return [idx, targets, mask, logp, values, whiten(adv, mask), adv + values], dict(score=score_mean, kl=kl)
 
 
 def ppo_batches(policy, ref, score_fn, prompts, state, stats, args, eos):
     """get_batch(step): a new rollout every epochs * minibatches steps, from the policy as it is then and
-    the seed (seed, iteration), and its minibatches in a fresh order each epoch. Resume lands on a rollout
+    the seed (seed, iteration, rank), and its minibatches in a fresh order each epoch. Resume lands on a rollout
     boundary (train checkpoints every ppo_eval_every iterations), so it draws the same rollouts again."""
     updates = args.ppo_epochs * args.ppo_minibatches
     cache = {}
@@ -193,7 +196,7 @@ def ppo_batches(policy, ref, score_fn, prompts, state, stats, args, eos):
             rows = np.random.default_rng([args.seed + 6, it]).choice(len(prompts), args.ppo_batch, replace=False)
             mine = [prompts[i] for i in rows[rank::world]]
             cache["it"], (cache["data"], new) = it, rollout(policy, ref, score_fn, mine, state["kl_coef"],
-                                                            args.seed * 1000 + it, args, eos)
+                                                            derive_seed(args.seed, it, rank), args, eos)
             stats.update(new, kl_coef=state["kl_coef"])
             state["kl_coef"] = kl_update(state["kl_coef"], new["kl"], stats["target"], args.ppo_batch, args.kl_horizon)
         epoch, mb = divmod(j, args.ppo_minibatches)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import amp, barrier, layout, log, logprobs, make_model, masked_mean, pack, rank_world, train, unwrap
+from common import (amp, barrier, derive_seed, layout, log, logprobs, make_model, masked_mean, pack, rank_world, sharded,
+                    train, unwrap)
 from data.corpus import load_checkpoint, save_checkpoint, write_atomic
 from model import left_pad
 
@@ -82,16 +83,17 @@ def classifier_accuracy(rm, split, args, eos):
     """Accuracy of r* > 0.5 on every review of the split, read whole (as far as the block size allows) and cut
     to the length r* judges in the pipeline; written to out/<preset>/reward/accuracy.json."""
     path = os.path.join(args.out, "reward", "accuracy.json")
-    if os.path.exists(path):
-        acc = json.load(open(path))
-    else:
+    if not os.path.exists(path):
         reviews = [split.review(i).tolist() for i in range(len(split))]
-        correct = lambda texts: (score(rm, [[]] * len(texts), texts, eos, args.block_size, args.device).numpy() > 0) \
+        correct = lambda texts: (np.array(sharded(lambda rs, i: score(rm, [[]] * len(rs), rs, eos, args.block_size,
+                                                                      args.device).tolist(), texts)) > 0) \
             == split.labels.astype(bool)
         acc = dict(whole=correct(reviews).mean().item(), scored=correct([r[:scored_len(args)] for r in reviews]).mean().item(),
                    scored_len=scored_len(args), reviews=len(reviews))
         if rank_world()[0] == 0:
             write_atomic(path, lambda f: f.write(json.dumps(acc).encode()))
+        barrier()
+    acc = json.load(open(path))
     log(f"[reward] classifier accuracy on all {acc['reviews']} test reviews: {acc['whole']:.3f} whole, "
         f"{acc['scored']:.3f} cut to the scored {acc['scored_len']} tokens")
     return acc
@@ -139,18 +141,28 @@ def reward(rm, prompts, responses, eos, block_size, device):
 
 
 # ----------------------------------------------------------------------------- 4. preference pairs
+def sample_and_reward(model, rm, prompts, args, eos, seed):
+    """One sample of model per prompt and its reward r*, as lists. Under torchrun every rank draws its share
+    of the chunks (each chunk seeded by (seed, its start)) and every rank gets them all."""
+    def draw(chunk, i):
+        samples = sample(model, chunk, args.max_new_tokens, eos, derive_seed(seed, i), args.device)
+        return list(zip(samples, reward(rm, chunk, samples, eos, args.block_size, args.device).tolist()))
+    samples, rewards = zip(*sharded(draw, prompts))
+    return list(samples), list(rewards)
+
+
 def make_pairs(sft_model, rm, prompts, args, eos, name="pairs.pt"):
     """4 samples per prompt from pi_ref, scored by r*; all 6 pairs, chosen = higher reward, ties dropped."""
     path = os.path.join(args.out, name)
-    if not os.path.exists(path) and rank_world()[0] == 0:  # under torchrun rank 0 samples, every rank reads its file
+    if not os.path.exists(path):  # under torchrun every rank samples a share, rank 0 writes, every rank reads
         sft_model.eval()
         repeated = [p for p in prompts for _ in range(4)]
-        samples = sample(sft_model, repeated, args.max_new_tokens, eos, args.seed, args.device)
-        rewards = reward(rm, repeated, samples, eos, args.block_size, args.device)
-        pairs = pairs_from(prompts, samples, rewards.tolist())
-        log(f"[pairs] {len(pairs['prompt'])} pairs from {len(prompts)} prompts ({name}); "
-            f"mean reward of pi_ref samples {rewards.mean().item():.3f}")
-        save_checkpoint(pairs, path)
+        samples, rewards = sample_and_reward(sft_model, rm, repeated, args, eos, args.seed)
+        if rank_world()[0] == 0:
+            pairs = pairs_from(prompts, samples, rewards)
+            log(f"[pairs] {len(pairs['prompt'])} pairs from {len(prompts)} prompts ({name}); "
+                f"mean reward of pi_ref samples {np.mean(rewards):.3f}")
+            save_checkpoint(pairs, path)
     barrier()
     return load_checkpoint(path)
 
@@ -181,13 +193,14 @@ def best_of_n(sft_model, rm, prompts, args, eos):
     """The Best-of-N baseline: N samples of pi_ref per held-out prompt, keep the one r* likes best."""
     path = os.path.join(args.out, "best_of_n.jsonl")
     ns = sorted(int(n) for n in args.best_of.split(","))
-    if os.path.exists(path) or rank_world()[0] != 0:
+    if os.path.exists(path):
         return
     many = [p for p in prompts for _ in range(ns[-1])]
-    samples = sample(sft_model, many, args.max_new_tokens, eos, args.seed + 1, args.device)
-    r = reward(rm, many, samples, eos, args.block_size, args.device).view(len(prompts), ns[-1])
+    _, rewards = sample_and_reward(sft_model, rm, many, args, eos, args.seed + 1)  # every rank a share
+    r = torch.tensor(rewards).view(len(prompts), ns[-1])
     records = [dict(n=n, reward=r[:, :n].max(1).values.mean().item(), kl_bound=best_of_n_kl(n)) for n in ns]
-    write_atomic(path, lambda f: f.write("".join(json.dumps(x) + "\n" for x in records).encode()))
+    if rank_world()[0] == 0:
+        write_atomic(path, lambda f: f.write("".join(json.dumps(x) + "\n" for x in records).encode()))
     log("[best-of-n] " + ", ".join(f"N={x['n']}: {x['reward']:.3f}" for x in records))
 
 

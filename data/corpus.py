@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 import zipfile
 from dataclasses import dataclass
 
@@ -48,12 +49,13 @@ class Split:
 
 
 def write_atomic(path, write):
-    """write(f) into path.tmp, then rename: a crash never leaves a half-written file under path.
+    """write(f) into a temporary file beside path, then rename: a crash never leaves a half-written file
+    under path, and processes writing one path at once each rename a whole file (the last one wins).
     The folder is made if it does not exist yet."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"  # a name of its own (mkstemp's would be private to the owner)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
         os.replace(tmp, path)
     finally:

@@ -14,6 +14,9 @@ import pytest  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 EOS = 256  # <|endoftext|> of the byte tokenizer
+# where the fused kernel's tests run it: the GPU where there is one (Triton launches CUDA tensors only
+# there), else the interpreter on the CPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def pytest_collection_modifyitems(config, items):

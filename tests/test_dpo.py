@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import EOS, assert_fused_matches_reference, tiny_gpt
+from conftest import DEVICE, EOS, assert_fused_matches_reference, tiny_gpt
 
 import dpo
 import stages
@@ -81,9 +81,9 @@ def test_fused_kernel_gives_the_reference_gradients(method):
     """A DPO (or Unlikelihood) loss through a GPT with the fused kernel (the interpreter on a CPU) and with
     the plain reference: the same loss and the same gradient of every parameter, the tied embedding
     included (it gets gradient both as wte and as lm_head)."""
-    policy, ref = tiny_gpt(seed=0), tiny_gpt(seed=1)
-    ref.requires_grad_(False)
-    batch = pack([[1, 2, 3], [4]] * 2, [[5, 6, EOS], [7, 8, 9, EOS], [5, EOS], [9, 9, EOS]], 64, EOS)
+    policy, ref = tiny_gpt(seed=0).to(DEVICE), tiny_gpt(seed=1).to(DEVICE).requires_grad_(False)
+    batch = [x.to(DEVICE) for x in pack([[1, 2, 3], [4]] * 2, [[5, 6, EOS], [7, 8, 9, EOS], [5, EOS], [9, 9, EOS]], 64,
+                                         EOS)]
     assert_fused_matches_reference(policy, lambda impl: dpo.pair_loss(policy, batch, ref, method, 0.5, impl)[0])
 
 
@@ -279,9 +279,9 @@ def test_one_step_of_each_successor_raises_the_chosen_over_the_rejected(method, 
 
 @pytest.mark.parametrize("method", ["simpo", "orpo", "kto"])
 def test_fused_kernel_gives_the_reference_gradients_for_the_successors(method):
-    policy, ref = tiny_gpt(seed=0), tiny_gpt(seed=1).requires_grad_(False)
+    policy, ref = tiny_gpt(seed=0).to(DEVICE), tiny_gpt(seed=1).to(DEVICE).requires_grad_(False)
     pairs = dict(prompt=[[1, 2, 3], [4]], chosen=[[5, 6, EOS], [7, 8, 9, EOS]], rejected=[[5, EOS], [9, 9, EOS]])
-    batch = dpo.pair_batches(pairs, 4, 64, EOS, seed=0, mismatched=method == "kto")(0)
+    batch = [x.to(DEVICE) for x in dpo.pair_batches(pairs, 4, 64, EOS, seed=0, mismatched=method == "kto")(0)]
     param = {"simpo": 2.0, "orpo": 0.1, "kto": 0.5}[method]
     assert_fused_matches_reference(policy, lambda impl: dpo.pair_loss(policy, batch, ref, method, param, impl)[0])
 

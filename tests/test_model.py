@@ -130,6 +130,20 @@ def test_score_head_reads_last_real_token():
     assert full.shape == (2,) and torch.allclose(full[0], alone[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_score_head_runs_in_fp32_under_bf16_autocast(device):
+    """Rewards quantised to bf16 (steps of ~0.02 near 2) tie close pairs, which pairs_from then drops."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=8, score_head=True)).to(device).eval()
+    h = torch.randn(64, 4, 8, device=device) * 40  # logits of a few units, spread
+    mask = torch.ones(64, 4, dtype=torch.bool, device=device)
+    with torch.no_grad():
+        plain = m.score(h, mask)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            autocast = m.score(h, mask)
+    assert autocast.dtype == torch.float32 and torch.allclose(autocast, plain, rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_missing_tensor(tmp_path):

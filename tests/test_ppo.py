@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import EOS, Interrupted, assert_fused_matches_reference, free_port, interrupt_at, tiny_gpt
+from conftest import DEVICE, EOS, Interrupted, assert_fused_matches_reference, free_port, interrupt_at, tiny_gpt
 
 import common
 import ppo
@@ -186,7 +186,8 @@ def test_fused_kernel_gives_the_reference_ppo_loss_and_gradients(tmp_path):
     args = toy_args(tmp_path)
     policy, ref = tiny_gpt(0, score_head=True), tiny_gpt(1).requires_grad_(False)
     prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
-    data, _ = ppo.rollout(policy, ref, low_bytes, prompts, 0.1, 0, args, EOS)
+    data, _ = ppo.rollout(policy, ref, low_bytes, prompts, 0.1, 0, args, EOS)  # on the CPU (args.device)
+    data, policy = [x.to(DEVICE) for x in data], policy.to(DEVICE)
     with torch.no_grad():  # move the policy away from the rollout's so that ratios and the clip matter
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -239,5 +240,5 @@ def test_bad_ppo_input(tmp_path, capsys):
         ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3), low_bytes, [[1]] * 4, None, toy_args(tmp_path), EOS)
     for flags, message in [(["--ppo-batch", "0"], "--ppo-batch"), (["--ppo-minibatches", "100"], "--ppo-minibatches 100 is more than --ppo-batch")]:
         with pytest.raises(SystemExit):
-            common.get_args(["--runs", "ppo:6", *flags])
+            common.get_args(["--preset", "tiny", "--device", "cpu", "--runs", "ppo:6", *flags])
         assert message in capsys.readouterr().err

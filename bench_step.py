@@ -5,8 +5,8 @@ at GPT-2 small and large shapes, through the fused kernel and through the PyTorc
 bf16 autocast; and of sampling with generate() (PPO's rollouts are mostly sampling). Random weights
 and tokens: speed and memory do not depend on them.
 
-    python kernels/bench_step.py     # CUDA: writes kernels/bench_step_cuda.json
-                                     # CPU: a tiny model through the Triton interpreter, so the script cannot rot
+    python bench_step.py     # CUDA: writes results/bench_step_cuda.json
+                             # CPU: a tiny model through the Triton interpreter, so the script cannot rot
 
 Its throughputs are what the README's projection of the full IMDb run is computed from.
 """
@@ -14,12 +14,10 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (through common and kernels)
@@ -95,7 +93,8 @@ def sample_rate(model_name, batch, prompt=8, new=64):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), f"bench_step_{DEVICE}.json"))
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                 f"bench_step_{DEVICE}.json"))
     out = p.parse_args().out
     models, pairs, reps, gen = (("gpt2", "gpt2-large"), 64, 8, 256) if CUDA else (("tiny",), 2, 1, 4)
     rows = [step_time(m, impl, pairs, algo, reps=reps) for algo in ("dpo", "ppo") for m in models

@@ -1,0 +1,155 @@
+"""torchrun's path as far as a CPU shows it: gloo processes stand in for the GPUs, monkeypatched calls for
+what only CUDA has (NCCL's device rule, torch.cuda.set_device).
+
+    python -m pytest tests/test_distributed.py     (CPU; about 30 s)
+"""
+import json
+import os
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import EOS, free_port, tiny_gpt
+
+import common
+import ppo
+import stages
+from data.corpus import write_atomic
+
+
+# ---------------------------------------------------------------- one process, CUDA's calls stood in for
+def test_global_mean_all_reduces_on_the_device_it_is_given(monkeypatch):
+    """NCCL takes tensors on the rank's CUDA device only; meta stands in for that device here."""
+    seen = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: seen.append(t.device))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: [0.0] * t.numel())  # a meta tensor holds no values
+    common.global_mean(1.0, 3.0, device="meta")
+    assert seen == [torch.device("meta")]
+
+
+def test_a_cuda_device_becomes_the_current_one(monkeypatch):
+    """Triton launches on the current device: --device cuda:1 must make cuda:1 current, with or without torchrun."""
+    current, groups = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(torch.distributed, "init_process_group", groups.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert common.setup_distributed("cuda:1") == "cuda:1" and current == ["cuda:1"] and groups == []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert common.setup_distributed("cuda") == "cuda:3" and current == ["cuda:1", "cuda:3"] and groups == ["nccl"]
+
+
+def test_writers_of_one_path_each_rename_a_whole_file(tmp_path):
+    """Another process writing the same path while this one writes (here: nested, so that it is certain)."""
+    path = str(tmp_path / "x.json")
+
+    def outer(f):
+        f.write(b"outer ")
+        write_atomic(path, lambda g: g.write(b"inner"))
+        f.write(b"done")
+    write_atomic(path, outer)
+    assert open(path).read() == "outer done" and os.listdir(tmp_path) == ["x.json"]
+
+
+# ---------------------------------------------------------------- gloo processes
+def _run(rank, world, port, job, tmp):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    common.setup_distributed("cpu")
+    try:
+        result = job(rank, tmp)
+    except Exception as e:  # every rank reports what it raised; one that hangs fails the test by its timeout
+        result = f"{type(e).__name__}: {e}"
+    torch.save(result, os.path.join(tmp, f"result.{rank}"))
+    torch.distributed.destroy_process_group()
+
+
+def spawn(job, world, tmp):
+    mp.spawn(_run, args=(world, free_port(), job, str(tmp)), nprocs=world)
+    return [torch.load(os.path.join(tmp, f"result.{r}"), weights_only=False) for r in range(world)]
+
+
+def sampling_args(out):
+    return Namespace(out=out, max_new_tokens=4, block_size=64, seed=5, device="cpu")
+
+
+PROMPTS = [np.random.default_rng(i).integers(0, 256, 3).tolist() for i in range(256)]  # x4 = 4 chunks of 256
+
+
+def _cold_start_and_sampling(rank, tmp):
+    """Every rank loads the tiny data from an empty folder, then makes the pairs and a score normalisation."""
+    prepared = []
+    original = common.prepare_tiny
+    common.prepare_tiny = lambda folder: prepared.append(rank) or original(folder)
+    torch.distributed.barrier()  # all at once, as torchrun starts them
+    data = common.load_data(os.path.join(tmp, "data"), "tiny")
+    draws = []
+    sample = stages.sample
+    stages.sample = ppo.sample = lambda *a: draws.append(len(a[1])) or sample(*a)
+    args = sampling_args(os.path.join(tmp, "out"))
+    pairs = stages.make_pairs(tiny_gpt(1), tiny_gpt(2, score_head=True), PROMPTS, args, EOS)
+    ppo.normalised(lambda p, r: torch.tensor([float(len(x)) for x in r]), tiny_gpt(1), PROMPTS * 4, args, EOS, "gt")
+    return dict(prepared=prepared, reviews=len(data["train"]), draws=draws, pairs=len(pairs["prompt"]))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("four")
+    return spawn(_cold_start_and_sampling, 4, tmp), tmp
+
+
+def test_one_rank_per_machine_prepares_the_data(four_ranks):
+    ranks, _ = four_ranks
+    assert all(isinstance(r, dict) for r in ranks), ranks
+    assert [r["prepared"] for r in ranks] == [[0], [], [], []] and {r["reviews"] for r in ranks} == {4000}
+
+
+def test_every_rank_samples_a_share_and_the_result_does_not_depend_on_the_ranks(four_ranks, tmp_path):
+    ranks, tmp = four_ranks
+    assert all(isinstance(r, dict) for r in ranks), ranks
+    assert [r["draws"] for r in ranks] == [[256, 256]] * 4  # one chunk of the pairs, one of the normalisation
+    args = sampling_args(str(tmp_path))  # one process: the same pairs and normalisation
+    stages.make_pairs(tiny_gpt(1), tiny_gpt(2, score_head=True), PROMPTS, args, EOS)
+    ppo.normalised(lambda p, r: torch.tensor([float(len(x)) for x in r]), tiny_gpt(1), PROMPTS * 4, args, EOS, "gt")
+    one, four = (torch.load(os.path.join(d, "pairs.pt"), weights_only=True) for d in (tmp_path, tmp / "out"))
+    assert one == four and len(one["prompt"]) == ranks[0]["pairs"] > 0
+    assert json.load(open(tmp_path / "score_norm_gt.json")) == json.load(open(tmp / "out" / "score_norm_gt.json"))
+
+
+def _rollout_seeds_and_a_nan(rank, tmp):
+    """The seeds of one PPO rollout on each rank, then a loss that is NaN on rank 1 only at step 1."""
+    seeds = []
+    sample = ppo.sample
+    ppo.sample = lambda *a: seeds.append(a[4]) or sample(*a)
+    args = common.get_args(["--preset", "tiny", "--device", "cpu", "--out", tmp, "--max-new-tokens", "4",
+                            "--block-size", "64", "--ppo-batch", "8", "--ppo-minibatches", "2"])
+    score = lambda p, r: torch.zeros(len(r))
+    ppo.ppo_batches(tiny_gpt(1, score_head=True), tiny_gpt(2), score, PROMPTS[:16], dict(kl_coef=0.1),
+                    dict(target=1.0), args, EOS)(0)
+    batch = lambda step: common.pack([[1, 2]], [[3, EOS]], 64)
+    steps = []
+
+    def loss_fn(m, b):
+        steps.append(len(steps))
+        value = m(b[0]).float().mean()
+        return value * (float("nan") if rank == 1 and len(steps) == 2 else 1.0), {}
+    try:
+        common.train("nan", tiny_gpt(), loss_fn, batch, 4, 1e-3, out=tmp, device="cpu")
+        raised = "nothing"
+    except FloatingPointError as e:
+        raised = str(e)
+    return dict(seeds=seeds, raised=raised)
+
+
+def test_ranks_roll_out_with_their_own_seeds_and_stop_together_on_a_nan(tmp_path):
+    ranks = spawn(_rollout_seeds_and_a_nan, 2, tmp_path)
+    assert all(isinstance(r, dict) for r in ranks), ranks
+    assert len(ranks[0]["seeds"]) == len(ranks[1]["seeds"]) == 1 and ranks[0]["seeds"] != ranks[1]["seeds"]
+    assert "[nan] loss is not finite on another rank at step 1" in ranks[0]["raised"]
+    assert "[nan] loss is nan at step 1" in ranks[1]["raised"]
