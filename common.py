@@ -313,12 +313,12 @@ def make_model(args, vocab_size, score_head=False):
 
 # ----------------------------------------------------------------------------- one training loop
 def train(name, model, loss_fn, get_batch, steps, lr, *, out, device, optimizer="adamw", warmup=0,
-          eval_every=0, evaluator=None, log_every=10, state=None):
+          eval_every=0, evaluator=None, log_every=10, state=None, ckpt_every=0):
     """Train `model` for `steps` steps on get_batch(step) with loss_fn(model, batch) -> (loss, metrics).
     Serves SFT, the classifier, the reward model and every DPO and PPO run. Its folder out/<name>/ holds
     ckpt.pt while running (resumed from after an interruption) and model.pt when done (then skipped).
     evaluator(model, step) -> dict is called every eval_every steps and appended to eval.jsonl (its list
-    "samples", if any, to samples.jsonl).
+    "samples", if any, to samples.jsonl). ckpt.pt is written every ckpt_every steps (default: at each evaluation).
     state: a dict the caller updates during training (PPO's KL coefficient), checkpointed with the model."""
     folder, (rank, world) = os.path.join(out, name), rank_world()
     final, ckpt, evals, samples = (os.path.join(folder, f)
@@ -348,6 +348,7 @@ def train(name, model, loss_fn, get_batch, steps, lr, *, out, device, optimizer=
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     t0, tokens, last_kl = time.time(), 0, ""
     every = eval_every or steps
+    ckpt_every = ckpt_every or every
     for step in range(start, steps + 1):
         if evaluator is not None and rank == 0 and (step % every == 0 or step == steps):  # 1. evaluate
             record = dict(step=step, **evaluator(model, step))
@@ -375,7 +376,7 @@ def train(name, model, loss_fn, get_batch, steps, lr, *, out, device, optimizer=
             left = dt / (step + 1 - start) * (steps - step - 1)
             log(f"[{name}] step {step:5d} loss {loss.item():.4f} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
                 + f"{last_kl} grad {grad_norm:.2f} | {tokens / dt:,.0f} tok/s, {left:.0f}s left")
-        if rank == 0 and (step + 1) % every == 0 and step + 1 < steps:  # 7. checkpoint (write, then rename)
+        if rank == 0 and (step + 1) % ckpt_every == 0 and step + 1 < steps:  # 7. checkpoint (write, then rename)
             save_checkpoint(dict(model=model.state_dict(), opt=opt.state_dict(), state=state, step=step + 1), ckpt)
     if rank == 0:
         save_checkpoint(dict(model=model.state_dict(), state=state), final)

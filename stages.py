@@ -45,7 +45,7 @@ def sft(args, data, eos, vocab):
         return -masked_mean(logprobs(model, None, idx, targets, mask, args.impl).token_pol, mask), {}
     return train("sft", make_model(args, vocab), nll, review_batches(data["train"], args.batch, args.block_size, eos,
                  args.seed, crop=False), args.sft_steps, args.sft_lr, out=args.out, device=args.device,
-                 warmup=args.warmup, log_every=args.log_every)
+                 warmup=args.warmup, log_every=args.log_every, ckpt_every=args.eval_every)
 
 
 def classifier_loss(model, batch):
@@ -63,7 +63,7 @@ def classifier(args, data, eos, vocab, sft_model):
         rm.load_state_dict(sft_model.state_dict(), strict=False)
     rm = train("reward", rm, classifier_loss, review_batches(data["train"], args.batch, args.block_size, eos,
                args.seed + 1, crop=True), args.rm_steps, args.rm_lr, out=args.out, device=args.device,
-               warmup=args.warmup, log_every=args.log_every).eval()
+               warmup=args.warmup, log_every=args.log_every, ckpt_every=args.eval_every).eval()
     classifier_accuracy(rm, data["test"], args, eos)
     return rm
 

@@ -116,6 +116,40 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
     assert not (tmp_path / "resumed" / "ckpt.pt").exists()
 
 
+def sft_args(tmp_path, out):
+    return common.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--sft-steps", "6",
+                            "--rm-steps", "6", "--eval-every", "2", "--batch", "4", "--n-layer", "1", "--n-embd", "32",
+                            "--n-head", "2", "--block-size", "64", "--max-new-tokens", "8"])
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_sft_and_the_classifier_resume_from_a_checkpoint_to_the_same_bytes(tmp_path, stage, monkeypatch, capsys):
+    """An SFT or classifier killed mid-stage resumes from its last checkpoint, not from step 0, and ends with
+    the model file of an uninterrupted one."""
+    prepare_tiny(str(tmp_path / "data"), n_train=40, n_test=10)
+    data = load_corpus(str(tmp_path / "data" / "tiny.npz"))
+
+    def make(out, interrupt=None):
+        batches = stages.review_batches
+        if interrupt is not None:  # only this stage's batches are cut short (the classifier's are cropped)
+            monkeypatch.setattr(stages, "review_batches", lambda *a, crop: interrupt_at(batches(*a, crop=crop), interrupt)
+                                if crop == (stage == "reward") else batches(*a, crop=crop))
+        try:
+            args = sft_args(tmp_path, out)
+            stages.classifier(args, data, EOS, 257, stages.sft(args, data, EOS, 257))
+        finally:
+            monkeypatch.setattr(stages, "review_batches", batches)
+    make(tmp_path / "full")
+    with pytest.raises(Interrupted):
+        make(tmp_path / "cut", interrupt=5)  # killed at step 5: the checkpoint of step 4 is there
+    assert load_checkpoint(str(tmp_path / "cut" / stage / "ckpt.pt"))["step"] == 4
+    capsys.readouterr()
+    make(tmp_path / "cut")
+    assert f"[{stage}] resumed at step 4" in capsys.readouterr().out
+    for s in ("sft", "reward"):
+        assert (tmp_path / "cut" / s / "model.pt").read_bytes() == (tmp_path / "full" / s / "model.pt").read_bytes(), s
+
+
 def test_nan_loss_is_an_error(tmp_path):
     batch = lambda step: common.pack([[1, 2]], [[3, EOS]], 64)
     with pytest.raises(FloatingPointError, match=r"\[nan\] loss is nan at step 0"):
