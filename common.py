@@ -295,6 +295,11 @@ def logprobs(policy, ref, idx, targets, mask, impl="auto", with_kl=False, hidden
     return sequence_logprobs(h, unwrap(policy).lm_head.weight, h_ref, w_ref, targets, mask, with_kl=with_kl, impl=impl)
 
 
+def accuracy(margin):
+    """The fraction of margins above 0, a tie counting half: a scorer that tells nothing apart scores 0.5."""
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+
+
 def masked_mean(x, mask):
     """Mean of x over the positions where mask is True: x, mask (B, T) -> a scalar."""
     return (x * mask).sum() / mask.sum()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import ppo
 import stages
-from common import (barrier, check_settings, get_args, global_mean, load_data, log, logprobs, make_prompts,
+from common import (accuracy, barrier, check_settings, get_args, global_mean, load_data, log, logprobs, make_prompts,
                     masked_mean, pack, rank_world, run_folder, setup_distributed, stage_plan, train)
 from data.corpus import UsageError
 from model import get_tokenizer
@@ -136,7 +136,7 @@ def pair_loss(model, batch, ref, method, param, impl="auto", label_smoothing=0.0
     else:
         losses, r_c, r_r = dpo_loss(out.seq_pol[c], out.seq_pol[r], out.seq_ref[c], out.seq_ref[r], param, method,
                                     label_smoothing)
-    return losses.mean(), {"acc": (r_c > r_r).float().mean().item(), "margin": (r_c - r_r).mean().item(),
+    return losses.mean(), {"acc": accuracy(r_c - r_r), "margin": (r_c - r_r).mean().item(),
                            "chosen": r_c.mean().item(), "rejected": r_r.mean().item(),
                            "logp_c": out.seq_pol[c].mean().item(), "logp_r": out.seq_pol[r].mean().item()}
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import amp, barrier, log, logprobs, make_model, masked_mean, pack, rank_world, train, unwrap
+from common import accuracy, amp, barrier, log, logprobs, make_model, masked_mean, pack, rank_world, train, unwrap
 from data.corpus import load_checkpoint, save_checkpoint, write_atomic
 from model import left_pad
 
@@ -52,7 +52,7 @@ def classifier_loss(model, batch):
     """Binary cross-entropy of the scalar head, read at the last input token (the text's last token)."""
     idx, targets, mask, labels = batch
     logit = unwrap(model).score(model(idx), mask)
-    acc = ((logit > 0).float() == labels).float().mean().item()
+    acc = accuracy(logit.float() * (2 * labels - 1))  # above 0: the side of the label
     return F.binary_cross_entropy_with_logits(logit.float(), labels), {"acc": acc}
 
 
@@ -70,10 +70,11 @@ def classifier(args, data, eos, vocab, sft_model):
 
 @torch.no_grad()
 def classifier_accuracy(rm, split, args, eos):
-    """Accuracy of r* > 0.5 on every review of the split, read whole (as far as the block size allows)."""
+    """Accuracy of r* > 0.5 on every review of the split, read whole (as far as the block size allows);
+    r* = 0.5 counts half."""
     reviews = [split.review(i).tolist() for i in range(len(split))]
-    positive = score(rm, [[]] * len(reviews), reviews, eos, args.block_size, args.device) > 0
-    acc = (positive.numpy() == split.labels.astype(bool)).mean()
+    logit = score(rm, [[]] * len(reviews), reviews, eos, args.block_size, args.device)
+    acc = accuracy(logit * (2 * torch.from_numpy(split.labels).float() - 1))
     log(f"[reward] classifier accuracy on all {len(reviews)} test reviews: {acc:.3f}")
     return acc
 

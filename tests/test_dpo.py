@@ -27,6 +27,7 @@ def test_loss_is_ln2_when_policy_is_reference():
     for method in ("dpo", "cdpo"):
         loss, m = dpo.pair_loss(model, (idx, targets, mask), model, method, 0.1, label_smoothing=0.1)
         assert abs(loss.item() - math.log(2)) < 1e-6 and m["margin"] == 0 and m["chosen"] == 0
+        assert m["acc"] == 0.5  # every pair a tie: half right, not all wrong
 
 
 def test_losses_match_their_formulas():
