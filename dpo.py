@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 import ppo
 import stages
-from common import (accuracy, barrier, check_settings, get_args, global_mean, load_data, log, logprobs, make_prompts,
-                    masked_mean, pack, rank_world, run_folder, setup_distributed, stage_plan, train)
+from common import (accuracy, barrier, check_data, check_settings, get_args, global_mean, load_data, log, logprobs,
+                    make_prompts, masked_mean, pack, rank_world, run_folder, setup_distributed, stage_plan, train)
 from data.corpus import UsageError
 from model import get_tokenizer
 from plots.frontier import plot_frontier
@@ -157,9 +157,10 @@ def main(argv=None):
     args = get_args(argv)
     args.device = setup_distributed(args.device)
     log(f"nanoDPO: preset {args.preset} on {args.device} -> {args.out}")
+    data = load_data(args.data_dir, args.data)  # 1. data
+    check_data(args, data)
     check_settings(args.out, stage_plan(args), args.redo)  # before any work: a stage is reused only if its settings match
     t_start = time.time()
-    data = load_data(args.data_dir, args.data)  # 1. data and prompts
     enc = get_tokenizer(data["tokenizer"])
     eos, vocab = enc.eot_token, enc.n_vocab
     rng = np.random.default_rng(args.seed)

@@ -33,6 +33,52 @@ def test_runs_are_parsed_and_checked(capsys):
         assert message in err and "--runs" in err and "Traceback" not in err
 
 
+FLAG_MISTAKES = [  # (flags, environment, the one line's message)
+    (["--optimizer", "rmsprob"], {}, "argument --optimizer: invalid choice: 'rmsprob'"),
+    (["--device", "foo"], {}, "--device foo: expected cpu, cuda or cuda:N"),
+    (["--device", "cpu", "--impl", "triton"], {"TRITON_INTERPRET": None}, "--impl triton: the Triton kernel needs"),
+    (["--n-head", "3"], {}, "--n-head 3: expected a divisor of --n-embd 128"),
+    (["--seed", "-1"], {}, "--seed -1: expected a whole number >= 0"),
+    (["--log-every", "0"], {}, "--log-every 0: expected a positive number"),
+    (["--preset", "tiny", "--model", "gpt2"], {}, "--model gpt2: the tiny preset trains a GPT from scratch"),
+    (["--preset", "imdb", "--device", "cpu", "--block-size", "2048"], {}, "--block-size 2048: GPT-2 (gpt2) has 1024"),
+    (["--runs", "ppo:6", "--ppo-batch", "64", "--n-prompts", "50"], {}, "--ppo-batch 64 is more than --n-prompts 50"),
+    (["--batch", "1"], {"WORLD_SIZE": "2"}, "--batch 1: fewer rows than the 2 torchrun processes"),
+    (["--runs", "dpo:0.1", "--dpo-batch", "1"], {"WORLD_SIZE": "2"}, "--dpo-batch 1: fewer rows than the 2 torchrun"),
+    (["--runs", "ppo:6", "--ppo-batch", "1", "--ppo-minibatches", "1"], {"WORLD_SIZE": "2"}, "--ppo-batch 1: fewer rows"),
+    (["--runs", "ppo:6", "--ppo-batch", "3", "--ppo-minibatches", "2"], {"WORLD_SIZE": "2"},
+     "--ppo-minibatches 2 is more than --ppo-batch 3 / 2 processes"),
+]
+
+
+@pytest.mark.parametrize("flags, env, message", FLAG_MISTAKES)
+def test_flag_mistakes_are_one_line_before_any_work(flags, env, message, capsys, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v) if v is not None else monkeypatch.delenv(k, raising=False)
+    with pytest.raises(SystemExit):
+        common.get_args(["--preset", "tiny", *flags] if "--preset" not in flags else flags)
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(SystemExit):
+        common.get_args(["--out", str(tmp_path / "notes.txt")])
+    assert f"--out {tmp_path}/notes.txt: is a file; expected a run folder" in capsys.readouterr().err
+
+
+def test_every_flag_has_help_with_its_preset_defaults():
+    p = common.parser()
+    for action in p._actions:
+        assert action.help and "\n" not in action.help, action.option_strings
+    helps = {a.dest: a.help for a in p._actions}
+    for k in set(common.PRESETS["tiny"]) | set(common.PRESETS["imdb"]):
+        if k != "data":  # the data set comes with the preset; --data-dir says where it lies
+            t, i = (common.PRESETS[p].get(k, "-") for p in ("tiny", "imdb"))
+            assert helps[k].startswith(common.HELP[k]) and helps[k].endswith(f" [tiny: {t}; imdb: {i}]"), k
+
+
 def test_run_folders():
     assert [common.run_folder(m, p) for m, p in [("dpo", 0.1), ("ft", 0.0), ("ppo-gt", 6.0), ("ul", 0.5)]] == \
         ["runs/dpo_0.1", "runs/ft", "runs/ppo-gt_6", "runs/ul_0.5"]
@@ -252,3 +298,9 @@ def test_a_stale_stage_stops_every_rank(tmp_path):
     mp.spawn(_settings_worker, args=(2, free_port(), str(tmp_path), str(tmp_path / "r")), nprocs=2)
     for rank in (0, 1):
         assert "sft was made with other settings (sft_steps 200 -> 300)" in (tmp_path / f"r.{rank}").read_text()
+
+
+def test_settings_json_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "settings.json").write_text('{"sft": {"sft_steps": 3')  # cut off mid-write by a foreign tool
+    with pytest.raises(UsageError, match=rf"{tmp_path}/settings.json is not JSON \(.*line 1\)"):
+        common.check_settings(str(tmp_path), {"sft": {"sft_steps": 3}}, redo=False)

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import urllib.error
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch
 from conftest import EOS, assert_fused_matches_reference, tiny_gpt
 
 import dpo
+import model as model_module
 import stages
 from common import get_args, pack
 from data.corpus import UsageError
@@ -188,6 +190,26 @@ def test_missing_data_is_a_one_line_error(tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [f"nanoDPO: error: {tmp_path}/imdb.npz does not exist: run python "
                                                f"data/imdb/prepare.py --out {tmp_path}"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-eval", "5000"], r"--n-eval 5000 \+ 32 held-out prompts of PPO's reward model: the test split of .*tiny.npz "
+                           r"has \d+ reviews longer than --min-chars 100"),
+    (["--n-prompts", "5000", "--ppo-batch", "5000"], r"--ppo-batch 5000: the train split of .*tiny.npz has \d+ reviews"),
+])
+def test_sizes_the_data_cannot_serve_are_refused_before_sft(tmp_path, flags, message):
+    with pytest.raises(UsageError, match=message):
+        dpo.main(smoke_argv(tmp_path, *flags))
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_gpt2_download_is_one_line(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(model_module.urllib.request, "urlopen", offline)
+    monkeypatch.setenv("NANODPO_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UsageError, match=r"could not download the gpt2 weights .* put it at"):  # main prints one line
+        dpo.main(smoke_argv(tmp_path, "--init", "pretrained", "--model", "gpt2"))
 
 
 # ---------------------------------------------------------------- DPO's successors: SimPO, ORPO, KTO
