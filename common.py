@@ -12,12 +12,14 @@ The pipeline (one numbering, used by every file):
   6. evaluate   mean r* of policy samples and the exact KL(pi || pi_ref)            stages.py
   7. figure     reward against KL                                                   plots/frontier.py
 """
+import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -209,13 +211,13 @@ def check_args(p, args):
 
 
 # ----------------------------------------------------------------------------- the settings each stage was made with
-def stage_plan(args):
+def stage_plan(args, data_sha256):
     """{output under --out: the settings it depends on, those of the stages it is built from included},
     in pipeline order, for the stages this command needs. A changed upstream setting so changes every
-    stage after it too."""
+    stage after it too. data_sha256 (data_digest) names the data by its content, not by its folder."""
     pick = lambda *keys: {k: getattr(args, k) for k in keys}
     sft = pick("data", "init", "n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps",
-               "sft_lr") | {"model": args.model if args.init == "pretrained" else None}
+               "sft_lr") | {"model": args.model if args.init == "pretrained" else None, "data_sha256": data_sha256}
     reward = sft | pick("rm_steps", "rm_lr")
     pairs = reward | pick("n_prompts", "min_chars", "max_new_tokens")
     prompts = pairs | pick("n_eval")  # the held-out prompts are drawn after the training prompts
@@ -241,12 +243,16 @@ def stage_plan(args):
 def check_settings(out, plan, redo):
     """Compare each stage's settings with those recorded in out/settings.json when it was made. A stage
     made with other settings (or by an older nanoDPO that kept no record) is refused with one line, or
-    with redo deleted so that it is made again; then the plan is recorded. Rank 0 checks; under torchrun
-    every rank learns its verdict, so that all stop together."""
+    with redo deleted so that it is made again; then the plan is recorded. Rank 0 checks."""
+    on_rank0(lambda: _check_settings(out, plan, redo))
+
+
+def on_rank0(fn):
+    """fn() on rank 0 only; a UsageError it raises is raised on every rank of torchrun, so that all stop together."""
     error = ""
     if rank_world()[0] == 0:
         try:
-            _check_settings(out, plan, redo)
+            fn()
         except UsageError as e:
             error = str(e)
     if torch.distributed.is_initialized():
@@ -280,6 +286,35 @@ def _check_settings(out, plan, redo):
         shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
     write_atomic(path, lambda f: f.write(json.dumps(recorded | plan, indent=1).encode()))
 
+
+@contextmanager
+def locked(out):
+    """Hold out/.lock while a command uses the run folder: a second command into it stops in one line,
+    instead of doubling its records and overwriting its checkpoints. The system drops an flock when
+    its process dies, so a killed command leaves no stale lock. Rank 0 holds it for all of a torchrun."""
+    held = []
+
+    def take():
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise UsageError(f"{out} is in use by another command (process {holder}); wait for it, or use "
+                             f"another --out") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        held.append(f)
+    on_rank0(take)
+    try:
+        yield
+    finally:
+        for f in held:
+            f.close()
 
 
 # ----------------------------------------------------------------------------- torchrun, devices, logging
@@ -336,6 +371,16 @@ def load_data(data_dir, name):
     if name == "tiny" and not os.path.exists(path):  # generated offline in seconds
         prepare_tiny(data_dir)
     return load_corpus(path)
+
+
+def data_digest(data):
+    """sha256 of a corpus's tokenizer, tokens, labels and lengths: the data's identity in the settings
+    record (the .npz file's own bytes also hold the times its members were written)."""
+    h = hashlib.sha256(data["tokenizer"].encode())
+    for s in ("train", "test"):
+        for a in (data[s].tokens, data[s].offsets, data[s].labels, data[s].chars):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def check_data(args, data):

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 import ppo
 import stages
-from common import (accuracy, barrier, check_data, check_settings, get_args, global_mean, load_data, log, logprobs,
-                    make_prompts, masked_mean, pack, rank_world, run_folder, setup_distributed, stage_plan, train)
+from common import (accuracy, barrier, check_data, check_settings, data_digest, get_args, global_mean, load_data,
+                    locked, log, logprobs, make_prompts, masked_mean, pack, rank_world, run_folder, setup_distributed,
+                    stage_plan, train)
 from data.corpus import UsageError
 from model import get_tokenizer
 from plots.frontier import plot_frontier
@@ -159,7 +160,13 @@ def main(argv=None):
     log(f"nanoDPO: preset {args.preset} on {args.device} -> {args.out}")
     data = load_data(args.data_dir, args.data)  # 1. data
     check_data(args, data)
-    check_settings(args.out, stage_plan(args), args.redo)  # before any work: a stage is reused only if its settings match
+    with locked(args.out):  # one command at a time in a run folder
+        sweep(args, data)
+
+
+def sweep(args, data):
+    """Stages 2-7 into args.out, which main holds locked."""
+    check_settings(args.out, stage_plan(args, data_digest(data)), args.redo)  # a stage is reused only if its settings match
     t_start = time.time()
     enc = get_tokenizer(data["tokenizer"])
     eos, vocab = enc.eot_token, enc.n_vocab

@@ -4,6 +4,8 @@
 """
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -304,3 +306,54 @@ def test_settings_json_that_is_not_json_is_named(tmp_path):
     (tmp_path / "settings.json").write_text('{"sft": {"sft_steps": 3')  # cut off mid-write by a foreign tool
     with pytest.raises(UsageError, match=rf"{tmp_path}/settings.json is not JSON \(.*line 1\)"):
         common.check_settings(str(tmp_path), {"sft": {"sft_steps": 3}}, redo=False)
+
+
+HOLD = """import sys, time
+import common
+with common.locked(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_folder_is_locked_while_a_command_uses_it(tmp_path):
+    """A second command into a run folder in use stops with one line, before any stage; the lock goes with its
+    holder's process, even one killed with SIGKILL."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out")], cwd=repo, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        argv = ["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out"), "--data-dir",
+                str(tmp_path / "data"), "--runs", "ft"]
+        with pytest.raises(UsageError, match=rf"{tmp_path}/out is in use by another command \(process {holder.pid}\)"):
+            dpo.main(argv)
+        assert sorted(os.listdir(tmp_path / "out")) == [".lock"]  # no stage started, no settings recorded
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs
+        holder.wait()
+    with common.locked(str(tmp_path / "out")):  # free again
+        pass
+
+
+def _lock_worker(rank, world, port, out, result):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    common.setup_distributed("cpu")
+    try:
+        with common.locked(out):
+            common.barrier()  # both ranks inside at once: one torchrun shares its run folder
+            outcome = "entered"
+    except UsageError as e:
+        outcome = str(e)
+    with open(f"{result}.{rank}", "w") as f:
+        f.write(outcome)
+    torch.distributed.destroy_process_group()
+
+
+def test_the_ranks_of_one_torchrun_share_the_lock_and_all_stop_when_it_is_taken(tmp_path):
+    mp.spawn(_lock_worker, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "free")), nprocs=2)
+    assert [(tmp_path / f"free.{r}").read_text() for r in (0, 1)] == ["entered", "entered"]
+    with common.locked(str(tmp_path / "out")):  # another command holds it: every rank stops, none waits
+        mp.spawn(_lock_worker, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "taken")), nprocs=2)
+    for r in (0, 1):
+        assert f"{tmp_path}/out is in use by another command (process {os.getpid()})" in (tmp_path / f"taken.{r}").read_text()

@@ -20,6 +20,7 @@ import model as model_module
 import stages
 from common import get_args, pack
 from data.corpus import UsageError
+from data.tiny.prepare import prepare as prepare_tiny
 from model import GPT, GPTConfig
 
 
@@ -201,6 +202,21 @@ def test_sizes_the_data_cannot_serve_are_refused_before_sft(tmp_path, flags, mes
     with pytest.raises(UsageError, match=message):
         dpo.main(smoke_argv(tmp_path, *flags))
     assert not (tmp_path / "out").exists()
+
+
+def test_other_data_into_the_same_out_is_refused(tmp_path, capsys):
+    """The settings record names the data by its content: another corpus under the same name is not reused."""
+    argv = smoke_argv(tmp_path, "--sft-steps", "2", "--rm-steps", "2", "--dpo-steps", "2", "--runs", "ft")
+    dpo.main(argv)
+    data_b = tmp_path / "other"
+    prepare_tiny(str(data_b), seed=7)  # another tiny.npz: the same name, the same sizes, other reviews
+    capsys.readouterr()
+    with pytest.raises(UsageError, match=r"out/sft was made with other settings \(data_sha256 [0-9a-f]{64} -> "):
+        dpo.main(argv[:argv.index("--data-dir") + 1] + [str(data_b)] + argv[argv.index("--data-dir") + 2:])
+    assert "step" not in capsys.readouterr().out
+    prepare_tiny(str(tmp_path / "again"))  # the same data written again (other file times) is the same data
+    dpo.main(argv[:argv.index("--data-dir") + 1] + [str(tmp_path / "again")] + argv[argv.index("--data-dir") + 2:])
+    assert "step     0" not in capsys.readouterr().out
 
 
 def test_offline_gpt2_download_is_one_line(tmp_path, monkeypatch):
