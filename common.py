@@ -124,7 +124,8 @@ def parser():
     """The command line. A preset setting's help ends with its defaults, read from PRESETS so it cannot drift."""
     preset = lambda k: f" [tiny: {PRESETS['tiny'].get(k, '-')}; imdb: {PRESETS['imdb'].get(k, '-')}]"
     p = OneLineParser(description="nanoDPO: the IMDb sentiment experiment of the DPO paper")
-    p.add_argument("--preset", choices=PRESETS, help="the defaults of the settings, shown [tiny; imdb] below (default: imdb on CUDA, tiny otherwise)")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="the settings' defaults, shown [tiny; imdb] below (default: imdb on CUDA, tiny otherwise)")
     p.add_argument("--out", help="run folder, reused by a rerun (default out/<preset>)")
     p.add_argument("--data-dir", help="folder holding <data>.npz (default data/<data>; tiny: made there if missing)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the weights, batches and samples (default 1337)")
@@ -166,7 +167,8 @@ def check_args(p, args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
     if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
-        p.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} GPUs, cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        n = torch.cuda.device_count()
+        p.error(f"--device {args.device}: torch sees {n} GPUs, cuda:0 to cuda:{n - 1}")
     if args.impl == "triton" and args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--impl triton: the Triton kernel needs --device cuda, or TRITON_INTERPRET=1 on a CPU (slow); "
                 "--impl auto takes the reference there")
@@ -385,13 +387,14 @@ def data_digest(data):
 
 def check_data(args, data):
     """The sizes that depend on the data, checked before SFT: enough long reviews for the prompts asked for."""
-    path, ppo_runs = os.path.join(args.data_dir, f"{args.data}.npz"), {m for m, _ in args.run_list} & {"ppo", "ppo-gt"}
+    path = os.path.join(args.data_dir, f"{args.data}.npz")
+    ppo_runs = {m for m, _ in args.run_list} & {"ppo", "ppo-gt"}
     usable = {s: int((data[s].chars > args.min_chars).sum()) for s in ("train", "test")}
     heldout = max(32, args.n_prompts // 10) if "ppo" in ppo_runs else 0  # the reward model's held-out pairs
     if args.n_eval + heldout > usable["test"]:
-        raise UsageError(f"--n-eval {args.n_eval}" + f" + {heldout} held-out prompts of PPO's reward model" * bool(heldout)
-                         + f": the test split of {path} has {usable['test']} reviews longer than --min-chars "
-                           f"{args.min_chars}")
+        extra = f" + {heldout} held-out prompts of PPO's reward model" if heldout else ""
+        raise UsageError(f"--n-eval {args.n_eval}{extra}: the test split of {path} has {usable['test']} reviews "
+                         f"longer than --min-chars {args.min_chars}")
     if ppo_runs and args.ppo_batch > usable["train"]:
         raise UsageError(f"--ppo-batch {args.ppo_batch}: the train split of {path} has {usable['train']} reviews "
                          f"longer than --min-chars {args.min_chars} to cut prompts from")

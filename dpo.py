@@ -166,7 +166,7 @@ def main(argv=None):
 
 def sweep(args, data):
     """Stages 2-7 into args.out, which main holds locked."""
-    check_settings(args.out, stage_plan(args, data_digest(data)), args.redo)  # a stage is reused only if its settings match
+    check_settings(args.out, stage_plan(args, data_digest(data)), args.redo)  # reused only if its settings match
     t_start = time.time()
     enc = get_tokenizer(data["tokenizer"])
     eos, vocab = enc.eot_token, enc.n_vocab
