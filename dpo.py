@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 import ppo
 import stages
-from common import (barrier, check_settings, get_args, global_mean, load_data, log, logprobs, make_prompts,
-                    masked_mean, pack, rank_world, run_folder, setup_distributed, stage_plan, train)
+from common import (accuracy, barrier, check_data, check_settings, data_digest, get_args, global_mean, load_data,
+                    locked, log, logprobs, make_prompts, masked_mean, pack, rank_world, run_folder, setup_distributed,
+                    stage_plan, train)
 from data.corpus import UsageError
 from model import get_tokenizer
 from plots.frontier import plot_frontier
@@ -139,7 +140,7 @@ def pair_loss(model, batch, ref, method, param, impl="auto", label_smoothing=0.0
     else:
         losses, r_c, r_r = dpo_loss(out.seq_pol[c], out.seq_pol[r], out.seq_ref[c], out.seq_ref[r], param, method,
                                     label_smoothing)
-    return losses.mean(), {"acc": (r_c > r_r).float().mean().item(), "margin": (r_c - r_r).mean().item(),
+    return losses.mean(), {"acc": accuracy(r_c - r_r), "margin": (r_c - r_r).mean().item(),
                            "chosen": r_c.mean().item(), "rejected": r_r.mean().item(),
                            "logp_c": out.seq_pol[c].mean().item(), "logp_r": out.seq_pol[r].mean().item()}
 
@@ -160,9 +161,16 @@ def main(argv=None):
     args = get_args(argv)
     args.device = setup_distributed(args.device)
     log(f"nanoDPO: preset {args.preset} on {args.device} -> {args.out}")
-    check_settings(args.out, stage_plan(args), args.redo)  # before any work: a stage is reused only if its settings match
+    data = load_data(args.data_dir, args.data)  # 1. data
+    check_data(args, data)
+    with locked(args.out):  # one command at a time in a run folder
+        sweep(args, data)
+
+
+def sweep(args, data):
+    """Stages 2-7 into args.out, which main holds locked."""
+    check_settings(args.out, stage_plan(args, data_digest(data)), args.redo)  # reused only if its settings match
     t_start = time.time()
-    data = load_data(args.data_dir, args.data)  # 1. data and prompts
     enc = get_tokenizer(data["tokenizer"], data["words"])
     eos, vocab = enc.eot_token, enc.n_vocab
     rng = np.random.default_rng(args.seed)

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.corpus import UsageError
+
 
 @dataclass
 class GPTConfig:
@@ -334,8 +336,8 @@ def download_gpt2(name, cache_dir=None):
         try:
             download(url, path)
         except OSError as e:
-            raise RuntimeError(f"could not download the {name} weights ({e}). Fetch {url} on a machine "
-                               f"with internet and put it at {path}, or pass a local Hugging Face directory.") from e
+            raise UsageError(f"could not download the {name} weights ({e}). Fetch {url} on a machine "
+                             f"with internet and put it at {path}, or pass a local Hugging Face directory.") from e
     return path
 
 

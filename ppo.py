@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (amp, barrier, derive_seed, global_mean, logprobs, masked_mean, pack, rank_world, run_folder, sharded,
-                    train, unwrap)
+from common import (accuracy, amp, barrier, derive_seed, global_mean, logprobs, masked_mean, pack, rank_world,
+                    run_folder, sharded, train, unwrap)
 from data.corpus import write_atomic
 from stages import reward, sample, score, score_batch
 
@@ -49,7 +49,7 @@ def bradley_terry_loss(model, batch):
     s = unwrap(model).score(model(idx), mask).float()
     n = len(s) // 2
     margin = s[:n] - s[n:]
-    return -F.logsigmoid(margin).mean(), {"acc": (margin > 0).float().mean().item()}
+    return -F.logsigmoid(margin).mean(), {"acc": accuracy(margin)}
 
 
 def pair_score_batch(pairs, rows, eos, block_size):
@@ -71,7 +71,7 @@ def reward_model(sft_model, pairs, heldout, args, eos):
     def heldout_accuracy(model, step):
         s_c, s_r = (score(model, heldout["prompt"], heldout[k], eos, args.block_size, args.device)
                     for k in ("chosen", "rejected"))
-        return dict(heldout_acc=(s_c > s_r).float().mean().item())
+        return dict(heldout_acc=accuracy(s_c - s_r))
 
     return train("reward_model", rm, bradley_terry_loss, get_batch, args.bt_steps, args.bt_lr, out=args.out,
                  device=args.device, warmup=args.warmup, eval_every=args.eval_every, evaluator=heldout_accuracy,

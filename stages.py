@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (amp, barrier, derive_seed, layout, log, logprobs, make_model, masked_mean, pack, rank_world, sharded,
-                    train, unwrap)
+from common import (accuracy, amp, barrier, derive_seed, layout, log, logprobs, make_model, masked_mean, pack,
+                    rank_world, sharded, train, unwrap)
 from data.corpus import load_checkpoint, save_checkpoint, write_atomic
 from model import left_pad
 
@@ -50,14 +50,14 @@ def sft(args, data, eos, vocab):
         return -masked_mean(logprobs(model, None, idx, targets, mask, args.impl).token_pol, mask), {}
     return train("sft", make_model(args, vocab), nll, review_batches(data["train"], args.batch, args.block_size, eos,
                  args.seed), args.sft_steps, args.sft_lr, out=args.out, device=args.device,
-                 warmup=args.warmup, log_every=args.log_every)
+                 warmup=args.warmup, log_every=args.log_every, ckpt_every=args.eval_every)
 
 
 def classifier_loss(model, batch):
     """Binary cross-entropy of the scalar head, read at the last input token (the text's last token)."""
     idx, targets, mask, labels = batch
     logit = unwrap(model).score(model(idx), mask)
-    acc = ((logit > 0).float() == labels).float().mean().item()
+    acc = accuracy(logit.float() * (2 * labels - 1))  # above 0: the side of the label
     return F.binary_cross_entropy_with_logits(logit.float(), labels), {"acc": acc}
 
 
@@ -67,8 +67,8 @@ def classifier(args, data, eos, vocab, sft_model):
     if args.init == "scratch":  # a classifier from scratch learns slowly: start from the SFT model's weights
         rm.load_state_dict(sft_model.state_dict(), strict=False)
     rm = train("reward", rm, classifier_loss, review_batches(data["train"], args.batch, args.block_size, eos,
-               args.seed + 1, scored_len(args)), args.rm_steps, args.rm_lr, out=args.out, device=args.device,
-               warmup=args.warmup, log_every=args.log_every).eval()
+               args.seed + 1, scored_len=scored_len(args)), args.rm_steps, args.rm_lr, out=args.out, device=args.device,
+               warmup=args.warmup, log_every=args.log_every, ckpt_every=args.eval_every).eval()
     classifier_accuracy(rm, data["test"], args, eos)
     return rm
 
@@ -80,15 +80,15 @@ def scored_len(args):
 
 @torch.no_grad()
 def classifier_accuracy(rm, split, args, eos):
-    """Accuracy of r* > 0.5 on every review of the split, read whole (as far as the block size allows) and cut
-    to the length r* judges in the pipeline; written to out/<preset>/reward/accuracy.json."""
+    """Accuracy of r* > 0.5 on every review of the split (r* = 0.5 counts half), read whole (as far as the block
+    size allows) and cut to the length r* judges in the pipeline; written to out/<preset>/reward/accuracy.json."""
     path = os.path.join(args.out, "reward", "accuracy.json")
     if not os.path.exists(path):
         reviews = [split.review(i).tolist() for i in range(len(split))]
-        correct = lambda texts: (np.array(sharded(lambda rs, i: score(rm, [[]] * len(rs), rs, eos, args.block_size,
-                                                                      args.device).tolist(), texts)) > 0) \
-            == split.labels.astype(bool)
-        acc = dict(whole=correct(reviews).mean().item(), scored=correct([r[:scored_len(args)] for r in reviews]).mean().item(),
+        sign = 2 * torch.from_numpy(split.labels).float() - 1
+        acc_of = lambda texts: accuracy(sign * torch.tensor(sharded(
+            lambda rs, i: score(rm, [[]] * len(rs), rs, eos, args.block_size, args.device).tolist(), texts)))
+        acc = dict(whole=acc_of(reviews), scored=acc_of([r[:scored_len(args)] for r in reviews]),
                    scored_len=scored_len(args), reviews=len(reviews))
         if rank_world()[0] == 0:
             write_atomic(path, lambda f: f.write(json.dumps(acc).encode()))

@@ -6,7 +6,8 @@ mean and range over the seeds.
 
 One panel per method family (DPO, PPO, PPO-GT, the baselines). In each, a run's upper envelope per seed: the
 best reward reached at or below each KL, over that run's evaluations, drawn as a step line, one line style per
-seed, so that the spread between seeds is seen beside the spread between methods.
+seed, so that the spread between seeds is seen beside the spread between methods. Each panel's legend names
+its runs; the legend beside the panels names the seeds' line styles.
 """
 import argparse
 import os
@@ -16,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,24 +42,34 @@ def summary(out_dirs):
     return {name: [(runs[name][-1]["reward"], runs[name][-1]["kl"]) for runs in per_seed] for name in sorted(common)}
 
 
-def plot_seeds(out_dirs, png_path):
+def seeds_figure(out_dirs):
+    """The figure, not yet saved: a panel per family, its legend naming the runs (colours), and one legend
+    beside the panels naming the seeds' run folders (line styles)."""
     per_seed = [read_runs(d) for d in out_dirs]
-    fig, axes = plt.subplots(1, len(FAMILIES), figsize=(5 * len(FAMILIES), 4.4), sharey=True)
+    fig, axes = plt.subplots(1, len(FAMILIES), figsize=(5 * len(FAMILIES), 4.6), sharey=True, layout="constrained")
     for ax, (title, methods) in zip(axes, FAMILIES.items()):
-        for s, (out_dir, runs) in enumerate(zip(out_dirs, per_seed)):
+        for s, runs in enumerate(per_seed):
             for name, recs in runs.items():
                 if name.partition("_")[0] not in methods:
                     continue
                 colour, _, label = run_style(name, runs)
                 kl, best = envelope(recs)
+                drawn = label in ax.get_legend_handles_labels()[1]  # one entry per run, whatever the seeds
                 ax.step(kl, best, where="post", color=colour, ls=DASHES[s % len(DASHES)], alpha=0.85,
-                        label=f"{label} ({os.path.basename(os.path.normpath(out_dir))})")
+                        label="_" + label if drawn else label)
         ax.set(title=title, xlabel="KL(pi || pi_ref)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a family none of the folders ran stays empty
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=8, loc="lower right")
     axes[0].set_ylabel("best mean reward r* at or below this KL")
-    fig.tight_layout()
+    styles = [Line2D([], [], color="black", ls=DASHES[s % len(DASHES)]) for s in range(len(out_dirs))]
+    fig.legend(styles, [os.path.basename(os.path.normpath(d)) for d in out_dirs], loc="outside right center",
+               fontsize=8, title="seed (run folder)")
+    return fig
+
+
+def plot_seeds(out_dirs, png_path):
+    fig = seeds_figure(out_dirs)
     write_atomic(png_path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
     return png_path

@@ -4,6 +4,8 @@
 """
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -31,6 +33,52 @@ def test_runs_are_parsed_and_checked(capsys):
             common.get_args(["--device", "cpu", "--runs", spec])
         err = capsys.readouterr().err
         assert message in err and "--runs" in err and "Traceback" not in err
+
+
+FLAG_MISTAKES = [  # (flags, environment, the one line's message)
+    (["--optimizer", "rmsprob"], {}, "argument --optimizer: invalid choice: 'rmsprob'"),
+    (["--device", "foo"], {}, "--device foo: expected cpu, cuda or cuda:N"),
+    (["--device", "cpu", "--impl", "triton"], {"TRITON_INTERPRET": None}, "--impl triton: the Triton kernel needs"),
+    (["--n-head", "3"], {}, "--n-head 3: expected a divisor of --n-embd 128"),
+    (["--seed", "-1"], {}, "--seed -1: expected a whole number >= 0"),
+    (["--log-every", "0"], {}, "--log-every 0: expected a positive number"),
+    (["--preset", "tiny", "--model", "gpt2"], {}, "--model gpt2: the tiny preset trains a GPT from scratch"),
+    (["--preset", "imdb", "--device", "cpu", "--block-size", "2048"], {}, "--block-size 2048: GPT-2 (gpt2) has 1024"),
+    (["--runs", "ppo:6", "--ppo-batch", "64", "--n-prompts", "50"], {}, "--ppo-batch 64 is more than --n-prompts 50"),
+    (["--batch", "1"], {"WORLD_SIZE": "2"}, "--batch 1: fewer rows than the 2 torchrun processes"),
+    (["--runs", "dpo:0.1", "--dpo-batch", "1"], {"WORLD_SIZE": "2"}, "--dpo-batch 1: fewer rows than the 2 torchrun"),
+    (["--runs", "ppo:6", "--ppo-batch", "1", "--ppo-minibatches", "1"], {"WORLD_SIZE": "2"}, "--ppo-batch 1: fewer rows"),
+    (["--runs", "ppo:6", "--ppo-batch", "3", "--ppo-minibatches", "2"], {"WORLD_SIZE": "2"},
+     "--ppo-minibatches 2 is more than --ppo-batch 3 / 2 processes"),
+]
+
+
+@pytest.mark.parametrize("flags, env, message", FLAG_MISTAKES)
+def test_flag_mistakes_are_one_line_before_any_work(flags, env, message, capsys, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v) if v is not None else monkeypatch.delenv(k, raising=False)
+    with pytest.raises(SystemExit):
+        common.get_args(["--device", "cpu", *flags] if "--preset" in flags else ["--preset", "tiny", "--device", "cpu", *flags])
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(SystemExit):
+        common.get_args(["--device", "cpu", "--out", str(tmp_path / "notes.txt")])
+    assert f"--out {tmp_path}/notes.txt: is a file; expected a run folder" in capsys.readouterr().err
+
+
+def test_every_flag_has_help_with_its_preset_defaults():
+    p = common.parser()
+    for action in p._actions:
+        assert action.help and "\n" not in action.help, action.option_strings
+    helps = {a.dest: a.help for a in p._actions}
+    for k in set(common.PRESETS["tiny"]) | set(common.PRESETS["imdb"]):
+        if k != "data":  # the data set comes with the preset; --data-dir says where it lies
+            t, i = (common.PRESETS[p].get(k, "-") for p in ("tiny", "imdb"))
+            assert helps[k].startswith(common.HELP[k]) and helps[k].endswith(f" [tiny: {t}; imdb: {i}]"), k
 
 
 def test_run_folders():
@@ -114,6 +162,41 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
     assert resumed == full
     assert all(torch.equal(a, b) for a, b in zip(p_full.state_dict().values(), p_res.state_dict().values()))
     assert not (tmp_path / "resumed" / "ckpt.pt").exists()
+
+
+def sft_args(tmp_path, out):
+    return common.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--sft-steps", "6",
+                            "--rm-steps", "6", "--eval-every", "2", "--batch", "4", "--n-layer", "1", "--n-embd", "32",
+                            "--n-head", "2", "--block-size", "64", "--max-new-tokens", "8"])
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_sft_and_the_classifier_resume_from_a_checkpoint_to_the_same_bytes(tmp_path, stage, monkeypatch, capsys):
+    """An SFT or classifier killed mid-stage resumes from its last checkpoint, not from step 0, and ends with
+    the model file of an uninterrupted one."""
+    prepare_tiny(str(tmp_path / "data"), n_train=40, n_test=10)
+    data = load_corpus(str(tmp_path / "data" / "tiny.npz"))
+
+    def make(out, interrupt=None):
+        batches = stages.review_batches
+        if interrupt is not None:  # only this stage's batches are cut short (the classifier's are cropped)
+            monkeypatch.setattr(stages, "review_batches", lambda *a, scored_len=None: interrupt_at(
+                batches(*a, scored_len=scored_len), interrupt) if (scored_len is not None) == (stage == "reward")
+                else batches(*a, scored_len=scored_len))
+        try:
+            args = sft_args(tmp_path, out)
+            stages.classifier(args, data, EOS, 257, stages.sft(args, data, EOS, 257))
+        finally:
+            monkeypatch.setattr(stages, "review_batches", batches)
+    make(tmp_path / "full")
+    with pytest.raises(Interrupted):
+        make(tmp_path / "cut", interrupt=5)  # killed at step 5: the checkpoint of step 4 is there
+    assert load_checkpoint(str(tmp_path / "cut" / stage / "ckpt.pt"))["step"] == 4
+    capsys.readouterr()
+    make(tmp_path / "cut")
+    assert f"[{stage}] resumed at step 4" in capsys.readouterr().out
+    for s in ("sft", "reward"):
+        assert (tmp_path / "cut" / s / "model.pt").read_bytes() == (tmp_path / "full" / s / "model.pt").read_bytes(), s
 
 
 def test_nan_loss_is_an_error(tmp_path):
@@ -218,3 +301,59 @@ def test_a_stale_stage_stops_every_rank(tmp_path):
     mp.spawn(_settings_worker, args=(2, free_port(), str(tmp_path), str(tmp_path / "r")), nprocs=2)
     for rank in (0, 1):
         assert "sft was made with other settings (sft_steps 200 -> 300)" in (tmp_path / f"r.{rank}").read_text()
+
+
+def test_settings_json_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "settings.json").write_text('{"sft": {"sft_steps": 3')  # cut off mid-write by a foreign tool
+    with pytest.raises(UsageError, match=rf"{tmp_path}/settings.json is not JSON \(.*line 1\)"):
+        common.check_settings(str(tmp_path), {"sft": {"sft_steps": 3}}, redo=False)
+
+
+HOLD = """import sys, time
+import common
+with common.locked(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_folder_is_locked_while_a_command_uses_it(tmp_path):
+    """A second command into a run folder in use stops with one line, before any stage; the lock goes with its
+    holder's process, even one killed with SIGKILL."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out")], cwd=repo, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UsageError, match=rf"{tmp_path}/out is in use by another command \(process {holder.pid}\)"):
+            dpo.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out"), "--data-dir",
+                      str(tmp_path / "data"), "--runs", "ft"])
+        assert sorted(os.listdir(tmp_path / "out")) == [".lock"]  # no stage started, no settings recorded
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs
+        holder.wait()
+    with common.locked(str(tmp_path / "out")):  # free again
+        pass
+
+
+def _lock_worker(rank, world, port, out, result):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    common.setup_distributed("cpu")
+    try:
+        with common.locked(out):
+            common.barrier()  # both ranks inside at once: one torchrun shares its run folder
+            outcome = "entered"
+    except UsageError as e:
+        outcome = str(e)
+    with open(f"{result}.{rank}", "w") as f:
+        f.write(outcome)
+    torch.distributed.destroy_process_group()
+
+
+def test_the_ranks_of_one_torchrun_share_the_lock_and_all_stop_when_it_is_taken(tmp_path):
+    mp.spawn(_lock_worker, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "free")), nprocs=2)
+    assert [(tmp_path / f"free.{r}").read_text() for r in (0, 1)] == ["entered", "entered"]
+    with common.locked(str(tmp_path / "out")):  # another command holds it: every rank stops, none waits
+        mp.spawn(_lock_worker, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "taken")), nprocs=2)
+    for r in (0, 1):
+        assert f"{tmp_path}/out is in use by another command (process {os.getpid()})" in (tmp_path / f"taken.{r}").read_text()

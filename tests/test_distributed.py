@@ -132,7 +132,7 @@ def _rollout_seeds_and_a_nan(rank, tmp):
     score = lambda p, r: torch.zeros(len(r))
     ppo.ppo_batches(tiny_gpt(1, score_head=True), tiny_gpt(2), score, PROMPTS[:16], dict(kl_coef=0.1),
                     dict(target=1.0), args, EOS)(0)
-    batch = lambda step: common.pack([[1, 2]], [[3, EOS]], 64)
+    batch = lambda step: common.pack([[1, 2]], [[3, EOS]], 64, EOS)
     steps = []
 
     def loss_fn(m, b):

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import urllib.error
 
 import numpy as np
 import pytest
@@ -15,10 +16,11 @@ import torch
 from conftest import DEVICE, EOS, assert_fused_matches_reference, tiny_gpt
 
 import dpo
+import model as model_module
 import stages
 from common import get_args, pack
 from data.corpus import UsageError
-from data.tiny.prepare import vocabulary
+from data.tiny.prepare import prepare as prepare_tiny, vocabulary
 from model import GPT, GPTConfig, WordTokenizer
 
 
@@ -28,6 +30,7 @@ def test_loss_is_ln2_when_policy_is_reference():
     for method in ("dpo", "cdpo"):
         loss, m = dpo.pair_loss(model, (idx, targets, mask), model, method, 0.1, label_smoothing=0.1)
         assert abs(loss.item() - math.log(2)) < 1e-6 and m["margin"] == 0 and m["chosen"] == 0
+        assert m["acc"] == 0.5  # every pair a tie: half right, not all wrong
 
 
 def test_losses_match_their_formulas():
@@ -191,6 +194,43 @@ def test_missing_data_is_a_one_line_error(tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [f"nanoDPO: error: {tmp_path}/imdb.npz does not exist: run python "
                                                f"data/imdb/prepare.py --out {tmp_path}"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-eval", "5000"], r"--n-eval 5000 \+ 32 held-out prompts of PPO's reward model: the test split of .*tiny.npz "
+                           r"has \d+ reviews longer than --min-chars 100"),
+    (["--n-prompts", "5000", "--ppo-batch", "5000"], r"--ppo-batch 5000: the train split of .*tiny.npz has \d+ reviews"),
+])
+def test_sizes_the_data_cannot_serve_are_refused_before_sft(tmp_path, flags, message):
+    with pytest.raises(UsageError, match=message):
+        dpo.main(smoke_argv(tmp_path, *flags))
+    assert not (tmp_path / "out").exists()
+
+
+SHORT = ("--sft-steps", "2", "--rm-steps", "2", "--dpo-steps", "2", "--runs", "ft")
+
+
+def test_other_data_into_the_same_out_is_refused(tmp_path, capsys):
+    """The settings record names the data by its content: another corpus under the same name is not reused."""
+    dpo.main(smoke_argv(tmp_path, *SHORT))
+    data_b = tmp_path / "other"
+    prepare_tiny(str(data_b), seed=7)  # another tiny.npz: the same name, the same sizes, other reviews
+    capsys.readouterr()
+    with pytest.raises(UsageError, match=r"out/sft was made with other settings \(data_sha256 [0-9a-f]{64} -> "):
+        dpo.main(smoke_argv(tmp_path, *SHORT, "--data-dir", str(data_b)))  # the last --data-dir counts
+    assert "step" not in capsys.readouterr().out
+    prepare_tiny(str(tmp_path / "again"))  # the same data written again (other file times) is the same data
+    dpo.main(smoke_argv(tmp_path, *SHORT, "--data-dir", str(tmp_path / "again")))
+    assert "step     0" not in capsys.readouterr().out
+
+
+def test_offline_gpt2_download_is_one_line(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(model_module.urllib.request, "urlopen", offline)
+    monkeypatch.setenv("NANODPO_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UsageError, match=r"could not download the gpt2 weights .* put it at"):  # main prints one line
+        dpo.main(smoke_argv(tmp_path, "--init", "pretrained", "--model", "gpt2"))
 
 
 # ---------------------------------------------------------------- DPO's successors: SimPO, ORPO, KTO

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import model as model_module
+from data.corpus import UsageError
 from data.tiny.prepare import make_split, vocabulary
 from model import GPT, GPTConfig, get_tokenizer, read_safetensors
 
@@ -211,7 +212,7 @@ class FakeResponse(io.BytesIO):
 @pytest.mark.parametrize("fail", [True, False], ids=["connection-reset", "short-read"])
 def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, fail):
     monkeypatch.setattr(model_module.urllib.request, "urlopen", lambda url, timeout: FakeResponse(100, 1000, fail))
-    with pytest.raises(RuntimeError, match="could not download the gpt2 weights"):
+    with pytest.raises(UsageError, match="could not download the gpt2 weights"):
         GPT.from_pretrained("gpt2", cache_dir=str(tmp_path))
     assert [f for _, _, files in os.walk(tmp_path) for f in files] == []  # no file a later run could trust
 
@@ -228,7 +229,7 @@ def test_offline_error_says_where_to_put_weights(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(model_module.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match=r"huggingface.co/gpt2/resolve/main/model.safetensors.*put it at"):
+    with pytest.raises(UsageError, match=r"huggingface.co/gpt2/resolve/main/model.safetensors.*put it at"):
         GPT.from_pretrained("gpt2", cache_dir=str(tmp_path))
 
 

@@ -2,22 +2,34 @@
 
     python -m pytest tests/test_plots.py     (CPU; a few seconds)
 """
+import itertools
 import json
+import os
+import subprocess
+import sys
 
+import matplotlib.colors
+import numpy as np
 import pytest
 
-from plots.frontier import plot_frontier, read_runs, run_style
-from plots.seeds import envelope, plot_seeds, summary
+from common import PRESETS
+from plots.frontier import SFT_LABEL, frontier_figure, plot_frontier, read_runs, run_style
+from plots.seeds import envelope, plot_seeds, seeds_figure, summary
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fake_out(folder, rewards, kls):
-    """An out folder with runs dpo_0.1 and ppo-gt_6 whose evaluations have the given rewards and KLs."""
+    """An out folder with runs dpo_0.1 and ppo-gt_6 whose evaluations have the given rewards and KLs, at steps
+    0, 20, 40, ..., and the settings record of their batch sizes."""
     for name, shift in (("dpo_0.1", 0.0), ("ppo-gt_6", 0.1)):
         run = folder / "runs" / name
         run.mkdir(parents=True)
         run.joinpath("eval.jsonl").write_text("".join(
             json.dumps(dict(step=20 * i, reward=r + shift, kl=k)) + "\n" for i, (r, k) in enumerate(zip(rewards, kls))))
     (folder / "best_of_n.jsonl").write_text(json.dumps(dict(n=1, reward=0.5, kl_bound=0.0)) + "\n")
+    (folder / "settings.json").write_text(json.dumps({"runs/dpo_0.1": dict(dpo_batch=4), "runs/ppo-gt_6": dict(
+        ppo_batch=8, ppo_epochs=2, ppo_minibatches=2)}))
 
 
 def test_envelope_is_the_best_reward_at_or_below_each_kl():
@@ -42,3 +54,74 @@ def test_run_styles_shade_by_parameter():
     light, dark = run_style("dpo_0.05", names)[0], run_style("dpo_5", names)[0]
     assert sum(dark[:3]) < sum(light[:3])  # a larger beta is darker
     assert run_style("ppo_3", names)[2] == "PPO target KL 3" and run_style("ft", names)[2] == "Preferred-FT"
+
+
+def test_frontier_draws_kl_on_x_reward_on_y_and_training_against_examples_seen(tmp_path):
+    fake_out(tmp_path, [0.5, 0.6, 0.7], [0.0, 2.0, 4.0])
+    fig = frontier_figure(str(tmp_path))
+    frontier, reward, kl = fig.axes
+    points = {c.get_label(): c.get_offsets().tolist() for c in frontier.collections}
+    assert points["DPO beta=0.1"] == [[0.0, 0.5], [2.0, 0.6], [4.0, 0.7]]  # (KL, reward)
+    assert points["PPO-GT target KL 6"] == [[0.0, 0.6], [2.0, pytest.approx(0.7)], [4.0, pytest.approx(0.8)]]
+    assert points[SFT_LABEL] == [[0.0, 0.5]]  # the SFT reference: the first run's step-0 reward, at KL 0
+    # one unit on x for every run: DPO steps 0, 20, 40 of 4 pairs; PPO iterations of 2 x 2 steps, 8 responses each
+    assert [line.get_xdata().tolist() for line in reward.lines] == [[0, 80, 160], [0, 40, 80]]
+    assert [line.get_ydata().tolist() for line in kl.lines] == [[0.0, 2.0, 4.0], [0.0, 2.0, 4.0]]
+    assert "examples seen" in reward.get_xlabel() and "KL" in frontier.get_xlabel() and "reward" in frontier.get_ylabel()
+
+
+def test_the_frontier_legend_is_readable_and_covers_no_panel(tmp_path):
+    names = [r.replace(":", "_") for r in PRESETS["imdb"]["runs"].split(",")]  # the longest list, 20 runs
+    for i, name in enumerate(names):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "eval.jsonl").write_text(json.dumps(dict(step=0, reward=0.5, kl=0.0)) + "\n"
+                                                              + json.dumps(dict(step=8, reward=0.6, kl=i)) + "\n")
+    (tmp_path / "settings.json").write_text(json.dumps({f"runs/{n}": dict(dpo_batch=2, ppo_batch=4, ppo_epochs=2,
+                                                                          ppo_minibatches=2) for n in names}))
+    fig = frontier_figure(str(tmp_path))
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    box, page = legend.get_window_extent(), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert len(texts) == len(names) + 1 and SFT_LABEL in texts and min(t.get_fontsize() for t in legend.get_texts()) >= 8
+
+
+def cie_lab(colour):
+    """CIELAB (D65) of a matplotlib colour: distances there follow how far apart people see colours."""
+    rgb = np.array(matplotlib.colors.to_rgb(colour))
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ linear
+    f = np.cbrt(xyz / [0.9505, 1.0, 1.089])  # no colour here is dark enough for the linear segment
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_colours_separate_methods():
+    """Any two runs of different methods, in either preset's list: a colour difference (CIE76) of 25 or more,
+    well above what people confuse at a glance (DPO beta=5 and PPO-GT 8 were 16 apart)."""
+    for preset in PRESETS.values():
+        names = [r.replace(":", "_") for r in preset["runs"].split(",")] + ["ipo_0.1", "cdpo_0.1"]
+        for a, b in itertools.combinations(names, 2):
+            if a.partition("_")[0] != b.partition("_")[0]:
+                gap = np.linalg.norm(cie_lab(run_style(a, names)[0]) - cie_lab(run_style(b, names)[0]))
+                assert gap >= 25, (a, b, gap)
+
+
+def test_seed_figure_names_each_run_once_and_the_seeds_apart(tmp_path):
+    fake_out(tmp_path / "s1", [0.5, 0.6, 0.7], [0.0, 2.0, 4.0])
+    fake_out(tmp_path / "s2", [0.5, 0.62, 0.8], [0.0, 3.0, 6.0])
+    fig = seeds_figure([str(tmp_path / "s1"), str(tmp_path / "s2")])
+    legends = {ax.get_title(): [t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()}
+    assert legends == {"DPO and its variants": ["DPO beta=0.1"], "PPO-GT": ["PPO-GT target KL 6"]}
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["s1", "s2"]
+    dpo_panel = fig.axes[0]
+    assert [line.get_linestyle() for line in dpo_panel.lines] == ["-", "--"]  # one line style per seed
+
+
+@pytest.mark.parametrize("argv, message", [([], "the following arguments are required: out_dir"),
+                                           (["nowhere"], "nowhere: no runs/<run>/eval.jsonl there")])
+def test_frontier_command_line_mistakes_are_one_line(argv, message):
+    res = subprocess.run([sys.executable, os.path.join(REPO, "plots", "frontier.py"), *argv], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode != 0 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -2,12 +2,15 @@
 
     python -m pytest tests/test_stages.py     (CPU; a few seconds)
 """
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from conftest import EOS, tiny_gpt
 
 import common
+import ppo
 import stages
 from data.corpus import Split
 from model import WordTokenizer
@@ -53,6 +56,19 @@ def test_evaluation_of_the_reference_itself_has_zero_kl():
     other = stages.evaluate(tiny_gpt(2), policy, rm, prompts, eos=EOS, seed=0, max_new_tokens=6, block_size=64,
                             device="cpu", impl="auto")
     assert other["kl"] > 0.01
+
+
+def test_ties_count_half_in_accuracies(tmp_path):
+    """A head that scores everything 0 tells nothing apart: 0.5 in every accuracy, not 0 (nor the share of one label)."""
+    zero = ppo.with_zero_head(tiny_gpt(0), "cpu")
+    lengths = np.array([20, 30, 25])
+    split = Split((np.arange(lengths.sum()) % 256).astype(np.uint16), np.concatenate([[0], np.cumsum(lengths)]),
+                  np.ones(3, np.uint8), lengths.astype(np.int32))  # every review positive
+    assert stages.classifier_loss(zero, stages.review_batches(split, 4, 64, EOS, 0, scored_len=20)(0))[1]["acc"] == 0.5
+    args = SimpleNamespace(block_size=64, device="cpu", out=str(tmp_path), max_new_tokens=12)
+    assert stages.classifier_accuracy(zero, split, args, EOS) == dict(whole=0.5, scored=0.5, scored_len=20, reviews=3)
+    pairs = dict(prompt=[[1], [2]], chosen=[[3, EOS], [4, 5, EOS]], rejected=[[6, EOS], [7, EOS]])
+    assert ppo.bradley_terry_loss(zero, ppo.pair_score_batch(pairs, [0, 1], EOS, 64))[1]["acc"] == 0.5
 
 
 # ---------------------------------------------------------------- one layout from SFT to every later stage
