@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 import ppo
 import stages
-from common import (accuracy, barrier, check_data, check_settings, data_digest, get_args, global_mean, load_data,
-                    locked, log, logprobs, make_prompts, masked_mean, pack, rank_world, run_folder, setup_distributed,
-                    stage_plan, train)
+from common import (accuracy, barrier, global_mean, load_data, log, logprobs, make_prompts, masked_mean, pack,
+                    rank_world, setup_distributed, train)
 from data.corpus import UsageError
 from model import get_tokenizer
 from plots.frontier import plot_frontier
+from settings import check_data, check_settings, data_digest, get_args, locked, run_folder, stage_plan
 
 
 # ----------------------------------------------------------------------------- 5. the pairs DPO trains on

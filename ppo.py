@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (accuracy, amp, barrier, derive_seed, global_mean, logprobs, masked_mean, pack, rank_world,
-                    run_folder, sharded, train, unwrap)
+from common import (accuracy, amp, barrier, derive_seed, global_mean, logprobs, masked_mean, pack, rank_world, sharded,
+                    train, unwrap)
 from data.corpus import write_atomic
+from settings import run_folder
 from stages import reward, sample, score, score_batch
 
 GAMMA, LAM = 1.0, 0.95  # GAE: no discount over a response of at most max_new_tokens tokens

@@ -15,6 +15,7 @@ from conftest import EOS, Interrupted, free_port, interrupt_at, random_pairs, ti
 
 import common
 import dpo
+import settings
 import stages
 from data.corpus import Split, UsageError, load_checkpoint, load_corpus, read_jsonl, save_checkpoint
 from data.tiny.prepare import prepare as prepare_tiny
@@ -24,13 +25,13 @@ from kernels import sequence_logprobs
 # ---------------------------------------------------------------- settings
 
 def test_runs_are_parsed_and_checked(capsys):
-    assert common.parse_runs("dpo:0.1,ft,ppo:6,ppo-gt:3") == [("dpo", 0.1), ("ft", 0.0), ("ppo", 6.0), ("ppo-gt", 3.0)]
+    assert settings.parse_runs("dpo:0.1,ft,ppo:6,ppo-gt:3") == [("dpo", 0.1), ("ft", 0.0), ("ppo", 6.0), ("ppo-gt", 3.0)]
     for spec, message in [("dpo:0.1,sppo:1", "unknown method 'sppo'"), ("dpo:abc", "'abc' is not a number"),
                           ("ppo:0", "target KL > 0"), ("ppo-gt:-3", "target KL > 0"), ("ppo", "target KL > 0"),
                           ("dpo", "dpo needs beta > 0"), ("ipo:0", "ipo needs beta > 0"), ("ul", "alpha > 0"),
                           ("ft:0.5", "ft takes no parameter")]:
         with pytest.raises(SystemExit):
-            common.get_args(["--device", "cpu", "--runs", spec])
+            settings.get_args(["--device", "cpu", "--runs", spec])
         err = capsys.readouterr().err
         assert message in err and "--runs" in err and "Traceback" not in err
 
@@ -58,7 +59,7 @@ def test_flag_mistakes_are_one_line_before_any_work(flags, env, message, capsys,
     for k, v in env.items():
         monkeypatch.setenv(k, v) if v is not None else monkeypatch.delenv(k, raising=False)
     with pytest.raises(SystemExit):
-        common.get_args(["--device", "cpu", *flags] if "--preset" in flags else ["--preset", "tiny", "--device", "cpu", *flags])
+        settings.get_args(["--device", "cpu", *flags] if "--preset" in flags else ["--preset", "tiny", "--device", "cpu", *flags])
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
 
@@ -66,23 +67,23 @@ def test_flag_mistakes_are_one_line_before_any_work(flags, env, message, capsys,
 def test_out_naming_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(SystemExit):
-        common.get_args(["--device", "cpu", "--out", str(tmp_path / "notes.txt")])
+        settings.get_args(["--device", "cpu", "--out", str(tmp_path / "notes.txt")])
     assert f"--out {tmp_path}/notes.txt: is a file; expected a run folder" in capsys.readouterr().err
 
 
 def test_every_flag_has_help_with_its_preset_defaults():
-    p = common.parser()
+    p = settings.parser()
     for action in p._actions:
         assert action.help and "\n" not in action.help, action.option_strings
     helps = {a.dest: a.help for a in p._actions}
-    for k in set(common.PRESETS["tiny"]) | set(common.PRESETS["imdb"]):
+    for k in set(settings.PRESETS["tiny"]) | set(settings.PRESETS["imdb"]):
         if k != "data":  # the data set comes with the preset; --data-dir says where it lies
-            t, i = (common.PRESETS[p].get(k, "-") for p in ("tiny", "imdb"))
-            assert helps[k].startswith(common.HELP[k]) and helps[k].endswith(f" [tiny: {t}; imdb: {i}]"), k
+            t, i = (settings.PRESETS[p].get(k, "-") for p in ("tiny", "imdb"))
+            assert helps[k].startswith(settings.HELP[k]) and helps[k].endswith(f" [tiny: {t}; imdb: {i}]"), k
 
 
 def test_run_folders():
-    assert [common.run_folder(m, p) for m, p in [("dpo", 0.1), ("ft", 0.0), ("ppo-gt", 6.0), ("ul", 0.5)]] == \
+    assert [settings.run_folder(m, p) for m, p in [("dpo", 0.1), ("ft", 0.0), ("ppo-gt", 6.0), ("ul", 0.5)]] == \
         ["runs/dpo_0.1", "runs/ft", "runs/ppo-gt_6", "runs/ul_0.5"]
 
 
@@ -165,7 +166,7 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
 
 
 def sft_args(tmp_path, out):
-    return common.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--sft-steps", "6",
+    return settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--sft-steps", "6",
                             "--rm-steps", "6", "--eval-every", "2", "--batch", "4", "--n-layer", "1", "--n-embd", "32",
                             "--n-head", "2", "--block-size", "64", "--max-new-tokens", "8"])
 
@@ -285,7 +286,7 @@ def _settings_worker(rank, world, port, out, result):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     common.setup_distributed("cpu")
     try:
-        common.check_settings(out, {"sft": {"sft_steps": 300}}, redo=False)
+        settings.check_settings(out, {"sft": {"sft_steps": 300}}, redo=False)
         outcome = "went on"
     except UsageError as e:
         outcome = str(e)
@@ -306,12 +307,12 @@ def test_a_stale_stage_stops_every_rank(tmp_path):
 def test_settings_json_that_is_not_json_is_named(tmp_path):
     (tmp_path / "settings.json").write_text('{"sft": {"sft_steps": 3')  # cut off mid-write by a foreign tool
     with pytest.raises(UsageError, match=rf"{tmp_path}/settings.json is not JSON \(.*line 1\)"):
-        common.check_settings(str(tmp_path), {"sft": {"sft_steps": 3}}, redo=False)
+        settings.check_settings(str(tmp_path), {"sft": {"sft_steps": 3}}, redo=False)
 
 
 HOLD = """import sys, time
-import common
-with common.locked(sys.argv[1]):
+import settings
+with settings.locked(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)
 """
@@ -332,7 +333,7 @@ def test_a_run_folder_is_locked_while_a_command_uses_it(tmp_path):
     finally:
         holder.kill()  # SIGKILL: no clean-up code runs
         holder.wait()
-    with common.locked(str(tmp_path / "out")):  # free again
+    with settings.locked(str(tmp_path / "out")):  # free again
         pass
 
 
@@ -340,7 +341,7 @@ def _lock_worker(rank, world, port, out, result):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     common.setup_distributed("cpu")
     try:
-        with common.locked(out):
+        with settings.locked(out):
             common.barrier()  # both ranks inside at once: one torchrun shares its run folder
             outcome = "entered"
     except UsageError as e:
@@ -353,7 +354,7 @@ def _lock_worker(rank, world, port, out, result):
 def test_the_ranks_of_one_torchrun_share_the_lock_and_all_stop_when_it_is_taken(tmp_path):
     mp.spawn(_lock_worker, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "free")), nprocs=2)
     assert [(tmp_path / f"free.{r}").read_text() for r in (0, 1)] == ["entered", "entered"]
-    with common.locked(str(tmp_path / "out")):  # another command holds it: every rank stops, none waits
+    with settings.locked(str(tmp_path / "out")):  # another command holds it: every rank stops, none waits
         mp.spawn(_lock_worker, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "taken")), nprocs=2)
     for r in (0, 1):
         assert f"{tmp_path}/out is in use by another command (process {os.getpid()})" in (tmp_path / f"taken.{r}").read_text()

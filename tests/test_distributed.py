@@ -15,6 +15,7 @@ from conftest import EOS, free_port, tiny_gpt
 
 import common
 import ppo
+import settings
 import stages
 from data.corpus import write_atomic
 
@@ -127,7 +128,7 @@ def _rollout_seeds_and_a_nan(rank, tmp):
     seeds = []
     sample = ppo.sample
     ppo.sample = lambda *a: seeds.append(a[4]) or sample(*a)
-    args = common.get_args(["--preset", "tiny", "--device", "cpu", "--out", tmp, "--max-new-tokens", "4",
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", tmp, "--max-new-tokens", "4",
                             "--block-size", "64", "--ppo-batch", "8", "--ppo-minibatches", "2"])
     score = lambda p, r: torch.zeros(len(r))
     ppo.ppo_batches(tiny_gpt(1, score_head=True), tiny_gpt(2), score, PROMPTS[:16], dict(kl_coef=0.1),

@@ -18,7 +18,8 @@ from conftest import DEVICE, EOS, assert_fused_matches_reference, tiny_gpt
 import dpo
 import model as model_module
 import stages
-from common import get_args, pack
+from common import pack
+from settings import get_args
 from data.corpus import UsageError
 from data.tiny.prepare import prepare as prepare_tiny, vocabulary
 from model import GPT, GPTConfig, WordTokenizer

@@ -12,7 +12,7 @@ import matplotlib.colors
 import numpy as np
 import pytest
 
-from common import PRESETS
+from settings import PRESETS
 from plots.frontier import SFT_LABEL, frontier_figure, plot_frontier, read_runs, run_style
 from plots.seeds import envelope, plot_seeds, seeds_figure, summary
 

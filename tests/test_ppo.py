@@ -14,6 +14,7 @@ from conftest import DEVICE, EOS, Interrupted, assert_fused_matches_reference, f
 
 import common
 import ppo
+import settings
 
 GL = ppo.GAMMA * ppo.LAM
 
@@ -142,7 +143,7 @@ def test_bradley_terry_loss_and_reward_model_accuracy(tmp_path):
     s = rm.score(rm(batch[0]), batch[1]).detach().double()
     assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(s[:4] - s[4:]).mean().item(), rel=1e-5)
     assert metrics["acc"] == (s[:4] > s[4:]).double().mean().item()
-    args = common.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--batch", "8",
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--batch", "8",
                             "--bt-steps", "30", "--bt-lr", "3e-3", "--eval-every", "30", "--warmup", "1",
                             "--block-size", "64", "--max-new-tokens", "8"])
     trained = ppo.reward_model(tiny_gpt(1), toy_pairs(32, 1), toy_pairs(16, 2), args, EOS)
@@ -159,7 +160,7 @@ def low_bytes(prompts, responses):
 
 
 def toy_args(out, *extra):
-    return common.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--max-new-tokens", "8",
+    return settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--max-new-tokens", "8",
                             "--block-size", "64", "--ppo-batch", "16", "--ppo-minibatches", "2", "--ppo-epochs", "2",
                             "--ppo-eval-every", "2", "--ppo-lr", "3e-3", "--warmup", "1", *extra])
 
@@ -240,5 +241,5 @@ def test_bad_ppo_input(tmp_path, capsys):
         ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3), low_bytes, [[1]] * 4, None, toy_args(tmp_path), EOS)
     for flags, message in [(["--ppo-batch", "0"], "--ppo-batch"), (["--ppo-minibatches", "100"], "--ppo-minibatches 100 is more than --ppo-batch")]:
         with pytest.raises(SystemExit):
-            common.get_args(["--preset", "tiny", "--device", "cpu", "--runs", "ppo:6", *flags])
+            settings.get_args(["--preset", "tiny", "--device", "cpu", "--runs", "ppo:6", *flags])
         assert message in capsys.readouterr().err

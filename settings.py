@@ -1,0 +1,332 @@
+"""
+The settings of a command and of every stage it makes: the presets (tiny, imdb) and their flags, checked in one
+line before any work; the record of the settings each stage under --out was made with (settings.json), so that a
+stage is reused only when they match; the data's identity in that record; the lock of a run folder.
+"""
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from common import log, rank_world
+from data.corpus import OneLineParser, UsageError, write_atomic
+from model import GPT
+
+# ----------------------------------------------------------------------------- settings
+PRESETS = {
+    "tiny": dict(data="tiny", init="scratch", n_layer=4, n_head=4, n_embd=128, block_size=64,
+                 sft_steps=300, sft_lr=2e-3, rm_steps=200, rm_lr=2e-4, batch=32, min_chars=100,
+                 n_prompts=300, max_new_tokens=48, dpo_steps=160, dpo_lr=5e-5, dpo_batch=16, warmup=10,
+                 optimizer="adamw", eval_every=20, n_eval=128, best_of="1,2,4,8,16",
+                 bt_steps=100, bt_lr=5e-4, ppo_iters=24, ppo_batch=64, ppo_epochs=4, ppo_minibatches=2,
+                 ppo_lr=5e-5, ppo_eval_every=4, kl_horizon=128,
+                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ppo:3,ppo:8,ppo-gt:3,ppo-gt:8,simpo:2,orpo:0.1,kto:0.1"),
+    "imdb": dict(data="imdb", init="pretrained", model="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                 sft_steps=1500, sft_lr=5e-5, rm_steps=1500, rm_lr=2e-5, batch=32, min_chars=200,
+                 n_prompts=25000, max_new_tokens=64, dpo_steps=1500, dpo_lr=1e-6, dpo_batch=64, warmup=150,
+                 optimizer="rmsprop", eval_every=100, n_eval=512, best_of="1,2,4,8,16,64",
+                 bt_steps=4500, bt_lr=1e-5, ppo_iters=100, ppo_batch=1024, ppo_epochs=4, ppo_minibatches=16,
+                 ppo_lr=1.4e-5, ppo_eval_every=10, kl_horizon=10000,
+                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ul:0.05,ul:0.1,ul:0.5,ul:1,"
+                      "ppo:3,ppo:6,ppo:9,ppo:12,ppo-gt:3,ppo-gt:6,ppo-gt:9,ppo-gt:12,simpo:2,orpo:0.1,kto:0.1"),
+}
+# a run is "method:param": the parameter is beta (dpo, ipo, cdpo, simpo, kto), lambda (orpo), alpha (ul), or the
+# target KL (ppo, ppo-gt)
+METHODS = ("dpo", "ipo", "cdpo", "simpo", "orpo", "kto", "ft", "ul", "ppo", "ppo-gt")
+
+
+def parse_runs(spec):
+    """'dpo:0.1,ft,ppo:6' -> [('dpo', 0.1), ('ft', 0.0), ('ppo', 6.0)], or ValueError naming the bad run."""
+    runs = []
+    for run in spec.split(","):
+        method, _, param = run.partition(":")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r} in {run!r}; expected one of {', '.join(METHODS)}")
+        try:
+            value = float(param) if param else 0.0
+        except ValueError:
+            raise ValueError(f"{run!r}: the parameter {param!r} is not a number") from None
+        need = {"dpo": "beta > 0, e.g. dpo:0.1", "ipo": "beta > 0, e.g. ipo:0.1", "cdpo": "beta > 0, e.g. cdpo:0.1",
+                "simpo": "beta > 0, e.g. simpo:2", "kto": "beta > 0, e.g. kto:0.1",
+                "ul": "alpha > 0, e.g. ul:0.5 (ul:0 is Preferred-FT: ft)", "ppo": "a target KL > 0, e.g. ppo:6",
+                "ppo-gt": "a target KL > 0, e.g. ppo-gt:6"}
+        if method in need and not value > 0:
+            raise ValueError(f"{run!r}: {method} needs {need[method]}")
+        if method == "orpo" and not (param and value >= 0):
+            raise ValueError(f"{run!r}: orpo needs lambda >= 0, e.g. orpo:0.1")
+        if method == "ft" and param:
+            raise ValueError(f"{run!r}: ft takes no parameter")
+        runs.append((method, value))
+    return runs
+
+
+def run_folder(method, param):
+    """Where a run writes, under the run folder: runs/dpo_0.1, runs/ppo-gt_6, runs/ft."""
+    return "runs/ft" if method == "ft" else f"runs/{method}_{param:g}"
+
+
+HELP = {  # one line per preset setting; --help adds its tiny and imdb defaults from PRESETS
+    "init": "a GPT from scratch (--n-layer, --n-head, --n-embd), or pretrained GPT-2 (--model)",
+    "model": "the pretrained weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face folder",
+    "n_layer": "transformer blocks of a model from scratch",
+    "n_head": "attention heads of a model from scratch; must divide --n-embd",
+    "n_embd": "width of a model from scratch",
+    "block_size": "longest sequence in tokens, prompt and response together",
+    "sft_steps": "steps of SFT, which makes the reference policy pi_ref",
+    "sft_lr": "learning rate of SFT",
+    "rm_steps": "steps of the sentiment classifier r*, the ground-truth reward",
+    "rm_lr": "learning rate of the classifier r*",
+    "batch": "reviews per step of SFT and of r*; pairs per step of PPO's reward model",
+    "min_chars": "prompts are cut from reviews longer than this many characters",
+    "n_prompts": "training prompts; 4 samples of pi_ref on each make the preference pairs",
+    "max_new_tokens": "longest sampled response, in tokens",
+    "dpo_steps": "steps of each DPO-family run (every run but ppo and ppo-gt)",
+    "dpo_lr": "learning rate of the DPO-family runs",
+    "dpo_batch": "preference pairs per step of the DPO-family runs",
+    "warmup": "steps of linear learning-rate warm-up, in every stage",
+    "optimizer": "optimizer of the DPO-family and PPO runs",
+    "eval_every": "steps between evaluations of the runs and of PPO's reward model, and between checkpoints",
+    "n_eval": "held-out test prompts each evaluation samples a response for",
+    "best_of": "comma-separated N of the Best-of-N baseline",
+    "bt_steps": "steps of PPO's reward model (Bradley-Terry on the pairs)",
+    "bt_lr": "learning rate of PPO's reward model",
+    "ppo_iters": "rollouts of each PPO run",
+    "ppo_batch": "prompts per rollout, one response each",
+    "ppo_epochs": "passes over each rollout",
+    "ppo_minibatches": "minibatches per pass over a rollout",
+    "ppo_lr": "learning rate of the PPO runs",
+    "ppo_eval_every": "rollouts between evaluations (and checkpoints) of a PPO run",
+    "kl_horizon": "horizon of PPO's adaptive KL controller, in samples",
+    "runs": "comma-separated runs, method:param with method in " + "/".join(METHODS),
+}
+CHOICES = {"init": ("scratch", "pretrained"), "optimizer": ("adamw", "rmsprop")}
+
+
+def parser():
+    """The command line. A preset setting's help ends with its defaults, read from PRESETS so it cannot drift."""
+    preset = lambda k: f" [tiny: {PRESETS['tiny'].get(k, '-')}; imdb: {PRESETS['imdb'].get(k, '-')}]"
+    p = OneLineParser(description="nanoDPO: the IMDb sentiment experiment of the DPO paper")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="the settings' defaults, shown [tiny; imdb] below (default: imdb on CUDA, tiny otherwise)")
+    p.add_argument("--out", help="run folder, reused by a rerun (default out/<preset>)")
+    p.add_argument("--data-dir", help="folder holding <data>.npz (default data/<data>; tiny: made there if missing)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the weights, batches and samples (default 1337)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default cuda where torch sees a GPU)")
+    p.add_argument("--impl", default="auto", choices=("auto", "triton", "reference"),
+                   help="log-prob path (kernels/): auto is the Triton kernel on CUDA, the reference elsewhere")
+    p.add_argument("--log-every", type=int, default=10, help="steps between progress lines (default 10)")
+    p.add_argument("--figure", help="the frontier figure (default <out>/frontier.png)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of conservative DPO, cdpo (default 0.1)")
+    p.add_argument("--redo", action="store_true", help="make again every stage whose recorded settings differ")
+    p.add_argument("--model", help=HELP["model"] + preset("model"))
+    for k, v in PRESETS["tiny"].items():  # every preset value can be overridden: --dpo-steps 50
+        if k != "data":
+            p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, choices=CHOICES.get(k),
+                           help=HELP.get(k, "") + preset(k))
+    return p
+
+
+def get_args(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("imdb" if args.device.startswith("cuda") else "tiny")
+    if args.model is not None and (args.init or PRESETS[args.preset]["init"]) == "scratch":
+        p.error(f"--model {args.model}: the {args.preset} preset trains a GPT from scratch; add --init pretrained")
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.out = args.out or os.path.join("out", args.preset)
+    check_args(p, args)
+    args.data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.data)
+    return args
+
+
+def check_args(p, args):
+    """Every mistake that would only fail later, refused in one line before any work."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        p.error(f"--device {args.device}: torch sees {n} GPUs, cuda:0 to cuda:{n - 1}")
+    if args.impl == "triton" and args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--impl triton: the Triton kernel needs --device cuda, or TRITON_INTERPRET=1 on a CPU (slow); "
+                "--impl auto takes the reference there")
+    if args.init == "pretrained" and args.model not in GPT.SIZES and not os.path.isdir(args.model or ""):
+        p.error(f"--model {args.model}: expected one of {', '.join(GPT.SIZES)} or a Hugging Face folder")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: is a file; expected a run folder")
+    if args.seed < 0:
+        p.error(f"--seed {args.seed}: expected a whole number >= 0")
+    if args.log_every < 1:
+        p.error(f"--log-every {args.log_every}: expected a positive number")
+    for k, v in PRESETS["tiny"].items():  # sizes, steps and rates: positive (warm-up may be 0)
+        least = 0 if k == "warmup" else 1 if isinstance(v, int) else 1e-30
+        if isinstance(v, (int, float)) and not getattr(args, k) >= least:
+            p.error(f"--{k.replace('_', '-')}: expected a positive number, got {getattr(args, k)}")
+    if args.init == "scratch" and args.n_embd % args.n_head:
+        p.error(f"--n-head {args.n_head}: expected a divisor of --n-embd {args.n_embd}")
+    if args.init == "pretrained" and args.model in GPT.SIZES and args.block_size > 1024:
+        p.error(f"--block-size {args.block_size}: GPT-2 ({args.model}) has 1024 positions")
+    if args.block_size < max(18, args.max_new_tokens + 9):  # the classifier's crops take 16 tokens and more
+        p.error(f"--block-size {args.block_size}: expected at least 18, and room for a prompt of up to 8 tokens "
+                f"and --max-new-tokens {args.max_new_tokens}")
+    if not all(n.strip().isdigit() and int(n) > 0 for n in args.best_of.split(",")):
+        p.error(f"--best-of {args.best_of}: expected comma-separated positive whole numbers, e.g. 1,2,4,8,16")
+    if not 0 <= args.label_smoothing < 0.5:
+        p.error(f"--label-smoothing {args.label_smoothing}: expected a flip probability in [0, 0.5)")
+    try:
+        args.run_list = parse_runs(args.runs)
+    except ValueError as e:
+        p.error(f"--runs: {e}")
+    methods, world = {m for m, _ in args.run_list}, int(os.environ.get("WORLD_SIZE", 1))
+    ppo_runs, dpo_runs = methods & {"ppo", "ppo-gt"}, methods - {"ppo", "ppo-gt"}
+    for k in ["batch"] + ["dpo_batch"] * bool(dpo_runs) + ["ppo_batch"] * bool(ppo_runs):
+        if getattr(args, k) < world:  # under torchrun each rank takes every world-th row of a batch
+            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: fewer rows than the {world} torchrun processes")
+    if ppo_runs and args.ppo_batch // world < args.ppo_minibatches:
+        p.error(f"--ppo-minibatches {args.ppo_minibatches} is more than --ppo-batch {args.ppo_batch}"
+                + f" / {world} processes" * (world > 1) + ": a minibatch would be empty")
+    if ppo_runs and args.ppo_batch > args.n_prompts:
+        p.error(f"--ppo-batch {args.ppo_batch} is more than --n-prompts {args.n_prompts}: a rollout draws "
+                f"--ppo-batch different training prompts")
+
+
+# ----------------------------------------------------------------------------- the settings each stage was made with
+def stage_plan(args, data_sha256):
+    """{output under --out: the settings it depends on, those of the stages it is built from included},
+    in pipeline order, for the stages this command needs. A changed upstream setting so changes every
+    stage after it too. data_sha256 (data_digest) names the data by its content, not by its folder."""
+    pick = lambda *keys: {k: getattr(args, k) for k in keys}
+    sft = pick("data", "init", "n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps",
+               "sft_lr") | {"model": args.model if args.init == "pretrained" else None, "data_sha256": data_sha256}
+    reward = sft | pick("rm_steps", "rm_lr", "max_new_tokens")  # its crops cover the scored length
+    pairs = reward | pick("n_prompts", "min_chars")
+    prompts = pairs | pick("n_eval")  # the held-out prompts are drawn after the training prompts
+    plan = {"sft": sft, "reward": reward, "pairs.pt": pairs, "best_of_n.jsonl": prompts | pick("best_of")}
+    methods = {m for m, _ in args.run_list}
+    if "ppo" in methods:
+        plan["pairs_heldout.pt"] = prompts
+        plan["reward_model"] = prompts | pick("bt_steps", "bt_lr", "eval_every")
+    for m in methods & {"ppo", "ppo-gt"}:
+        plan[f"score_norm_{m}.json"] = plan["reward_model" if m == "ppo" else "pairs.pt"]
+    for method, param in args.run_list:
+        if method in ("ppo", "ppo-gt"):
+            plan[run_folder(method, param)] = prompts | plan[f"score_norm_{method}.json"] | pick(
+                "optimizer", "ppo_iters", "ppo_batch", "ppo_epochs", "ppo_minibatches", "ppo_lr", "ppo_eval_every",
+                "kl_horizon")
+        else:
+            extra = pick("label_smoothing") if method == "cdpo" else {}
+            plan[run_folder(method, param)] = prompts | pick("dpo_steps", "dpo_lr", "dpo_batch", "optimizer",
+                                                             "eval_every") | extra
+    return plan
+
+
+def check_settings(out, plan, redo):
+    """Compare each stage's settings with those recorded in out/settings.json when it was made. A stage
+    made with other settings (or by an older nanoDPO that kept no record) is refused with one line, or
+    with redo deleted so that it is made again; then the plan is recorded. Rank 0 checks."""
+    on_rank0(lambda: _check_settings(out, plan, redo))
+
+
+def on_rank0(fn):
+    """fn() on rank 0 only; a UsageError it raises is raised on every rank of torchrun, so that all stop together."""
+    error = ""
+    if rank_world()[0] == 0:
+        try:
+            fn()
+        except UsageError as e:
+            error = str(e)
+    if torch.distributed.is_initialized():
+        verdict = [error]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error:
+        raise UsageError(error)
+
+
+def _check_settings(out, plan, redo):
+    path = os.path.join(out, "settings.json")
+    recorded = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                recorded = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path} is not JSON ({e.msg}, line {e.lineno}); fix it, or delete it and add --redo "
+                                 f"to make every stage again") from None
+    for stage, settings in plan.items():
+        target = os.path.join(out, stage)
+        if not os.path.exists(target) or recorded.get(stage) == settings:
+            continue
+        old = recorded.get(stage, {})
+        diff = ", ".join(f"{k} {old.get(k, 'unset')} -> {v}" for k, v in settings.items() if old.get(k, "unset") != v)
+        why = f"was made with other settings ({diff})" if stage in recorded else "has no record of its settings"
+        if not redo:
+            raise UsageError(f"{target} {why}: use another --out, or --redo to make it and every stage after it again")
+        log(f"[redo] {target} {why}: making it again")
+        shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    write_atomic(path, lambda f: f.write(json.dumps(recorded | plan, indent=1).encode()))
+
+
+@contextmanager
+def locked(out):
+    """Hold out/.lock while a command uses the run folder: a second command into it stops in one line,
+    instead of doubling its records and overwriting its checkpoints. The system drops an flock when
+    its process dies, so a killed command leaves no stale lock. Rank 0 holds it for all of a torchrun."""
+    held = []
+
+    def take():
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise UsageError(f"{out} is in use by another command (process {holder}); wait for it, or use "
+                             f"another --out") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        held.append(f)
+    on_rank0(take)
+    try:
+        yield
+    finally:
+        for f in held:
+            f.close()
+
+
+def data_digest(data):
+    """sha256 of a corpus's tokenizer, tokens, labels and lengths: the data's identity in the settings
+    record (the .npz file's own bytes also hold the times its members were written)."""
+    h = hashlib.sha256(data["tokenizer"].encode())
+    for s in ("train", "test"):
+        for a in (data[s].tokens, data[s].offsets, data[s].labels, data[s].chars):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def check_data(args, data):
+    """The sizes that depend on the data, checked before SFT: enough long reviews for the prompts asked for."""
+    path = os.path.join(args.data_dir, f"{args.data}.npz")
+    ppo_runs = {m for m, _ in args.run_list} & {"ppo", "ppo-gt"}
+    usable = {s: int((data[s].chars > args.min_chars).sum()) for s in ("train", "test")}
+    heldout = max(32, args.n_prompts // 10) if "ppo" in ppo_runs else 0  # the reward model's held-out pairs
+    if args.n_eval + heldout > usable["test"]:
+        extra = f" + {heldout} held-out prompts of PPO's reward model" if heldout else ""
+        raise UsageError(f"--n-eval {args.n_eval}{extra}: the test split of {path} has {usable['test']} reviews "
+                         f"longer than --min-chars {args.min_chars}")
+    if ppo_runs and args.ppo_batch > usable["train"]:
+        raise UsageError(f"--ppo-batch {args.ppo_batch}: the train split of {path} has {usable['train']} reviews "
+                         f"longer than --min-chars {args.min_chars} to cut prompts from")
