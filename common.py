@@ -15,6 +15,7 @@ The pipeline (one numbering, used by every file):
 import json
 import os
 import time
+import zlib
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -34,6 +35,8 @@ def setup_distributed(device):
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if device == "cuda":  # set_device needs an index
+        device = f"cuda:{torch.cuda.current_device()}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     return device
@@ -73,9 +76,10 @@ def local_rank_first():
         barrier()
 
 
-def derive_seed(*keys):
-    """A seed for torch.Generator from integers (a base seed, an iteration, a rank, an index)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+def derive_seed(seed, purpose, *keys):
+    """A seed for torch.Generator from the run's seed, what it is for ('pairs.pt', 'rollout', ...) and integers
+    (an iteration, a rank, an index): different purposes never share a random stream."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(purpose.encode()), *keys]).generate_state(1)[0])
 
 
 def sharded(fn, items, chunk=256):

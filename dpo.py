@@ -36,12 +36,14 @@ from settings import check_data, check_settings, data_digest, get_args, locked, 
 def pair_batches(pairs, dpo_batch, block_size, eos, seed, mismatched=False):
     """get_batch(step): this rank's share of dpo_batch pairs (prompt x, chosen y_w, rejected y_l), chosen and
     rejected packed into one batch, so both go through one forward: rows [0, n) chosen, [n, 2n) rejected.
-    mismatched (KTO): rows [2n, 3n) pair each prompt with the next pair's chosen response, for its KL estimate."""
+    mismatched (KTO): rows [2n, 3n) pair each prompt with the next pair's chosen response in the whole batch
+    (not in this rank's share, which may hold one pair), for its KL estimate."""
     def get_batch(step):
         rank, world = rank_world()
-        rows = np.random.default_rng([seed, step]).integers(len(pairs["prompt"]), size=dpo_batch)[rank::world]
+        rows = np.random.default_rng([seed, step]).integers(len(pairs["prompt"]), size=dpo_batch)
+        rows, next_rows = rows[rank::world], np.roll(rows, -1)[rank::world]
         prompts, chosen = [pairs["prompt"][i] for i in rows], [pairs["chosen"][i] for i in rows]
-        extra = (prompts, chosen[1:] + chosen[:1]) if mismatched else ([], [])
+        extra = (prompts, [pairs["chosen"][i] for i in next_rows]) if mismatched else ([], [])
         return pack(prompts + prompts + extra[0], chosen + [pairs["rejected"][i] for i in rows] + extra[1], block_size,
                     eos)
     return get_batch
@@ -111,7 +113,8 @@ def kto_loss(pi_c, pi_r, ref_c, ref_r, mismatched_logratio, beta, lambda_d=1.0, 
     r = log pi(y | x) - log pi_ref(y | x), z0 = max(0, mean log-ratio of mismatched (x, y') in the batch): an
     estimate of KL(pi || pi_ref) that carries no gradient. mismatched_logratio: Shape (batch,).
     Returns losses Shape (2 * batch,), desirable first, and the rewards beta * r of chosen and rejected (detached)."""
-    z0 = max(0.0, global_mean(mismatched_logratio.mean().item(), device=pi_c.device)[0])  # all ranks; no grad
+    total, n = global_mean(mismatched_logratio.sum().item(), len(mismatched_logratio), device=pi_c.device)
+    z0 = max(0.0, total / n)  # over every rank's rows; a number, no gradient
     r_c, r_r = pi_c - ref_c, pi_r - ref_r
     losses = torch.cat([lambda_d * (1 - torch.sigmoid(beta * (r_c - z0))),
                         lambda_u * (1 - torch.sigmoid(beta * (z0 - r_r)))])

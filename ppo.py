@@ -84,8 +84,8 @@ def normalised(score_fn, sft_model, prompts, args, eos, name):
     (one per prompt, at most MAX_NORM_SAMPLES), computed once and kept in out/<preset>/score_norm_<name>.json."""
     path = os.path.join(args.out, f"score_norm_{name}.json")
     if not os.path.exists(path):  # under torchrun every rank samples a share, rank 0 writes, every rank reads
-        draw = lambda p, i: score_fn(p, sample(sft_model, p, args.max_new_tokens, eos, derive_seed(args.seed + 5, i),
-                                               args.device)).tolist()
+        seed = lambda i: derive_seed(args.seed, f"score_norm_{name}", i)
+        draw = lambda p, i: score_fn(p, sample(sft_model, p, args.max_new_tokens, eos, seed(i), args.device)).tolist()
         s = torch.tensor(sharded(draw, prompts[:MAX_NORM_SAMPLES]))
         if rank_world()[0] == 0:
             write_atomic(path, lambda f: f.write(json.dumps(dict(mean=s.mean().item(), std=s.std().item())).encode()))
@@ -121,8 +121,10 @@ def gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
 
 
 def whiten(x, mask):
-    """(x - mean) / std over the masked entries of the whole rollout (every rank's share), 0 off the mask."""
-    mean, sq = global_mean(masked_mean(x, mask).item(), masked_mean(x * x, mask).item(), device=x.device)
+    """(x - mean) / std over the masked entries of the whole rollout (every rank's share, weighted by its
+    tokens), 0 off the mask."""
+    n, s1, s2 = global_mean(mask.sum().item(), (x * mask).sum().item(), (x * x * mask).sum().item(), device=x.device)
+    mean, sq = s1 / n, s2 / n
     return (x - mean) * (sq - mean ** 2 + 1e-8) ** -0.5 * mask
 
 
@@ -197,7 +199,7 @@ def ppo_batches(policy, ref, score_fn, prompts, state, stats, args, eos):
             rows = np.random.default_rng([args.seed + 6, it]).choice(len(prompts), args.ppo_batch, replace=False)
             mine = [prompts[i] for i in rows[rank::world]]
             cache["it"], (cache["data"], new) = it, rollout(policy, ref, score_fn, mine, state["kl_coef"],
-                                                            derive_seed(args.seed, it, rank), args, eos)
+                                                            derive_seed(args.seed, "rollout", it, rank), args, eos)
             stats.update(new, kl_coef=state["kl_coef"])
             state["kl_coef"] = kl_update(state["kl_coef"], new["kl"], stats["target"], args.ppo_batch, args.kl_horizon)
         epoch, mb = divmod(j, args.ppo_minibatches)

@@ -308,9 +308,9 @@ def locked(out):
 
 
 def data_digest(data):
-    """sha256 of a corpus's tokenizer, tokens, labels and lengths: the data's identity in the settings
-    record (the .npz file's own bytes also hold the times its members were written)."""
-    h = hashlib.sha256(data["tokenizer"].encode())
+    """sha256 of a corpus's tokenizer (and word list), tokens, labels and lengths: the data's identity in the
+    settings record (the .npz file's own bytes also hold the times its members were written)."""
+    h = hashlib.sha256("\n".join([data["tokenizer"], *data["words"]]).encode())
     for s in ("train", "test"):
         for a in (data[s].tokens, data[s].offsets, data[s].labels, data[s].chars):
             h.update(np.ascontiguousarray(a).tobytes())
@@ -327,6 +327,9 @@ def check_data(args, data):
         extra = f" + {heldout} held-out prompts of PPO's reward model" if heldout else ""
         raise UsageError(f"--n-eval {args.n_eval}{extra}: the test split of {path} has {usable['test']} reviews "
                          f"longer than --min-chars {args.min_chars}")
+    if args.init == "pretrained" and data["tokenizer"] != "gpt2":
+        raise UsageError(f"--init pretrained: GPT-2's weights read GPT-2's BPE tokens, but {path} holds "
+                         f"{data['tokenizer']} tokens; use --init scratch (or prepare the data with --tokenizer gpt2)")
     if ppo_runs and args.ppo_batch > usable["train"]:
         raise UsageError(f"--ppo-batch {args.ppo_batch}: the train split of {path} has {usable['train']} reviews "
                          f"longer than --min-chars {args.min_chars} to cut prompts from")

@@ -30,14 +30,13 @@ def review_batches(split, batch, block_size, eos, seed, scored_len=None):
     to 8 tokens and a response) as well as whole reviews. The fourth tensor holds the labels."""
     def get_batch(step):
         rng, (rank, world) = np.random.default_rng([seed, step]), rank_world()
-        rows = rng.integers(len(split), size=batch)[rank::world]
-        seqs = []
-        for i in rows:
-            r = split.review(i).tolist()
-            if scored_len is not None:
-                top = block_size - 2 if rng.random() < 0.5 else min(scored_len, block_size - 2)
-                r = r[: rng.integers(8, top + 1)]
-            seqs.append(r + [eos])
+        rows = rng.integers(len(split), size=batch)
+        lengths = [None] * batch  # drawn for the whole batch, so that a row's crop does not depend on the ranks
+        if scored_len is not None:
+            tops = np.where(rng.random(batch) < 0.5, block_size - 2, min(scored_len, block_size - 2))
+            lengths = rng.integers(8, tops + 1)
+        rows, lengths = rows[rank::world], lengths[rank::world]
+        seqs = [split.review(i).tolist()[:n] + [eos] for i, n in zip(rows, lengths)]
         idx, targets, mask = pack([[]] * len(seqs), seqs, block_size, eos)
         return idx, targets, mask, torch.tensor(split.labels[rows], dtype=torch.float)
     return get_batch
@@ -141,11 +140,11 @@ def reward(rm, prompts, responses, eos, block_size, device):
 
 
 # ----------------------------------------------------------------------------- 4. preference pairs
-def sample_and_reward(model, rm, prompts, args, eos, seed):
+def sample_and_reward(model, rm, prompts, args, eos, purpose):
     """One sample of model per prompt and its reward r*, as lists. Under torchrun every rank draws its share
-    of the chunks (each chunk seeded by (seed, its start)) and every rank gets them all."""
+    of the chunks (each chunk seeded by (seed, purpose, its start)) and every rank gets them all."""
     def draw(chunk, i):
-        samples = sample(model, chunk, args.max_new_tokens, eos, derive_seed(seed, i), args.device)
+        samples = sample(model, chunk, args.max_new_tokens, eos, derive_seed(args.seed, purpose, i), args.device)
         return list(zip(samples, reward(rm, chunk, samples, eos, args.block_size, args.device).tolist()))
     samples, rewards = zip(*sharded(draw, prompts))
     return list(samples), list(rewards)
@@ -157,7 +156,7 @@ def make_pairs(sft_model, rm, prompts, args, eos, name="pairs.pt"):
     if not os.path.exists(path):  # under torchrun every rank samples a share, rank 0 writes, every rank reads
         sft_model.eval()
         repeated = [p for p in prompts for _ in range(4)]
-        samples, rewards = sample_and_reward(sft_model, rm, repeated, args, eos, args.seed)
+        samples, rewards = sample_and_reward(sft_model, rm, repeated, args, eos, name)
         if rank_world()[0] == 0:
             pairs = pairs_from(prompts, samples, rewards)
             log(f"[pairs] {len(pairs['prompt'])} pairs from {len(prompts)} prompts ({name}); "
@@ -196,7 +195,7 @@ def best_of_n(sft_model, rm, prompts, args, eos):
     if os.path.exists(path):
         return
     many = [p for p in prompts for _ in range(ns[-1])]
-    _, rewards = sample_and_reward(sft_model, rm, many, args, eos, args.seed + 1)  # every rank a share
+    _, rewards = sample_and_reward(sft_model, rm, many, args, eos, "best_of_n")  # every rank a share
     r = torch.tensor(rewards).view(len(prompts), ns[-1])
     records = [dict(n=n, reward=r[:, :n].max(1).values.mean().item(), kl_bound=best_of_n_kl(n)) for n in ns]
     if rank_world()[0] == 0:

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.cuda._utils import _get_device_index
 from conftest import EOS, free_port, tiny_gpt
 
 import common
+import dpo
 import ppo
 import settings
 import stages
-from data.corpus import write_atomic
+from data.corpus import Split, write_atomic
 
 
 # ---------------------------------------------------------------- one process, CUDA's calls stood in for
@@ -35,14 +37,56 @@ def test_global_mean_all_reduces_on_the_device_it_is_given(monkeypatch):
 def test_a_cuda_device_becomes_the_current_one(monkeypatch):
     """Triton launches on the current device: --device cuda:1 must make cuda:1 current, with or without torchrun."""
     current, groups = [], []
-    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    # set_device's own argument rule (it refuses a device without an index), then the device it would make current
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(f"cuda:{_get_device_index(d)}"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.distributed, "init_process_group", groups.append)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert common.setup_distributed("cuda:1") == "cuda:1" and current == ["cuda:1"] and groups == []
+    assert common.setup_distributed("cuda") == "cuda:0" and current == ["cuda:1", "cuda:0"]  # the default --device
+    current.clear()
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert common.setup_distributed("cuda") == "cuda:3" and current == ["cuda:1", "cuda:3"] and groups == ["nccl"]
+    assert common.setup_distributed("cuda") == "cuda:3" and current == ["cuda:3"] and groups == ["nccl"]
+
+
+def test_seeds_of_different_purposes_differ():
+    assert len({common.derive_seed(5, p, 0) for p in ("pairs.pt", "pairs_heldout.pt", "best_of_n", "rollout")}) == 4
+    assert common.derive_seed(5, "rollout", 0, 1) != common.derive_seed(5, "rollout", 0, 0) != \
+        common.derive_seed(6, "rollout", 0, 0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_rows_batch_and_crop_do_not_depend_on_the_ranks(monkeypatch, world):
+    """The classifier's batches under torchrun: rank r holds rows r, r + world, ... of the one-process batch,
+    each with the same crop (and SFT's too); and KTO's mismatched rows come from the whole batch."""
+    lengths = np.arange(20, 80)
+    split = data_split(lengths)
+    whole = stages.review_batches(split, 8, 64, EOS, 3, scored_len=20)(0)
+    for rank in range(world):
+        monkeypatch.setattr(stages, "rank_world", lambda: (rank, world))
+        share = stages.review_batches(split, 8, 64, EOS, 3, scored_len=20)(0)
+        for i, j in enumerate(range(rank, 8, world)):
+            n = int(whole[2][j].sum())
+            assert int(share[2][i].sum()) == n and torch.equal(share[1][i, :n], whole[1][j, :n]) \
+                and share[3][i] == whole[3][j]
+    pairs = dict(prompt=[[i] for i in range(10)], chosen=[[100 + i, EOS] for i in range(10)],
+                 rejected=[[200 + i, EOS] for i in range(10)])
+    monkeypatch.setattr(dpo, "rank_world", lambda: (0, 1))
+    idx, targets, mask = dpo.pair_batches(pairs, world, 64, EOS, 0, mismatched=True)(0)
+    prompts = idx[:world, 1].tolist()
+    for rank in range(world):  # one pair per rank: its mismatched row holds the next rank's chosen response
+        monkeypatch.setattr(dpo, "rank_world", lambda: (rank, world))
+        idx, targets, mask = dpo.pair_batches(pairs, world, 64, EOS, 0, mismatched=True)(0)
+        assert idx[2, 1] == prompts[rank] and targets[2][mask[2]].tolist() == [100 + prompts[(rank + 1) % world], EOS]
+
+
+def data_split(lengths):
+    """A split of reviews of the given lengths in tokens, alternately labelled."""
+    tokens = (np.arange(lengths.sum()) % 170).astype(np.uint16)
+    return Split(tokens, np.concatenate([[0], np.cumsum(lengths)]), (np.arange(len(lengths)) % 2).astype(np.uint8),
+                 (lengths * 5).astype(np.int32))
 
 
 def test_writers_of_one_path_each_rename_a_whole_file(tmp_path):
@@ -154,3 +198,23 @@ def test_ranks_roll_out_with_their_own_seeds_and_stop_together_on_a_nan(tmp_path
     assert len(ranks[0]["seeds"]) == len(ranks[1]["seeds"]) == 1 and ranks[0]["seeds"] != ranks[1]["seeds"]
     assert "[nan] loss is not finite on another rank at step 1" in ranks[0]["raised"]
     assert "[nan] loss is nan at step 1" in ranks[1]["raised"]
+
+
+def _whiten_unequal_shares(rank, tmp):
+    """Rank 0 holds 3 response tokens of the rollout, rank 1 holds 10: whitened over all 13."""
+    x, mask = WHITEN_CASE[rank]
+    return ppo.whiten(x, mask)
+
+
+WHITEN_CASE = [(torch.tensor([[1.0, 2.0, 3.0, 9.0]], dtype=torch.float64), torch.tensor([[True, True, True, False]])),
+               (torch.arange(10.0, dtype=torch.float64).view(2, 5) * 0.5 - 4, torch.ones(2, 5, dtype=torch.bool))]
+
+
+def test_whitening_is_over_every_token_of_the_rollout_not_a_mean_of_ranks(tmp_path):
+    ranks = spawn(_whiten_unequal_shares, 2, tmp_path)
+    assert all(isinstance(r, torch.Tensor) for r in ranks), ranks
+    values = torch.cat([r[m] for r, (_, m) in zip(ranks, WHITEN_CASE)])
+    raw = torch.cat([x[m] for x, m in WHITEN_CASE])
+    want = (raw - raw.mean()) / raw.std(unbiased=False)  # float64, one process over the same 13 tokens
+    torch.testing.assert_close(values, want, rtol=0, atol=1e-6)
+    assert ranks[0][0, 3] == 0  # off the mask

@@ -342,3 +342,11 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(capsys):
         get_args(["--device", "cuda"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error: --device cuda: no CUDA GPU is visible to torch; use --device cpu" in err
+
+
+def test_pretrained_gpt2_on_a_corpus_of_other_tokens_is_refused(tmp_path):
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(UsageError, match=r"--init pretrained: GPT-2's weights read GPT-2's BPE tokens, but .*tiny.npz "
+                                         r"holds words tokens"):
+        dpo.main(smoke_argv(tmp_path, "--init", "pretrained", "--model", str(tmp_path / "hf")))
+    assert not (tmp_path / "out" / "sft").exists()
