@@ -2,7 +2,7 @@
 mean and range over the seeds.
 
     for s in 1337 1 2; do python dpo.py --seed $s --out out/tiny_seed$s; done
-    python plots/seeds.py out/tiny_seed1337 out/tiny_seed1 out/tiny_seed2 --figure plots/tiny_seeds.png
+    python plots/seeds.py out/tiny_seed1337 out/tiny_seed1 out/tiny_seed2 --figure plots/tiny_seeds.png --bins 0,2.5,5,11,40
 
 One panel per method family (DPO, PPO, PPO-GT, the baselines). In each, a run's upper envelope per seed: the
 best reward reached at or below each KL, over that run's evaluations, drawn as a step line, one line style per
@@ -42,6 +42,22 @@ def summary(out_dirs):
     return {name: [(runs[name][-1]["reward"], runs[name][-1]["kl"]) for runs in per_seed] for name in sorted(common)}
 
 
+def binned(out_dirs, edges):
+    """{family: [[mean reward of its evaluations after step 0 with KL in [edges[b], edges[b+1]) for each bin b]
+    for each seed]}, None where a bin is empty: methods compared at matched KL, within each seed."""
+    table = {}
+    for title, methods in FAMILIES.items():
+        rows = []
+        for runs in map(read_runs, out_dirs):
+            pts = [(r["kl"], r["reward"]) for name, recs in runs.items() if name.partition("_")[0] in methods
+                   for r in recs if r["step"] > 0]
+            rows.append([np.mean([w for k, w in pts if lo <= k < hi]) if any(lo <= k < hi for k, _ in pts) else None
+                         for lo, hi in zip(edges, edges[1:])])
+        if any(v is not None for row in rows for v in row):
+            table[title] = rows
+    return table
+
+
 def seeds_figure(out_dirs):
     """The figure, not yet saved: a panel per family, its legend naming the runs (colours), and one legend
     beside the panels naming the seeds' run folders (line styles)."""
@@ -79,11 +95,18 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dirs", nargs="+", help="run folders of dpo.py, one per seed")
     p.add_argument("--figure", default="seeds.png")
+    p.add_argument("--bins", help="KL bin edges, e.g. 0,2.5,5,11: also print each family's mean reward per bin and seed")
     a = p.parse_args()
     print(f"{'run':14}{'reward mean':>12}{'(min - max)':>16}{'KL mean':>9}{'(min - max)':>14}")
     for name, vals in summary(a.out_dirs).items():
         r, k = np.array(vals).T
         print(f"{name:14}{r.mean():>12.3f}   ({r.min():.3f} - {r.max():.3f}){k.mean():>9.1f}   ({k.min():.1f} - {k.max():.1f})")
+    if a.bins:
+        edges = [float(x) for x in a.bins.split(",")]
+        print("mean reward of the evaluations (after step 0) in each KL bin, one column per seed:")
+        for title, rows in binned(a.out_dirs, edges).items():
+            cells = ["/".join("  -  " if row[b] is None else f"{row[b]:.3f}" for row in rows) for b in range(len(edges) - 1)]
+            print(f"  {title:28}" + "  ".join(f"[{lo:g}, {hi:g}): {c}" for lo, hi, c in zip(edges, edges[1:], cells)))
     print(f"wrote {plot_seeds(a.out_dirs, a.figure)}")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from settings import PRESETS
 from plots.frontier import SFT_LABEL, frontier_figure, plot_frontier, read_runs, run_style
-from plots.seeds import envelope, plot_seeds, seeds_figure, summary
+from plots.seeds import binned, envelope, plot_seeds, seeds_figure, summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,3 +125,12 @@ def test_frontier_command_line_mistakes_are_one_line(argv, message):
     res = subprocess.run([sys.executable, os.path.join(REPO, "plots", "frontier.py"), *argv], capture_output=True,
                          text=True, timeout=60)
     assert res.returncode != 0 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_binned_means_compare_families_at_matched_kl(tmp_path):
+    """Per seed and family, the mean reward of the evaluations after step 0 inside each KL bin, worked by hand."""
+    fake_out(tmp_path / "a", [0.5, 0.6, 0.7, 0.8], [0.0, 1.0, 3.0, 4.0])  # dpo_0.1 and ppo-gt_6 (reward + 0.1)
+    got = binned([str(tmp_path / "a")], [0, 2, 5, 9])
+    assert set(got) == {"DPO and its variants", "PPO-GT"}
+    assert got["DPO and its variants"] == [[pytest.approx(0.6), pytest.approx(0.75), None]]  # step 0 left out
+    assert got["PPO-GT"] == [[pytest.approx(0.7), pytest.approx(0.85), None]]
