@@ -377,7 +377,11 @@ def get_tokenizer(name, words=None):
     'words': a WordTokenizer over `words` (the tiny preset's)."""
     import tiktoken
     if name == "gpt2":
-        return tiktoken.get_encoding("gpt2")
+        try:
+            return tiktoken.get_encoding("gpt2")  # fetched once, then cached under $TIKTOKEN_CACHE_DIR
+        except OSError as e:
+            raise UsageError(f"could not fetch GPT-2's BPE files for tiktoken ({type(e).__name__}): run once with "
+                             f"internet, or set TIKTOKEN_CACHE_DIR to a folder that holds them") from e
     if name == "bytes":
         return tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
                                  special_tokens={"<|endoftext|>": 256})

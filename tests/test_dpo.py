@@ -20,9 +20,9 @@ import model as model_module
 import stages
 from common import pack
 from settings import get_args
-from data.corpus import UsageError
+from data.corpus import UsageError, save_corpus
 from data.tiny.prepare import prepare as prepare_tiny, vocabulary
-from model import GPT, GPTConfig, WordTokenizer
+from model import GPT, GPTConfig, WordTokenizer, get_tokenizer
 
 
 def test_loss_is_ln2_when_policy_is_reference():
@@ -230,8 +230,13 @@ def test_offline_gpt2_download_is_one_line(tmp_path, monkeypatch):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(model_module.urllib.request, "urlopen", offline)
     monkeypatch.setenv("NANODPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dpo, "get_tokenizer", lambda name, words: get_tokenizer("bytes"))  # GPT-2's BPE may be offline too
+    texts = ["A fine film with a cast.", "A dull film with no plot."] * 4  # an imdb.npz that says it holds GPT-2 tokens
+    save_corpus(str(tmp_path / "imdb"), "imdb", {"train": (texts, [1, 0] * 4), "test": (texts, [1, 0] * 4)},
+                get_tokenizer("bytes"), tokenizer="gpt2")
     with pytest.raises(UsageError, match=r"could not download the gpt2 weights .* put it at"):  # main prints one line
-        dpo.main(smoke_argv(tmp_path, "--init", "pretrained", "--model", "gpt2"))
+        dpo.main(["--preset", "imdb", "--device", "cpu", "--out", str(tmp_path / "out"), "--data-dir",
+                  str(tmp_path / "imdb"), "--runs", "dpo:0.1", "--n-eval", "2", "--n-prompts", "4", "--min-chars", "1"])
 
 
 # ---------------------------------------------------------------- DPO's successors: SimPO, ORPO, KTO

@@ -271,3 +271,13 @@ def test_cuda_bf16_autocast_and_generate():
     a, am = m.generate(idx, mask, 16, temperature=0, use_cache=True)
     b, bm = m.generate(idx, mask, 16, temperature=0, use_cache=False)
     assert torch.equal(a, b) and torch.equal(am, bm)
+
+
+def test_gpt2_bpe_offline_is_one_line(monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("Failed to resolve the host")  # what requests raises, an OSError
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(UsageError, match="could not fetch GPT-2's BPE files for tiktoken .*TIKTOKEN_CACHE_DIR"):
+        get_tokenizer("gpt2")
