@@ -117,9 +117,12 @@ def gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
 
 
 def whiten(x, mask):
-    """(x - mean) / std over the masked entries of the whole rollout (every rank's share), 0 off the mask."""
-    mean, sq = global_mean(masked_mean(x, mask).item(), masked_mean(x * x, mask).item())
-    return (x - mean) * (sq - mean ** 2 + 1e-8) ** -0.5 * mask
+    """(x - mean) / std over the masked entries of the whole rollout (every rank's share), 0 off the mask.
+    Sums and counts go over the ranks (a mean of the ranks' means would weigh a rank with fewer response
+    tokens as much as one with more)."""
+    n, total, sq = global_mean(mask.sum().item(), (x * mask).sum().item(), (x * x * mask).sum().item())
+    mean = total / n
+    return (x - mean) * (sq / n - mean ** 2 + 1e-8) ** -0.5 * mask
 
 
 # ----------------------------------------------------------------------------- 5d. the losses
