@@ -177,7 +177,7 @@ def test_make_pairs_scores_each_sample_against_its_own_prompt(tmp_path, monkeypa
     assert len(pairs["prompt"]) == want > 0
     for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]):
         assert c in drawn[tuple(p)] and r in drawn[tuple(p)]
-        assert r_star(p, c) > r_star(p, r)
+        assert r_star(p, c) > r_star(p, r) - 1e-5  # float32 and float64 may order a near-tie apart
 
 
 def test_best_of_n_is_the_mean_of_the_best_of_the_first_n(tmp_path, monkeypatch):
@@ -209,9 +209,9 @@ def test_samples_keep_the_eos_they_drew():
     with torch.no_grad():  # the EOS embedding along ln_f's bias: EOS has probability ~0.2 at every step
         model.transformer.ln_f.bias.copy_(torch.linspace(-1, 1, 32))
         model.transformer.wte.weight[EOS] = torch.linspace(-1, 1, 32) * 0.37
-    out = stages.sample(model, [[1, 2], [3]] * 20, 8, EOS, 0, "cpu")
+    out = stages.sample(model, [[1, 2], [3]] * 40, 8, EOS, 0, "cpu")
     short = [r for r in out if len(r) < 8]
-    assert len(short) >= 10 and all(r[-1] == EOS for r in short)
+    assert len(short) >= 20 and all(r[-1] == EOS for r in short)
     assert all(EOS not in r[:-1] for r in out) and any(len(r) == 8 and r[-1] != EOS for r in out)
 
 
