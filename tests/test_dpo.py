@@ -333,7 +333,8 @@ def test_pair_loss_of_every_method_is_its_formula_on_float64_logprobs():
     tok = lambda model, ps, rs: [f64_dists(model, p, r, EOS)[torch.arange(len(r)), torch.tensor(r)] for p, r in zip(ps, rs)]
     c_tok, r_tok = torch.cat(tok(policy, prompts, chosen)), torch.cat(tok(policy, prompts, rejected))
     want[("ft", 0.0)] = -c_tok.mean().item()  # the mean over every chosen token, not per sequence
-    want[("ul", 0.3)] = -c_tok.mean().item() - 0.3 * torch.log1p(-r_tok.exp()).mean().item()
+    for alpha in (0.3, 1.0):
+        want[("ul", alpha)] = -c_tok.mean().item() - alpha * torch.log1p(-r_tok.exp()).mean().item()
     for (method, param), expected in want.items():
         extra = (prompts, mismatched) if method == "kto" else ([], [])
         batch = pack(prompts + prompts + extra[0], chosen + rejected + extra[1], 64, EOS)

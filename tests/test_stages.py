@@ -119,6 +119,22 @@ def make_split(reviews, labels):
                  np.full(len(reviews), 500, np.int32))
 
 
+def test_classifier_crops_cover_the_scored_length_and_whole_reviews():
+    """review_batches with scored_len (the classifier's): each review is cut to 8 .. block_size - 2 tokens, half the
+    time at most scored_len; the labels are those of the reviews drawn; the same (seed, step), the same batch."""
+    reviews = [[i] + list(range(100, 199)) for i in range(50)]  # the first token says which review it is
+    labels = [i % 2 for i in range(50)]
+    get_batch = stages.review_batches(make_split(reviews, labels), 2000, 64, EOS, 5, scored_len=16)
+    idx, targets, mask, y = get_batch(0)
+    lengths = mask.sum(1) - 1  # the text's tokens (the mask covers the EOS too)
+    assert lengths.min() == 8 and lengths.max() == 62
+    short = (lengths <= 16).double().mean().item()  # 1/2 + 1/2 * 9/55 expected
+    assert 0.55 < short < 0.61 and (lengths[lengths > 16] > 40).any()
+    assert y.tolist() == [labels[i] for i in idx[:, 1].tolist()]
+    assert all(torch.equal(a, b) for a, b in zip(get_batch(0), (idx, targets, mask, y)))
+    assert not torch.equal(get_batch(1)[2], mask)
+
+
 def test_evaluation_reward_and_kls_are_their_float64_values(monkeypatch):
     """evaluate's reward (mean r* = sigmoid of the head), exact KL(pi || pi_ref) (summed over each response, the
     whole vocabulary at every token) and sampled KL (sum of log pi - log pi_ref), recomputed in float64 on the
