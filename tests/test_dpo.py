@@ -300,6 +300,10 @@ def loss_case():
     prompts = [[1, 2, 3], [4], [5, 6]]
     chosen = [[7, 8, EOS], [9, 10, 11, 12, EOS], [19, 20, 21]]
     rejected = [[14, 15, 16, 17, EOS], [18, EOS], [13, EOS]]  # the policy prefers the third rejected: acc 2/3
+    greedy = []
+    for _ in range(4):  # the first rejected: the policy's own greedy text, likely tokens, for Unlikelihood's term
+        greedy.append(int(f64_dists(policy, prompts[0], greedy + [0], EOS)[-1].argmax()))
+    rejected[0] = greedy + [EOS]
     mismatched = chosen[1:] + chosen[:1]  # dpo.pair_batches' KTO rows: each prompt with the next pair's chosen
     lp = lambda model, ps, rs: [f64_logprob(model, p, r, EOS) for p, r in zip(ps, rs)]
     seqs = dict(pc=lp(policy, prompts, chosen), pr=lp(policy, prompts, rejected), rc=lp(ref, prompts, chosen),
@@ -333,6 +337,7 @@ def test_pair_loss_of_every_method_is_its_formula_on_float64_logprobs():
     tok = lambda model, ps, rs: [f64_dists(model, p, r, EOS)[torch.arange(len(r)), torch.tensor(r)] for p, r in zip(ps, rs)]
     c_tok, r_tok = torch.cat(tok(policy, prompts, chosen)), torch.cat(tok(policy, prompts, rejected))
     want[("ft", 0.0)] = -c_tok.mean().item()  # the mean over every chosen token, not per sequence
+    assert -torch.log1p(-r_tok.exp()).mean() > 0.05  # the unlikelihood term matters here
     for alpha in (0.3, 1.0):
         want[("ul", alpha)] = -c_tok.mean().item() - alpha * torch.log1p(-r_tok.exp()).mean().item()
     for (method, param), expected in want.items():
