@@ -5,7 +5,6 @@ model, PPO learning a toy reward, the fused kernel against the reference, resume
 """
 import copy
 import json
-import math
 import os
 
 import numpy as np
