@@ -328,7 +328,7 @@ def test_pair_loss_of_every_method_is_its_formula_on_float64_logprobs():
     want = {
         ("dpo", 0.5): mean([-ls(0.5 * x) for x in u]),
         ("cdpo", 0.5): mean([-(0.9 * ls(0.5 * x) + 0.1 * ls(-0.5 * x)) for x in u]),
-        ("ipo", 0.5): mean([(x - 1.0) ** 2 for x in u]),
+        ("ipo", 0.25): mean([(x - 2.0) ** 2 for x in u]),  # 1 / (2 beta) = 2; at beta 0.5 it would equal 2 beta
         ("simpo", 2.0): mean([-ls(2 * s["pc"][i] / lc[i] - 2 * s["pr"][i] / lr[i] - 1.0) for i in range(n)]),
         ("orpo", 0.1): mean([-s["pc"][i] / lc[i] - 0.1 * ls(lo(s["pc"][i] / lc[i]) - lo(s["pr"][i] / lr[i]))
                              for i in range(n)]),
