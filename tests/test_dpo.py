@@ -334,6 +334,10 @@ def test_pair_loss_of_every_method_is_its_formula_on_float64_logprobs():
                              for i in range(n)]),
         ("kto", 0.5): mean([1 - sig(0.5 * (x - z0)) for x in rw] + [1 - sig(0.5 * (z0 - x)) for x in rl]),
     }
+    # KTO with the two models' roles swapped: the mismatched log-ratio changes sign, so one of the two has z0 > 0
+    z0_swapped = max(0.0, mean([b - a for a, b in zip(s["pm"], s["rm"])]))
+    assert max(z0, z0_swapped) > 0.5
+    kto_swapped = mean([1 - sig(0.5 * (-x - z0_swapped)) for x in rw] + [1 - sig(0.5 * (z0_swapped + x)) for x in rl])
     tok = lambda model, ps, rs: [f64_dists(model, p, r, EOS)[torch.arange(len(r)), torch.tensor(r)] for p, r in zip(ps, rs)]
     c_tok, r_tok = torch.cat(tok(policy, prompts, chosen)), torch.cat(tok(policy, prompts, rejected))
     want[("ft", 0.0)] = -c_tok.mean().item()  # the mean over every chosen token, not per sequence
@@ -345,10 +349,13 @@ def test_pair_loss_of_every_method_is_its_formula_on_float64_logprobs():
         batch = pack(prompts + prompts + extra[0], chosen + rejected + extra[1], 64, EOS)
         loss, metrics = dpo.pair_loss(policy, batch, ref, method, param, label_smoothing=0.1)
         assert loss.item() == pytest.approx(expected, rel=2e-5), method
-        if method in ("dpo", "cdpo", "ipo"):  # the implicit rewards beta * log(pi / pi_ref), chosen and rejected
+        if method in ("dpo", "cdpo", "ipo", "kto"):  # the implicit rewards beta * log(pi / pi_ref), chosen and rejected
             assert metrics["chosen"] == pytest.approx(mean([param * x for x in rw]), abs=2e-5)
             assert metrics["rejected"] == pytest.approx(mean([param * x for x in rl]), abs=2e-5)
+            assert metrics["margin"] == pytest.approx(mean([param * x for x in u]), abs=4e-5)
             assert metrics["acc"] == pytest.approx(mean([float(x > 0) for x in u])) and 0 < metrics["acc"] < 1
+        if method == "kto":
+            assert dpo.pair_loss(ref, batch, policy, "kto", 0.5)[0].item() == pytest.approx(kto_swapped, rel=2e-5)
     assert len({round(v, 6) for v in want.values()}) == len(want)  # the cases tell every loss apart
 
 

@@ -194,6 +194,9 @@ def test_make_pairs_scores_each_sample_against_its_own_prompt(tmp_path, monkeypa
     for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]):
         assert c in drawn[tuple(p)] and r in drawn[tuple(p)]
         assert r_star(p, c) > r_star(p, r) - 1e-5  # float32 and float64 may order a near-tie apart
+    assert (tmp_path / "pairs.pt").exists()  # under --out, and a second call reads it instead of sampling again
+    again = stages.make_pairs(sft, rm, prompts, args, EOS)
+    assert len(calls) == 1 and again == pairs
 
 
 def test_best_of_n_is_the_mean_of_the_best_of_the_first_n(tmp_path, monkeypatch):
@@ -247,7 +250,27 @@ def test_a_trained_classifier_rewards_the_positive_label(tmp_path):
     r = torch.sigmoid(torch.tensor([f64_score(rm, [], t, eos) for t in test]))
     assert (r[:10] > 0.5).all() and (r[10:] < 0.5).all()
     acc = json.load(open(tmp_path / "reward" / "accuracy.json"))
+    assert (tmp_path / "reward" / "model.pt").exists()  # the stage's folder, as the settings record names it
     assert acc["whole"] == 1.0 and acc["scored"] == 1.0 and acc["scored_len"] == 16 and acc["reviews"] == 20
+
+
+def test_classifier_loss_is_the_binary_cross_entropy_of_the_head():
+    """classifier_loss on a batch of review_batches: -mean(y log r + (1 - y) log(1 - r)) with r = sigmoid of the
+    head (float64, on each review alone), and its accuracy (r > 0.5) == label."""
+    rm = sharp_gpt(1, score_head=True)
+    rng = np.random.default_rng(4)
+    reviews = [rng.integers(0, 256, int(rng.integers(5, 20))).tolist() for _ in range(8)]
+    labels = [1, 0, 0, 1, 1, 1, 0, 1]
+    batch = stages.review_batches(make_split(reviews, labels), 8, 64, EOS, 0)(0)
+    loss, metrics = stages.classifier_loss(rm, batch)
+    rows = [reviews.index(batch[0][i][batch[2][i]][1:].tolist()) for i in range(8)]  # BOS, the review, then EOS
+    z = [f64_score(rm, [], reviews[k], EOS) for k in rows]
+    y = [labels[k] for k in rows]
+    want = -np.mean([yi * math.log(1 / (1 + math.exp(-zi))) + (1 - yi) * math.log(1 / (1 + math.exp(zi)))
+                     for yi, zi in zip(y, z)])
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    acc = np.mean([(zi > 0) == bool(yi) for yi, zi in zip(y, z)])
+    assert metrics["acc"] == pytest.approx(acc) and 0 < acc < 1
 
 
 def test_classifier_accuracy_on_a_hand_labelled_split(tmp_path):
