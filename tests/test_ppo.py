@@ -392,11 +392,13 @@ def test_score_normalisation_gives_sft_samples_mean_0_std_1(tmp_path, monkeypatc
     (scores spread by ~5, so dividing by the std and multiplying by it differ)."""
     sft = tiny_gpt(0)
     prompts = [[i, i + 1] for i in range(24)]
-    score_fn = lambda p, r: torch.tensor([50.0 * np.mean(x) / 256 for x in r])
+    score_fn = lambda p, r: torch.tensor([50.0 * np.mean(x) / 256 + len(q) for q, x in zip(p, r)])
+    prompts = [p[: 1 + i % 2] for i, p in enumerate(prompts)]  # the score reads the prompt too
     calls = recording(monkeypatch, ppo)
     f = ppo.normalised(score_fn, sft, prompts, toy_args(tmp_path), EOS, "test")
     (args, _, samples), = calls
     raw = score_fn(args[1], samples)
     z = f(args[1], samples)
+    assert args[1] == prompts and (tmp_path / "score_norm_test.json").exists()
     assert len(samples) == 24 and raw.std() > 2
     assert z.mean().item() == pytest.approx(0, abs=1e-5) and z.std().item() == pytest.approx(1, abs=1e-5)
