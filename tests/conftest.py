@@ -1,4 +1,6 @@
-"""Shared test helpers: the tiny GPT, fixed preference pairs, a free port for the DDP tests."""
+"""Shared test helpers: the tiny GPT, fixed preference pairs, a free port for the DDP tests, and float64
+recomputations (log-probs, KL, scores) that the tests check the pipeline's numbers against."""
+import copy
 import os
 import socket
 
@@ -31,6 +33,55 @@ def pytest_collection_modifyitems(config, items):
 def tiny_gpt(seed=0, vocab=257, block=64, score_head=False):
     torch.manual_seed(seed)
     return GPT(GPTConfig(block_size=block, vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, score_head=score_head))
+
+
+def sharp_gpt(seed=0, vocab=257, block=64, score_head=False, scale=20.0):
+    """tiny_gpt with its (tied) embedding scaled: logits with a spread of a few units, so that two of them have a
+    KL of nats per token, not the ~1e-3 of two near-uniform random models; a score head likewise scaled."""
+    model = tiny_gpt(seed, vocab, block, score_head)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(scale)
+        if score_head:
+            model.score_head.weight.mul_(scale * 5)
+    return model
+
+
+def f64_dists(model, prompt, response, bos):
+    """log pi(. | BOS + prompt + response[:t]) over the whole vocabulary for every response token t, (len, V): a
+    float64 copy of model run on the one unpadded sequence, logits through lm_head, log_softmax. A second path
+    to what common.pack + the fused kernel compute."""
+    m = copy.deepcopy(model).double().eval()
+    seq = torch.tensor([[bos] + list(prompt) + list(response)])
+    with torch.no_grad():
+        logp = torch.log_softmax(m.lm_head(m(seq)), -1)[0]
+    return logp[len(prompt): len(prompt) + len(response)]
+
+
+def f64_logprob(model, prompt, response, bos):
+    """sum_t log pi(y_t | BOS + prompt + y_<t) in float64, as a float."""
+    lp = f64_dists(model, prompt, response, bos)
+    return lp[torch.arange(len(response)), torch.tensor(response)].sum().item()
+
+
+def f64_score(rm, prompt, response, eos):
+    """The scalar head in float64 on the text prompt + response (its EOS dropped), laid out as SFT reads text:
+    BOS, the text; the head reads the hidden state of the text's last token."""
+    m = copy.deepcopy(rm).double().eval()
+    seq = torch.tensor([[eos] + list(prompt) + [t for t in response if t != eos]])
+    with torch.no_grad():
+        return m.score_head(m(seq)[0, -1]).item()
+
+
+def recording(monkeypatch, module, name="sample"):
+    """Replace module.<name> with a wrapper that records (args, result) of every call, and return the list."""
+    calls, real = [], getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((args, kwargs, out))
+        return out
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
 
 
 def random_pairs(n=8):

@@ -213,29 +213,121 @@ def _ddp_worker(rank, world, port, out_dir, result):
     common.setup_distributed("cpu")
     policy, ref = tiny_gpt(1), tiny_gpt(2).requires_grad_(False)
     pairs, _ = random_pairs()
+    get_batch = dpo.pair_batches(pairs, 4, 64, EOS, seed=3)
+    # the gradient DDP averages: this rank's half of the batch, all-reduced in backward
+    probe = tiny_gpt(1)
+    wrapped = torch.nn.parallel.DistributedDataParallel(probe) if world > 1 else probe
+    dpo.pair_loss(wrapped, get_batch(0), ref, "dpo", 0.1)[0].backward()
+    grads = {n: p.grad.clone() for n, p in probe.named_parameters()}
     losses = []
 
     def loss_fn(m, b):
         loss, metrics = dpo.pair_loss(m, b, ref, "dpo", 0.1)
         losses.append(loss.item())
         return loss, metrics
-    common.train("ddp", policy, loss_fn, dpo.pair_batches(pairs, 4, 64, EOS, seed=3), 1, 1e-2, out=out_dir, device="cpu")
-    torch.save(dict(loss=losses[0], params=policy.state_dict()), f"{result}.{rank}")
+    common.train("ddp", policy, loss_fn, get_batch, 1, 1e-2, out=out_dir, device="cpu")
+    torch.save(dict(loss=losses[0], params=policy.state_dict(), grads=grads), f"{result}.{rank}")
     if world > 1:
         torch.distributed.destroy_process_group()
 
 
 def test_ddp_two_processes_match_one(tmp_path):
+    """Two processes with half of the batch each: their mean loss and the gradient DDP averages are those of one
+    process on the whole batch, and after a step of the loop both ranks hold the same parameters."""
     _ddp_worker(0, 1, free_port(), str(tmp_path / "single"), str(tmp_path / "single.pt"))
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")), nprocs=2)
     single = torch.load(tmp_path / "single.pt.0", weights_only=True)
     ranks = [torch.load(tmp_path / f"ddp.pt.{r}", weights_only=True) for r in (0, 1)]
     # each rank's loss is the mean over its half of the batch: their mean is the one-process loss
-    assert abs((ranks[0]["loss"] + ranks[1]["loss"]) / 2 - single["loss"]) < 1e-5
-    for k, v in single["params"].items():  # one step later the parameters agree
-        assert torch.allclose(ranks[0]["params"][k], v, atol=1e-5), k
-        assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]), k
+    assert abs((ranks[0]["loss"] + ranks[1]["loss"]) / 2 - single["loss"]) < 1e-6
+    assert ranks[0]["loss"] != ranks[1]["loss"]
+    for k, g in single["grads"].items():  # float32 sums in another order: measured 4.5e-8 at most, gradients to 0.15
+        assert g.abs().max() > 0, k
+        for r in (0, 1):
+            torch.testing.assert_close(ranks[r]["grads"][k], g, rtol=0, atol=1e-6, msg=k)
+    start = tiny_gpt(1).state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in ranks[0]["params"].items())
+    for k, v in ranks[0]["params"].items():  # one step later both ranks agree
+        assert torch.equal(v, ranks[1]["params"][k]), k
 
+
+# ---------------------------------------------------------------- the loop's optimizer step, by hand
+
+class Linear2(torch.nn.Module):
+    """loss = w . g: its gradient is the batch's g, chosen per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.5, -0.25]))
+
+    def forward(self, g):
+        return (self.w * g).sum()
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_train_steps_are_adamw_on_clipped_gradients_with_linear_warmup(tmp_path, warmup):
+    """common.train against AdamW written out in float64: gradients clipped to norm 1 (the first and third are
+    longer, the others not), learning rate lr * min(1, (step + 1) / warmup), no weight decay."""
+    G = [[30.0, 40.0], [0.3, -0.1], [-3.0, 4.0], [0.5, 0.5], [1.0, -2.0]]
+    model, seen = Linear2(), []
+
+    def loss_fn(m, batch):
+        seen.append(m.w.detach().double().clone())
+        return m(batch[0]), {}
+    common.train("w", model, loss_fn, lambda step: [torch.tensor(G[step])], len(G), 0.1, out=str(tmp_path),
+                 device="cpu", warmup=warmup)
+    w, m, v = torch.tensor([0.5, -0.25], dtype=torch.float64), 0.0, 0.0
+    want = []
+    for t, g in enumerate(G, start=1):
+        want.append(w.clone())
+        g = torch.tensor(g, dtype=torch.float64)
+        g = g * min(1.0, 1.0 / (g.norm().item() + 1e-6))
+        lr = 0.1 * min(1.0, t / max(1, warmup))
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        w = w - lr * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+    want.append(w)
+    got = seen + [model.w.detach().double()]
+    for t, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"after {t} steps")
+
+
+# ---------------------------------------------------------------- the settings record
+
+RUNS = "dpo:0.1,cdpo:0.1,ppo:3,ppo-gt:3"
+NEW = dict(n_layer=2, n_head=2, n_embd=64, block_size=60, batch=16, warmup=5, seed=1, sft_steps=10, sft_lr=1e-3,
+           rm_steps=10, rm_lr=1e-3, max_new_tokens=40, n_prompts=200, min_chars=50, n_eval=64, best_of="1,2",
+           dpo_steps=10, dpo_lr=1e-5, dpo_batch=8, optimizer="rmsprop", eval_every=10, bt_steps=10, bt_lr=1e-4,
+           ppo_iters=10, ppo_batch=32, ppo_epochs=2, ppo_minibatches=4, ppo_lr=1e-5, ppo_eval_every=2, kl_horizon=64,
+           label_smoothing=0.2)
+# each stage's own settings and the stages it is made from, as the pipeline uses them (README, common.py's numbering)
+OWN = {"sft": {"n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps", "sft_lr"},
+       "reward": {"rm_steps", "rm_lr", "max_new_tokens"},  # from the SFT model; its crops cover the scored length
+       "pairs.pt": {"n_prompts", "min_chars"}, "best_of_n.jsonl": {"n_eval", "best_of"}, "pairs_heldout.pt": {"n_eval"},
+       "reward_model": {"bt_steps", "bt_lr", "eval_every"}, "score_norm_ppo.json": set(), "score_norm_ppo-gt.json": set(),
+       "runs/dpo_0.1": {"n_eval", "dpo_steps", "dpo_lr", "dpo_batch", "optimizer", "eval_every"},
+       "runs/cdpo_0.1": {"n_eval", "dpo_steps", "dpo_lr", "dpo_batch", "optimizer", "eval_every", "label_smoothing"},
+       "runs/ppo_3": {"n_eval", "optimizer", "ppo_iters", "ppo_batch", "ppo_epochs", "ppo_minibatches", "ppo_lr",
+                      "ppo_eval_every", "kl_horizon"}}
+OWN["runs/ppo-gt_3"] = OWN["runs/ppo_3"]
+PARENTS = {"sft": [], "reward": ["sft"], "pairs.pt": ["reward"], "best_of_n.jsonl": ["pairs.pt"],
+           "pairs_heldout.pt": ["pairs.pt"], "reward_model": ["pairs_heldout.pt"], "score_norm_ppo.json": ["reward_model"],
+           "score_norm_ppo-gt.json": ["pairs.pt"], "runs/dpo_0.1": ["pairs.pt"], "runs/cdpo_0.1": ["pairs.pt"],
+           "runs/ppo_3": ["score_norm_ppo.json"], "runs/ppo-gt_3": ["score_norm_ppo-gt.json"]}
+
+
+def test_each_setting_changes_the_record_of_its_stage_and_every_stage_after_it():
+    """stage_plan with one setting changed: exactly the stages that use it, and every stage made from them,
+    record another value (a stage whose record missed an upstream setting would be reused when it changed)."""
+    plan = lambda *flags: settings.stage_plan(settings.get_args(["--preset", "tiny", "--device", "cpu", "--runs", RUNS,
+                                                                *flags]), "0" * 64)
+    base = plan()
+    assert set(base) == set(OWN)
+
+    def uses(stage, key):
+        return key in OWN[stage] or any(uses(p, key) for p in PARENTS[stage])
+    for key, value in NEW.items():
+        changed = plan("--" + key.replace("_", "-"), str(value))
+        assert {s for s in base if changed[s] != base[s]} == {s for s in OWN if uses(s, key)}, key
 
 # ---------------------------------------------------------------- files
 
@@ -282,11 +374,24 @@ def test_a_torn_last_line_is_dropped_on_resume_and_a_bad_line_is_named(tmp_path,
         read_jsonl(str(evals))
 
 
-def _settings_worker(rank, world, port, out, result):
+def test_the_settings_record_keeps_the_stages_a_command_did_not_name(tmp_path):
+    """check_settings merges this command's plan into out/settings.json: a later command that names fewer stages
+    leaves the others' records, so a changed setting of such a stage is still refused, not reused."""
+    out = str(tmp_path)
+    settings.check_settings(out, {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 1.0}}, redo=False)
+    settings.check_settings(out, {"sft": {"sft_steps": 3}}, redo=False)
+    assert json.load(open(tmp_path / "settings.json")) == {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 1.0}}
+    (tmp_path / "runs" / "dpo_0.1").mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"runs/dpo_0.1 was made with other settings \(dpo_lr 1.0 -> 2.0\)"):
+        settings.check_settings(out, {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 2.0}}, redo=False)
+
+
+def _outcome_on_rank(rank, world, port, out, result, job):
+    """job(out) on one of `world` gloo ranks; what came of it ("went on" or the UsageError) goes to result.<rank>."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     common.setup_distributed("cpu")
     try:
-        settings.check_settings(out, {"sft": {"sft_steps": 300}}, redo=False)
+        job(out)
         outcome = "went on"
     except UsageError as e:
         outcome = str(e)
@@ -295,11 +400,15 @@ def _settings_worker(rank, world, port, out, result):
     torch.distributed.destroy_process_group()
 
 
+def _check_300_sft_steps(out):
+    settings.check_settings(out, {"sft": {"sft_steps": 300}}, redo=False)
+
+
 def test_a_stale_stage_stops_every_rank(tmp_path):
     """Rank 0 checks the settings; under torchrun every rank must stop with it, not wait at a barrier."""
     (tmp_path / "sft").mkdir()
     (tmp_path / "settings.json").write_text(json.dumps({"sft": {"sft_steps": 200}}))
-    mp.spawn(_settings_worker, args=(2, free_port(), str(tmp_path), str(tmp_path / "r")), nprocs=2)
+    mp.spawn(_outcome_on_rank, args=(2, free_port(), str(tmp_path), str(tmp_path / "r"), _check_300_sft_steps), nprocs=2)
     for rank in (0, 1):
         assert "sft was made with other settings (sft_steps 200 -> 300)" in (tmp_path / f"r.{rank}").read_text()
 
@@ -337,24 +446,17 @@ def test_a_run_folder_is_locked_while_a_command_uses_it(tmp_path):
         pass
 
 
-def _lock_worker(rank, world, port, out, result):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    common.setup_distributed("cpu")
-    try:
-        with settings.locked(out):
-            common.barrier()  # both ranks inside at once: one torchrun shares its run folder
-            outcome = "entered"
-    except UsageError as e:
-        outcome = str(e)
-    with open(f"{result}.{rank}", "w") as f:
-        f.write(outcome)
-    torch.distributed.destroy_process_group()
+def _enter_the_lock(out):
+    with settings.locked(out):
+        common.barrier()  # both ranks inside at once: one torchrun shares its run folder
 
 
 def test_the_ranks_of_one_torchrun_share_the_lock_and_all_stop_when_it_is_taken(tmp_path):
-    mp.spawn(_lock_worker, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "free")), nprocs=2)
-    assert [(tmp_path / f"free.{r}").read_text() for r in (0, 1)] == ["entered", "entered"]
+    mp.spawn(_outcome_on_rank, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "free"), _enter_the_lock),
+             nprocs=2)
+    assert [(tmp_path / f"free.{r}").read_text() for r in (0, 1)] == ["went on", "went on"]
     with settings.locked(str(tmp_path / "out")):  # another command holds it: every rank stops, none waits
-        mp.spawn(_lock_worker, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "taken")), nprocs=2)
+        mp.spawn(_outcome_on_rank, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "taken"), _enter_the_lock),
+                 nprocs=2)
     for r in (0, 1):
         assert f"{tmp_path}/out is in use by another command (process {os.getpid()})" in (tmp_path / f"taken.{r}").read_text()

@@ -13,16 +13,16 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, EOS, assert_fused_matches_reference, tiny_gpt
+from conftest import DEVICE, EOS, assert_fused_matches_reference, f64_dists, f64_logprob, sharp_gpt, tiny_gpt
 
 import dpo
 import model as model_module
 import stages
 from common import pack
-from settings import get_args
-from data.corpus import UsageError, save_corpus
+from data.corpus import Split, UsageError, save_corpus
 from data.tiny.prepare import prepare as prepare_tiny, vocabulary
 from model import GPT, GPTConfig, WordTokenizer, get_tokenizer
+from settings import get_args
 
 
 def test_loss_is_ln2_when_policy_is_reference():
@@ -66,18 +66,6 @@ def test_pair_batches_put_chosen_first():
         assert idx[n + i, 1].item() == k + 1
         assert targets[i][mask[i]].tolist() == pairs["chosen"][k]
         assert targets[n + i][mask[n + i]].tolist() == pairs["rejected"][k]
-
-
-def test_one_step_raises_the_margin():
-    policy, ref = tiny_gpt(), tiny_gpt()
-    ref.requires_grad_(False)
-    batch = pack([[1, 2], [1, 2]], [[3, 4, EOS], [5, 6, EOS]], 64, EOS)  # one pair: chosen, rejected
-    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
-    before, m0 = dpo.pair_loss(policy, batch, ref, "dpo", 0.1)
-    before.backward()
-    opt.step()
-    after, m1 = dpo.pair_loss(policy, batch, ref, "dpo", 0.1)
-    assert m1["margin"] > m0["margin"] and after < before
 
 
 @pytest.mark.parametrize("method", ["dpo", "ul"])
@@ -355,3 +343,121 @@ def test_pretrained_gpt2_on_a_corpus_of_other_tokens_is_refused(tmp_path):
                                          r"holds words tokens"):
         dpo.main(smoke_argv(tmp_path, "--init", "pretrained", "--model", str(tmp_path / "hf")))
     assert not (tmp_path / "out" / "sft").exists()
+# ---------------------------------------------------------------- every loss against float64 log-probs
+
+def loss_case():
+    """A policy and a reference that differ (KL of nats), three pairs whose chosen and rejected have different
+    lengths, and each sequence's float64 log-prob under both (kto: the mismatched rows too)."""
+    policy, ref = sharp_gpt(0), sharp_gpt(1).requires_grad_(False)
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    chosen = [[7, 8, EOS], [9, 10, 11, 12, EOS], [19, 20, 21]]
+    rejected = [[14, 15, 16, 17, EOS], [18, EOS], [13, EOS]]  # the policy prefers the third rejected: acc 2/3
+    greedy = []
+    for _ in range(4):  # the first rejected: the policy's own greedy text, likely tokens, for Unlikelihood's term
+        greedy.append(int(f64_dists(policy, prompts[0], greedy + [0], EOS)[-1].argmax()))
+    rejected[0] = greedy + [EOS]
+    mismatched = chosen[1:] + chosen[:1]  # dpo.pair_batches' KTO rows: each prompt with the next pair's chosen
+    lp = lambda model, ps, rs: [f64_logprob(model, p, r, EOS) for p, r in zip(ps, rs)]
+    seqs = dict(pc=lp(policy, prompts, chosen), pr=lp(policy, prompts, rejected), rc=lp(ref, prompts, chosen),
+                rr=lp(ref, prompts, rejected), pm=lp(policy, prompts, mismatched), rm=lp(ref, prompts, mismatched))
+    return policy, ref, prompts, chosen, rejected, mismatched, seqs
+
+
+def test_pair_loss_of_every_method_is_its_formula_on_float64_logprobs():
+    """pair_loss (the fused kernel on a packed batch) against each paper's formula on float64 sequence log-probs,
+    with --label-smoothing's default 0.1 passed to every method (only cDPO may use it)."""
+    policy, ref, prompts, chosen, rejected, mismatched, s = loss_case()
+    n = len(prompts)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    ls = lambda x: math.log(sig(x))
+    lc, lr = [len(c) for c in chosen], [len(r) for r in rejected]
+    u = [(s["pc"][i] - s["rc"][i]) - (s["pr"][i] - s["rr"][i]) for i in range(n)]
+    mean = lambda xs: sum(xs) / len(xs)
+    lo = lambda m: m - math.log(1 - math.exp(m))  # log odds of P = e^m
+    z0 = max(0.0, mean([a - b for a, b in zip(s["pm"], s["rm"])]))
+    rw = [s["pc"][i] - s["rc"][i] for i in range(n)]
+    rl = [s["pr"][i] - s["rr"][i] for i in range(n)]
+    want = {
+        ("dpo", 0.5): mean([-ls(0.5 * x) for x in u]),
+        ("cdpo", 0.5): mean([-(0.9 * ls(0.5 * x) + 0.1 * ls(-0.5 * x)) for x in u]),
+        ("ipo", 0.25): mean([(x - 2.0) ** 2 for x in u]),  # 1 / (2 beta) = 2; at beta 0.5 it would equal 2 beta
+        ("simpo", 2.0): mean([-ls(2 * s["pc"][i] / lc[i] - 2 * s["pr"][i] / lr[i] - 1.0) for i in range(n)]),
+        ("orpo", 0.1): mean([-s["pc"][i] / lc[i] - 0.1 * ls(lo(s["pc"][i] / lc[i]) - lo(s["pr"][i] / lr[i]))
+                             for i in range(n)]),
+        ("kto", 0.5): mean([1 - sig(0.5 * (x - z0)) for x in rw] + [1 - sig(0.5 * (z0 - x)) for x in rl]),
+    }
+    # KTO with the two models' roles swapped: the mismatched log-ratio changes sign, so one of the two has z0 > 0
+    z0_swapped = max(0.0, mean([b - a for a, b in zip(s["pm"], s["rm"])]))
+    assert max(z0, z0_swapped) > 0.5
+    kto_swapped = mean([1 - sig(0.5 * (-x - z0_swapped)) for x in rw] + [1 - sig(0.5 * (z0_swapped + x)) for x in rl])
+    tok = lambda model, ps, rs: [f64_dists(model, p, r, EOS)[torch.arange(len(r)), torch.tensor(r)] for p, r in zip(ps, rs)]
+    c_tok, r_tok = torch.cat(tok(policy, prompts, chosen)), torch.cat(tok(policy, prompts, rejected))
+    want[("ft", 0.0)] = -c_tok.mean().item()  # the mean over every chosen token, not per sequence
+    assert -torch.log1p(-r_tok.exp()).mean() > 0.05  # the unlikelihood term matters here
+    for alpha in (0.3, 1.0):
+        want[("ul", alpha)] = -c_tok.mean().item() - alpha * torch.log1p(-r_tok.exp()).mean().item()
+    for (method, param), expected in want.items():
+        extra = (prompts, mismatched) if method == "kto" else ([], [])
+        batch = pack(prompts + prompts + extra[0], chosen + rejected + extra[1], 64, EOS)
+        loss, metrics = dpo.pair_loss(policy, batch, ref, method, param, label_smoothing=0.1)
+        assert loss.item() == pytest.approx(expected, rel=2e-5), method
+        if method in ("dpo", "cdpo", "ipo", "kto"):  # the implicit rewards beta * log(pi / pi_ref), chosen and rejected
+            assert metrics["chosen"] == pytest.approx(mean([param * x for x in rw]), abs=2e-5)
+            assert metrics["rejected"] == pytest.approx(mean([param * x for x in rl]), abs=2e-5)
+            assert metrics["margin"] == pytest.approx(mean([param * x for x in u]), abs=4e-5)
+            assert metrics["acc"] == pytest.approx(mean([float(x > 0) for x in u])) and 0 < metrics["acc"] < 1
+        if method == "kto":
+            assert dpo.pair_loss(ref, batch, policy, "kto", 0.5)[0].item() == pytest.approx(kto_swapped, rel=2e-5)
+    assert len({round(v, 6) for v in want.values()}) == len(want)  # the cases tell every loss apart
+
+
+def test_one_step_raises_the_float64_margin():
+    """One SGD step on the DPO loss raises the margin (pi_c - ref_c) - (pi_r - ref_r) as float64 log-probs
+    measure it, not as the loss under test reports it."""
+    policy, ref = tiny_gpt(), tiny_gpt(1).requires_grad_(False)
+    prompts, chosen, rejected = [[1, 2], [3]], [[3, 4, EOS], [8, EOS]], [[5, 6, EOS], [9, 9, EOS]]
+    batch = pack(prompts * 2, chosen + rejected, 64, EOS)
+
+    def margin():
+        return sum(f64_logprob(policy, p, c, EOS) - f64_logprob(ref, p, c, EOS) - f64_logprob(policy, p, r, EOS)
+                   + f64_logprob(ref, p, r, EOS) for p, c, r in zip(prompts, chosen, rejected))
+    before = margin()
+    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+    dpo.pair_loss(policy, batch, ref, "dpo", 0.1)[0].backward()
+    opt.step()
+    assert margin() > before + 1e-3
+
+
+def test_evaluation_prompts_come_from_the_test_split(tmp_path, monkeypatch):
+    """main draws the training prompts (pairs) from the train split and the evaluation and held-out prompts
+    (evaluate, Best-of-N, PPO's held-out pairs) from the test split, disjoint. The train reviews here use even
+    word ids and the test reviews odd ones, so each prompt says where it was cut from."""
+    words = vocabulary()
+
+    def split(parity, n):
+        rng = np.random.default_rng(parity)
+        reviews = [[2 * i + parity] + (2 * rng.integers(0, 88, 11) + parity).tolist() for i in range(n)]
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in reviews])])
+        return Split(np.array(sum(reviews, []), np.uint16), offsets, np.arange(n, dtype=np.uint8) % 2,
+                     np.full(n, 500, np.int32))
+    data = dict(tokenizer="words", words=words, train=split(0, 80), test=split(1, 80))
+    seen = {}
+    monkeypatch.setattr(dpo, "load_data", lambda *a: data)
+    monkeypatch.setattr(stages, "sft", lambda *a: tiny_gpt(0, vocab=len(words) + 1))
+    monkeypatch.setattr(stages, "classifier", lambda *a: None)
+    monkeypatch.setattr(stages, "make_pairs", lambda sft, rm, prompts, args, eos, name="pairs.pt":
+                        seen.setdefault(name, prompts) and dict(prompt=[], chosen=[], rejected=[]))
+    monkeypatch.setattr(stages, "best_of_n", lambda sft, rm, prompts, args, eos: seen.setdefault("best_of_n", prompts))
+    monkeypatch.setattr(stages, "evaluate", lambda policy, ref, rm, prompts, **kw: seen.setdefault("evaluate", prompts))
+    monkeypatch.setattr(dpo.ppo, "score_functions", lambda *a: {"ppo": None})
+    monkeypatch.setattr(dpo.ppo, "run", lambda *a: None)
+    monkeypatch.setattr(dpo, "run", lambda method, param, sft, ref, pairs, evaluator, args, eos: evaluator(sft, 0))
+    monkeypatch.setattr(dpo, "plot_frontier", lambda out, png, names: png)
+    dpo.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-prompts", "20", "--n-eval", "12",
+              "--ppo-batch", "16", "--runs", "dpo:0.1,ppo:3"])
+    parity = lambda prompts: {t % 2 for p in prompts for t in p}
+    assert len(seen["pairs.pt"]) == 20 and parity(seen["pairs.pt"]) == {0}
+    assert len(seen["evaluate"]) == 12 and parity(seen["evaluate"]) == {1} and seen["best_of_n"] == seen["evaluate"]
+    assert len(seen["pairs_heldout.pt"]) == 32 and parity(seen["pairs_heldout.pt"]) == {1}
+    first = lambda prompts: {p[0] for p in prompts}  # each review's first word is its own: no review used twice
+    assert not first(seen["evaluate"]) & first(seen["pairs_heldout.pt"])

@@ -14,12 +14,18 @@ from data.corpus import UsageError
 from data.tiny.prepare import make_split, vocabulary
 from model import GPT, GPTConfig, get_tokenizer, read_safetensors
 
-transformers = pytest.importorskip("transformers", reason="test-only dependency (requirements-test.txt)")
+
+
+def need_transformers():
+    """Only the tests that build a Hugging Face model need transformers (requirements-test.txt): they skip
+    without it, the rest of this file runs."""
+    return pytest.importorskip("transformers", reason="test-only dependency (requirements-test.txt)")
 
 ODD = dict(n_embd=48, n_head=3, n_layer=3, vocab_size=317, n_positions=64)
 
 
 def hf_model(seed=0):
+    transformers = need_transformers()
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(**ODD, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return transformers.GPT2LMHeadModel(cfg).eval()
@@ -143,6 +149,75 @@ def test_score_head_runs_in_fp32_under_bf16_autocast(device):
         with torch.autocast(device, dtype=torch.bfloat16):
             autocast = m.score(h, mask)
     assert autocast.dtype == torch.float32 and torch.allclose(autocast, plain, rtol=1e-6, atol=1e-6)
+# ---------------------------------------------------------------- sampling against softmax(logits / T), step by step
+
+def sharp_model(vocab=7, wpe_scale=1.0, seed=0):
+    """A small GPT whose logits spread over units (embedding x 15), optionally with positions that matter."""
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(15)
+        m.transformer.wpe.weight.mul_(wpe_scale)
+    return m
+
+
+def first_token_frequencies(m, n=20000, **kw):
+    prompt = torch.tensor([[1, 2, 3]]).expand(n, 3)
+    new, _ = m.generate(prompt, torch.ones_like(prompt, dtype=torch.bool), 1, generator=torch.Generator().manual_seed(0),
+                        **kw)
+    return torch.bincount(new[:, 0], minlength=m.config.vocab_size).double() / n
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.5, None), (1.0, None), (2.0, 3), (1.0, 1)])
+def test_sampling_frequencies_are_softmax_of_logits_over_temperature_within_top_k(temperature, top_k):
+    """20000 draws of the first token: frequencies within 5 standard errors of softmax(logits / T) (float64, from
+    a plain forward), restricted to the k highest logits and renormalised; the other tokens never drawn."""
+    m = sharp_model()
+    with torch.no_grad():
+        logits = m.lm_head(m(torch.tensor([[1, 2, 3]])))[0, -1].double()
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    keep[logits.topk(top_k or len(logits)).indices] = True
+    p = torch.softmax((logits / temperature).masked_fill(~keep, float("-inf")), -1)
+    freq = first_token_frequencies(m, temperature=temperature, top_k=top_k)
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / 20000).sqrt() + 1e-9).all(), (freq, p)
+    assert (freq[~keep] == 0).all() and (freq[keep] > 0).all()
+    plain = torch.softmax(logits, -1)  # the case tells T and top-k apart from plain sampling
+    assert (temperature, top_k) == (1.0, None) or (plain - p).abs().max() > 0.05
+
+
+def test_generate_positions_are_those_of_the_prompt_alone():
+    """Positions that matter (position embedding x 30): greedy generation of left-padded prompts (cache or not)
+    gives, token by token, the argmax of a plain forward of the unpadded prompt and what came so far, at
+    positions 0, 1, ...; with positions shifted by one the same plain forward would give other tokens."""
+    m = sharp_model(vocab=97, wpe_scale=30.0)
+    idx, mask = mixed_prompts(97)
+
+    def greedy(prompt, shift):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                x = torch.tensor([seq])
+                seq.append(int(m.lm_head(m(x, pos=torch.arange(shift, shift + len(seq))[None]))[0, -1].argmax()))
+        return seq[len(prompt):]
+    want = [greedy(idx[i][mask[i]].tolist(), 0) for i in range(len(idx))]
+    assert want != [greedy(idx[i][mask[i]].tolist(), 1) for i in range(len(idx))]
+    for use_cache in (True, False):
+        new, _ = m.generate(idx, mask, 6, temperature=0, use_cache=use_cache)
+        assert new.tolist() == want, use_cache
+
+
+def test_generate_under_bf16_autocast_on_cpu():
+    """What sampling does on CUDA (common.amp: bf16 autocast), on a CPU: the KV cache (fp32) takes bf16 keys
+    and values; cached and uncached greedy generation agree, and agree with fp32 where the logits are far apart."""
+    m = sharp_model(vocab=97, wpe_scale=30.0)
+    idx, mask = mixed_prompts(97)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        runs = [m.generate(idx, mask, 6, temperature=0, eos=5, use_cache=c) for c in (True, False)]
+        sampled, _ = m.generate(idx, mask, 6, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    (a, am), (b, bm) = runs
+    assert torch.equal(a, b) and torch.equal(am, bm)
+    fp32, _ = m.generate(idx, mask, 6, temperature=0, eos=5)
+    assert (a[:, 0] == fp32[:, 0]).all() and ((0 <= sampled) & (sampled < 97)).all()
 
 
 # ---------------------------------------------------------------- bad input
@@ -182,7 +257,7 @@ def test_corrupt_safetensors(tmp_path):
 
 
 def test_safetensors_reader_matches_library(tmp_path):
-    from safetensors.torch import save_file
+    save_file = pytest.importorskip("safetensors.torch", reason="comes with transformers (requirements-test.txt)").save_file
     sd = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 2).bfloat16()}
     save_file(sd, str(tmp_path / "x.safetensors"))
     back = read_safetensors(str(tmp_path / "x.safetensors"))
@@ -271,6 +346,10 @@ def test_cuda_bf16_autocast_and_generate():
     a, am = m.generate(idx, mask, 16, temperature=0, use_cache=True)
     b, bm = m.generate(idx, mask, 16, temperature=0, use_cache=False)
     assert torch.equal(a, b) and torch.equal(am, bm)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as stages.sample runs it on CUDA (common.amp)
+        c, cm = m.generate(idx, mask, 16, temperature=0, use_cache=True)
+        d, dm = m.generate(idx, mask, 16, temperature=0, use_cache=False)
+    assert torch.equal(c, d) and torch.equal(cm, dm)
 
 
 def test_gpt2_bpe_offline_is_one_line(monkeypatch):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import matplotlib.colors
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -134,3 +135,25 @@ def test_binned_means_compare_families_at_matched_kl(tmp_path):
     assert set(got) == {"DPO and its variants", "PPO-GT"}
     assert got["DPO and its variants"] == [[pytest.approx(0.6), pytest.approx(0.75), None]]  # step 0 left out
     assert got["PPO-GT"] == [[pytest.approx(0.7), pytest.approx(0.85), None]]
+def drawn_points(ax):
+    """Every (x, y) point an axes draws: scatter offsets and line vertices."""
+    pts = [tuple(p) for c in ax.collections for p in np.asarray(c.get_offsets()).tolist()]
+    pts += [tuple(p) for line in ax.lines for p in np.asarray(line.get_xydata()).tolist()]
+    return {(round(x, 9), round(y, 9)) for x, y in pts}
+
+
+def test_frontier_draws_reward_against_kl(tmp_path, monkeypatch):
+    """The figure itself, read from matplotlib rather than the PNG's size: some axes draws every evaluation of
+    every run at x = KL, y = reward (and Best-of-N at its KL bound), labelled so; no axes draws them swapped."""
+    rewards, kls = [0.5, 0.6, 0.7], [0.0, 2.5, 4.0]
+    fake_out(tmp_path, rewards, kls)
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    plot_frontier(str(tmp_path), str(tmp_path / "frontier.png"))
+    (fig,) = figures
+    points = {(round(k, 9), round(r + shift, 9)) for shift in (0.0, 0.1) for r, k in zip(rewards, kls)} | {(0.0, 0.5)}
+    swapped = {(y, x) for x, y in points}
+    frontier = [ax for ax in fig.axes if points <= drawn_points(ax)]
+    assert frontier, "no axes draws the evaluations at (KL, reward)"
+    assert "kl" in frontier[0].get_xlabel().lower() and "reward" in frontier[0].get_ylabel().lower()
+    assert not any(swapped & drawn_points(ax) - points for ax in fig.axes)

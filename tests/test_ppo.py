@@ -3,6 +3,7 @@ model, PPO learning a toy reward, the fused kernel against the reference, resume
 
     python -m pytest tests/test_ppo.py     (CPU; about 40 s)
 """
+import copy
 import json
 import os
 
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import DEVICE, EOS, Interrupted, assert_fused_matches_reference, free_port, interrupt_at, tiny_gpt
+from conftest import (DEVICE, EOS, Interrupted, assert_fused_matches_reference, f64_dists, free_port, interrupt_at,
+                      recording, sharp_gpt, tiny_gpt)
 
 import common
+import dpo
 import ppo
 import settings
 
@@ -214,21 +217,72 @@ def test_interrupted_ppo_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     assert saved[0] == saved[1] and saved[0]["kl_coef"] != ppo.KL_INIT
 
 
+def global_stats_case():
+    """Data for the statistics PPO and KTO take over every rank: rows whose halves (even rows: rank 0, odd rows:
+    rank 1) have different means, so that one rank's statistic is not the global one."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 6, generator=g, dtype=torch.float64) + torch.tensor([3.0, -1.0] * 4, dtype=torch.float64)[:, None]
+    mask = torch.rand(8, 6, generator=g) > 0.3
+    mismatched = torch.tensor([2.0, 0.1, 2.5, -0.4, 1.5, 0.3, 2.2, 0.0], dtype=torch.float64)
+    logps = [torch.randn(8, generator=g, dtype=torch.float64) * 3 for _ in range(4)]
+    prompts = [np.random.default_rng(50 + i).integers(0, 256, 1 + i % 3).tolist() for i in range(8)]
+    return x, mask, mismatched, logps, prompts
+
+
+def toy_score(prompts, responses):
+    return torch.tensor([4.0 * np.mean([t < 128 for t in r]) + 0.1 * len(p) for p, r in zip(prompts, responses)])
+
+
 def _ddp_worker(rank, world, port, out_dir, result):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     common.setup_distributed("cpu")
     policy = toy_run(toy_args(out_dir, "--ppo-iters", "2"), tiny_gpt(3))
     state = torch.load(os.path.join(out_dir, "runs/ppo_4/model.pt"), weights_only=True)["state"] if rank == 0 else None
-    torch.save(dict(params=policy.state_dict(), state=state), f"{result}.{rank}")
+    # the global statistics, each on this rank's half of the data
+    x, mask, mismatched, logps, prompts = global_stats_case()
+    mine = slice(rank, None, world)
+    white = ppo.whiten(x[mine], mask[mine])
+    kto, _, _ = dpo.kto_loss(*(t[mine] for t in logps), mismatched[mine], beta=0.5)
+    data, stats = ppo.rollout(sharp_gpt(0, score_head=True), sharp_gpt(1), toy_score, prompts[mine], 0.1, 7,
+                              toy_args(out_dir), EOS)
+    torch.save(dict(params=policy.state_dict(), state=state, white=white, kto=kto, stats=stats, batch=data[:3]),
+               f"{result}.{rank}")
     torch.distributed.destroy_process_group()
 
 
-def test_ppo_under_ddp_two_processes_stay_in_step(tmp_path):
-    """Each rank samples half of every rollout; whitening and the KL controller use statistics over both,
-    and DDP averages the gradients: the two ranks end with the same parameters and beta_kl."""
+def test_ppo_under_ddp_global_statistics_are_those_of_one_process(tmp_path):
+    """Two processes, each with half of every batch: whitening, KTO's z0 and the rollout's score and KL (which
+    the KL controller reads) are the statistics of the whole batch, as one process computes them from both
+    halves; PPO's training then keeps both ranks in step (same parameters and beta_kl)."""
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")), nprocs=2)
     ranks = [torch.load(tmp_path / f"ddp.pt.{r}", weights_only=True) for r in (0, 1)]
+    x, mask, mismatched, logps, prompts = global_stats_case()
+    m = x[mask]
+    want = (x - m.mean()) / (m.var(unbiased=False) + 1e-8).sqrt() * mask
+    for r in (0, 1):
+        torch.testing.assert_close(ranks[r]["white"], want[r::2], rtol=0, atol=1e-12)
+    z0 = max(0.0, mismatched.mean().item())  # 1.025; rank 0 alone would have 2.05, rank 1 none
+    sig = lambda t: 1 / (1 + torch.exp(-t))
+    pc, pr, rc, rr = logps
+    want = torch.cat([1 - sig(0.5 * (pc - rc - z0)), 1 - sig(0.5 * (z0 - (pr - rr)))])
+    for r in (0, 1):
+        n = len(pc[r::2])
+        torch.testing.assert_close(ranks[r]["kto"], torch.cat([want[r::2][:n], want[8:][r::2]]), rtol=1e-12, atol=0)
+    policy, ref = sharp_gpt(0, score_head=True), sharp_gpt(1)
+    kls, scores = [], []
+    for r in (0, 1):  # every row's exact KL in float64, from the rows each rank rolled out
+        idx, targets, mask_r = ranks[r]["batch"]
+        for i in range(len(idx)):
+            start = int(mask_r[i].nonzero()[0])
+            prompt, response = idx[i, 1:start + 1].tolist(), targets[i][mask_r[i]].tolist()
+            lp, lq = f64_dists(policy, prompt, response, EOS), f64_dists(ref, prompt, response, EOS)
+            kls.append((lp.exp() * (lp - lq)).sum().item())
+            scores.append(toy_score([prompt], [response]).item())
+    assert len(kls) == 8 and abs(np.mean(kls[:4]) - np.mean(kls[4:])) > 0.1
+    for r in (0, 1):
+        assert ranks[r]["stats"]["kl"] == pytest.approx(np.mean(kls), rel=1e-5)
+        assert ranks[r]["stats"]["score"] == pytest.approx(np.mean(scores), rel=1e-6)
     start = tiny_gpt(3).state_dict()
     assert any(not torch.equal(v, start[k]) for k, v in ranks[0]["params"].items() if k in start)
     for k, v in ranks[0]["params"].items():
@@ -243,3 +297,116 @@ def test_bad_ppo_input(tmp_path, capsys):
         with pytest.raises(SystemExit):
             settings.get_args(["--preset", "tiny", "--device", "cpu", "--runs", "ppo:6", *flags])
         assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a rollout and an update against float64
+
+def f64_rollout_case(tmp_path, monkeypatch):
+    """A rollout of a policy with a value head (not zero) against a different reference, and the float64
+    recomputation of every tensor it returns: per-token log-probs, values, rewards with the KL penalty, GAE by
+    its definition, whitening over the rollout, returns = advantages + values."""
+    policy, ref = sharp_gpt(0, score_head=True), sharp_gpt(1)
+    prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
+    calls = recording(monkeypatch, ppo)
+    kl_coef = 0.3
+    data, stats = ppo.rollout(policy, ref, toy_score, prompts, kl_coef, 0, toy_args(tmp_path), EOS)
+    (_, _, responses), = calls
+    m = copy.deepcopy(policy).double()
+    rows = []
+    for p, r in zip(prompts, responses):
+        lp, lq = f64_dists(policy, p, r, EOS), f64_dists(ref, p, r, EOS)
+        t = torch.arange(len(r))
+        logp, logq = lp[t, torch.tensor(r)], lq[t, torch.tensor(r)]
+        with torch.no_grad():
+            values = m.score_head(m(torch.tensor([[EOS] + p + r]))[0, len(p):len(p) + len(r)]).squeeze(-1)
+        rewards = -kl_coef * (logp - logq)
+        rewards[-1] += toy_score([p], [r]).item()
+        v = values.tolist() + [0.0]
+        deltas = [rewards[k].item() + ppo.GAMMA * v[k + 1] - v[k] for k in range(len(r))]
+        adv = [sum(GL ** l * deltas[k + l] for l in range(len(r) - k)) for k in range(len(r))]
+        rows.append(dict(logp=logp, values=values, adv=torch.tensor(adv, dtype=torch.float64),
+                         kl=(lp.exp() * (lp - lq)).sum().item(), score=toy_score([p], [r]).item()))
+    every = torch.cat([row["adv"] for row in rows])
+    for row in rows:
+        row["white"] = (row["adv"] - every.mean()) / (every.var(unbiased=False) + 1e-8).sqrt()
+    return policy, data, stats, rows
+
+
+def test_rollout_tensors_are_their_float64_values(tmp_path, monkeypatch):
+    _, data, stats, rows = f64_rollout_case(tmp_path, monkeypatch)
+    idx, targets, mask, logp, values, adv, returns = data
+    for i, row in enumerate(rows):
+        on = mask[i]
+        torch.testing.assert_close(logp[i][on].double(), row["logp"], rtol=0, atol=2e-5)
+        torch.testing.assert_close(values[i][on].double(), row["values"], rtol=0, atol=2e-5)
+        torch.testing.assert_close(adv[i][on].double(), row["white"], rtol=0, atol=2e-5)
+        torch.testing.assert_close(returns[i][on].double(), row["adv"] + row["values"], rtol=0, atol=2e-5)
+        assert adv[i][~on].abs().max() == 0
+    assert stats["kl"] == pytest.approx(np.mean([r["kl"] for r in rows]), rel=1e-5) and stats["kl"] > 0.1
+    assert stats["score"] == pytest.approx(np.mean([r["score"] for r in rows]), rel=1e-6)
+
+
+def test_ppo_loss_is_the_clipped_objective_plus_the_value_loss(tmp_path, monkeypatch):
+    """ppo_loss on a rollout's minibatch after the policy moved: pg + VF_COEF * vf, each recomputed in float64
+    from the moved policy's log-probs and values (a loss that maximised the value error would differ)."""
+    policy, data, _, rows = f64_rollout_case(tmp_path, monkeypatch)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.02)
+    idx, targets, mask, old_logp, old_values, adv, returns = data
+    loss, metrics = ppo.ppo_loss(policy, data, "reference")
+    m = copy.deepcopy(policy).double()
+    pg, vf, n = 0.0, 0.0, int(mask.sum())
+    for i in range(len(idx)):
+        start = int(mask[i].nonzero()[0])
+        prompt, response = idx[i, 1:start + 1].tolist(), targets[i][mask[i]].tolist()
+        lp = f64_dists(policy, prompt, response, EOS)[torch.arange(len(response)), torch.tensor(response)]
+        with torch.no_grad():
+            v = m.score_head(m(torch.tensor([[EOS] + prompt + response]))[0, start:start + len(response)]).squeeze(-1)
+        a, ratio = adv[i][mask[i]].double(), (lp - old_logp[i][mask[i]].double()).exp()
+        pg += torch.max(-a * ratio, -a * ratio.clamp(1 - ppo.CLIP, 1 + ppo.CLIP)).sum().item() / n
+        vo, ret = old_values[i][mask[i]].double(), returns[i][mask[i]].double()
+        vc = vo + (v - vo).clamp(-ppo.CLIP, ppo.CLIP)
+        vf += 0.5 * torch.max((v - ret) ** 2, (vc - ret) ** 2).sum().item() / n
+    assert metrics["pg"] == pytest.approx(pg, rel=1e-4, abs=1e-5) and metrics["vf"] == pytest.approx(vf, rel=1e-4)
+    assert loss.item() == pytest.approx(pg + ppo.VF_COEF * vf, rel=1e-4, abs=1e-5) and vf > 0.01
+
+
+def test_each_epoch_hands_out_every_row_of_the_rollout_once(tmp_path, monkeypatch):
+    """ppo_batches with a rollout of labelled rows: a new rollout (and a controller update from its KL) every
+    epochs * minibatches steps; within each epoch the minibatches are disjoint and cover the rollout."""
+    args = toy_args(tmp_path, "--ppo-batch", "6", "--ppo-minibatches", "3", "--ppo-epochs", "2")
+    rollouts = []
+
+    def fake_rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
+        rollouts.append((prompts, kl_coef, seed))
+        rows = torch.arange(len(prompts)) + 100 * len(rollouts)
+        return [rows[:, None].expand(-1, 3).clone() for _ in range(7)], dict(score=0.0, kl=12.0)
+    monkeypatch.setattr(ppo, "rollout", fake_rollout)
+    state, stats = dict(kl_coef=0.2), dict(target=6.0)
+    prompts = [[i] for i in range(10)]
+    get_batch = ppo.ppo_batches(None, None, None, prompts, state, stats, args, EOS)
+    for it in range(2):
+        for epoch in range(2):
+            seen = [get_batch(it * 6 + epoch * 3 + mb)[0][:, 0].tolist() for mb in range(3)]
+            assert sorted(sum(seen, [])) == [100 * (it + 1) + k for k in range(6)] and all(len(x) == 2 for x in seen)
+    assert len(rollouts) == 2 and rollouts[0][2] != rollouts[1][2] and rollouts[0][1] == 0.2
+    assert all(len(p) == 6 and len({tuple(x) for x in p}) == 6 for p, _, _ in rollouts)
+    assert rollouts[1][1] == pytest.approx(ppo.kl_update(0.2, 12.0, 6.0, 6, args.kl_horizon)) != 0.2
+
+
+def test_score_normalisation_gives_sft_samples_mean_0_std_1(tmp_path, monkeypatch):
+    """normalised(score_fn): on the SFT samples it was fitted on, the normalised scores have mean 0 and std 1
+    (scores spread by ~5, so dividing by the std and multiplying by it differ)."""
+    sft = tiny_gpt(0)
+    prompts = [[i, i + 1] for i in range(24)]
+    score_fn = lambda p, r: torch.tensor([50.0 * np.mean(x) / 256 + len(q) for q, x in zip(p, r)])
+    prompts = [p[: 1 + i % 2] for i, p in enumerate(prompts)]  # the score reads the prompt too
+    calls = recording(monkeypatch, ppo)
+    f = ppo.normalised(score_fn, sft, prompts, toy_args(tmp_path), EOS, "test")
+    (args, _, samples), = calls
+    raw = score_fn(args[1], samples)
+    z = f(args[1], samples)
+    assert args[1] == prompts and (tmp_path / "score_norm_test.json").exists()
+    assert len(samples) == 24 and raw.std() > 2
+    assert z.mean().item() == pytest.approx(0, abs=1e-5) and z.std().item() == pytest.approx(1, abs=1e-5)

@@ -2,15 +2,18 @@
 
     python -m pytest tests/test_stages.py     (CPU; a few seconds)
 """
+import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import EOS, tiny_gpt
+from conftest import EOS, f64_dists, f64_score, recording, sharp_gpt, tiny_gpt
 
 import common
 import ppo
+import settings
 import stages
 from data.corpus import Split
 from model import WordTokenizer
@@ -122,3 +125,183 @@ def test_greedy_sampling_continues_as_the_sft_layout_predicts(sft_and_cuts):
             h = model(torch.tensor([seq]))
             seq.append(int(model.lm_head(h[0, -1]).argmax()))
         assert tokens == seq[len(prompt) + 1:] and len(set(tokens)) > 1
+
+
+# ---------------------------------------------------------------- the numbers the README reports, on small cases
+
+def make_split(reviews, labels):
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in reviews])])
+    return Split(np.array(sum(reviews, []), np.uint16), offsets, np.array(labels, np.uint8),
+                 np.full(len(reviews), 500, np.int32))
+
+
+def test_classifier_crops_cover_the_scored_length_and_whole_reviews():
+    """review_batches with scored_len (the classifier's): each review is cut to 8 .. block_size - 2 tokens, half the
+    time at most scored_len; the labels are those of the reviews drawn; the same (seed, step), the same batch."""
+    reviews = [[i] + list(range(100, 199)) for i in range(50)]  # the first token says which review it is
+    labels = [i % 2 for i in range(50)]
+    get_batch = stages.review_batches(make_split(reviews, labels), 2000, 64, EOS, 5, scored_len=16)
+    idx, targets, mask, y = get_batch(0)
+    lengths = mask.sum(1) - 1  # the text's tokens (the mask covers the EOS too)
+    assert lengths.min() == 8 and lengths.max() == 62
+    short = (lengths <= 16).double().mean().item()  # 1/2 + 1/2 * 9/55 expected
+    assert 0.55 < short < 0.61 and (lengths[lengths > 16] > 40).any()
+    assert y.tolist() == [labels[i] for i in idx[:, 1].tolist()]
+    assert all(torch.equal(a, b) for a, b in zip(get_batch(0), (idx, targets, mask, y)))
+    assert not torch.equal(get_batch(1)[2], mask)
+
+
+def test_evaluation_reward_and_kls_are_their_float64_values(monkeypatch):
+    """evaluate's reward (mean r* = sigmoid of the head), exact KL(pi || pi_ref) (summed over each response, the
+    whole vocabulary at every token) and sampled KL (sum of log pi - log pi_ref), recomputed in float64 on the
+    very samples it drew, for two models whose KL is nats, not ~0."""
+    policy, ref, rm = sharp_gpt(0), sharp_gpt(2), sharp_gpt(1, score_head=True)
+    prompts = [[1, 2], [3], [4, 5, 6], [7, 8]]
+    samples = recording(monkeypatch, stages)
+    record = stages.evaluate(policy, ref, rm, prompts, eos=EOS, seed=0, max_new_tokens=6, block_size=64,
+                             device="cpu", impl="auto")
+    (args, kwargs, responses), = samples
+    assert args[1] == prompts
+    kl, kl_sampled, rewards = [], [], []
+    for p, r in zip(prompts, responses):
+        lp, lq = f64_dists(policy, p, r, EOS), f64_dists(ref, p, r, EOS)
+        kl.append((lp.exp() * (lp - lq)).sum().item())
+        kl_sampled.append((lp - lq)[torch.arange(len(r)), torch.tensor(r)].sum().item())
+        rewards.append(1 / (1 + math.exp(-f64_score(rm, p, r, EOS))))
+    mean = lambda xs: sum(xs) / len(xs)
+    assert record["reward"] == pytest.approx(mean(rewards), rel=1e-5)
+    assert record["kl"] == pytest.approx(mean(kl), rel=1e-5) and mean(kl) > 1
+    assert record["kl_sampled"] == pytest.approx(mean(kl_sampled), rel=1e-4, abs=1e-4)
+    assert record["length"] == mean([len(r) for r in responses])
+    assert abs(mean(rewards) - 0.5) > 0.05 and abs(mean(kl_sampled) - mean(kl)) > 0.1  # the case tells them apart
+
+
+def test_pairs_belong_to_the_prompt_their_samples_answer():
+    """Hand-worked: sample 10 * n + j answers prompt n; every pair of the 4 samples of a prompt with different
+    rewards, the higher one chosen, attached to that prompt."""
+    prompts = [[1], [2], [3]]
+    samples = [[10 * n + j] for n in range(3) for j in range(4)]
+    rewards = [0.1, 0.9, 0.5, 0.5,  0.2, 0.2, 0.2, 0.2,  0.3, 0.1, 0.4, 0.2]
+    pairs = stages.pairs_from(prompts, samples, rewards)
+    got = sorted(zip(map(tuple, pairs["prompt"]), map(tuple, pairs["chosen"]), map(tuple, pairs["rejected"])))
+    want = [((1,), (1,), (0,)), ((1,), (2,), (0,)), ((1,), (3,), (0,)), ((1,), (1,), (2,)), ((1,), (1,), (3,)),
+            ((3,), (20,), (21,)), ((3,), (22,), (20,)), ((3,), (20,), (23,)), ((3,), (22,), (21,)),
+            ((3,), (23,), (21,)), ((3,), (22,), (23,))]
+    assert got == sorted(want)
+
+
+def test_make_pairs_scores_each_sample_against_its_own_prompt(tmp_path, monkeypatch):
+    """make_pairs end to end: every pair's chosen and rejected are samples drawn for its prompt, and r* computed
+    in float64 on (that prompt, response) ranks the chosen above the rejected; no pair is missing."""
+    sft, rm = sharp_gpt(0), sharp_gpt(1, score_head=True)
+    prompts = [[1, 2], [3], [40, 50, 60], [7, 8], [9]]
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--max-new-tokens", "4",
+                            "--block-size", "64"])
+    calls = recording(monkeypatch, stages)
+    pairs = stages.make_pairs(sft, rm, prompts, args, EOS)
+    drawn = {}  # prompt -> the responses sampled for it
+    for (model, asked, *_), _, out in calls:
+        for p, r in zip(asked, out):
+            drawn.setdefault(tuple(p), []).append(r)
+    assert sorted(drawn) == sorted(map(tuple, prompts)) and all(len(v) == 4 for v in drawn.values())
+    r_star = lambda p, r: f64_score(rm, p, r, EOS)
+    want = sum(a != b for p in prompts for i, a in enumerate(drawn[tuple(p)]) for b in drawn[tuple(p)][i + 1:])
+    assert len(pairs["prompt"]) == want > 0
+    for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]):
+        assert c in drawn[tuple(p)] and r in drawn[tuple(p)]
+        assert r_star(p, c) > r_star(p, r) - 1e-5  # float32 and float64 may order a near-tie apart
+    assert (tmp_path / "pairs.pt").exists()  # under --out, and a second call reads it instead of sampling again
+    again = stages.make_pairs(sft, rm, prompts, args, EOS)
+    assert len(calls) == 1 and again == pairs
+
+
+def test_best_of_n_is_the_mean_of_the_best_of_the_first_n(tmp_path, monkeypatch):
+    """best_of_n.jsonl: for each N, the mean over prompts of the highest r* among a prompt's first N samples,
+    recomputed in float64 from the samples it drew; and the KL bound log N - (N - 1) / N."""
+    sft, rm = sharp_gpt(0), sharp_gpt(1, score_head=True)
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--max-new-tokens", "4",
+                            "--block-size", "64", "--best-of", "1,2,4"])
+    calls = recording(monkeypatch, stages)
+    stages.best_of_n(sft, rm, prompts, args, EOS)
+    drawn = {}
+    for (model, asked, *_), _, out in calls:
+        for p, r in zip(asked, out):
+            drawn.setdefault(tuple(p), []).append(1 / (1 + math.exp(-f64_score(rm, p, r, EOS))))
+    records = [json.loads(x) for x in open(tmp_path / "best_of_n.jsonl")]
+    assert [r["n"] for r in records] == [1, 2, 4]
+    for rec in records:
+        want = np.mean([max(drawn[tuple(p)][:rec["n"]]) for p in prompts])
+        assert rec["reward"] == pytest.approx(want, rel=1e-5), rec["n"]
+        assert rec["kl_bound"] == pytest.approx(math.log(rec["n"]) - (rec["n"] - 1) / rec["n"])
+    assert records[2]["reward"] > np.mean([np.mean(drawn[tuple(p)]) for p in prompts]) + 0.01  # best, not mean
+
+
+def test_samples_keep_the_eos_they_drew():
+    """A model whose EOS logit is high: a response shorter than max_new_tokens ends with the EOS it sampled, and
+    no EOS comes before the end (sampling stops there)."""
+    model = tiny_gpt(0)
+    with torch.no_grad():  # the EOS embedding along ln_f's bias: EOS has probability ~0.2 at every step
+        model.transformer.ln_f.bias.copy_(torch.linspace(-1, 1, 32))
+        model.transformer.wte.weight[EOS] = torch.linspace(-1, 1, 32) * 0.37
+    out = stages.sample(model, [[1, 2], [3]] * 40, 8, EOS, 0, "cpu")
+    short = [r for r in out if len(r) < 8]
+    assert len(short) >= 20 and all(r[-1] == EOS for r in short)
+    assert all(EOS not in r[:-1] for r in out) and any(len(r) == 8 and r[-1] != EOS for r in out)
+
+
+def test_a_trained_classifier_rewards_the_positive_label(tmp_path):
+    """stages.classifier on reviews whose label is their vocabulary (positive: words 1-9, negative: 10-19):
+    after 40 steps r* > 0.5 on positive texts and < 0.5 on negative ones, and reward/accuracy.json says so."""
+    rng = np.random.default_rng(0)
+    eos = 20
+    reviews = lambda n, lo, hi: [rng.integers(lo, hi, int(rng.integers(14, 24))).tolist() for _ in range(n)]
+    train = reviews(64, 1, 10) + reviews(64, 10, 20)
+    test = reviews(10, 1, 10) + reviews(10, 10, 20)
+    data = dict(train=make_split(train, [1] * 64 + [0] * 64), test=make_split(test, [1] * 10 + [0] * 10))
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-layer", "1",
+                            "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--max-new-tokens", "8",
+                            "--rm-steps", "40", "--rm-lr", "3e-3", "--batch", "16", "--warmup", "1"])
+    rm = stages.classifier(args, data, eos, eos + 1, common.make_model(args, eos + 1))
+    r = torch.sigmoid(torch.tensor([f64_score(rm, [], t, eos) for t in test]))
+    assert (r[:10] > 0.5).all() and (r[10:] < 0.5).all()
+    acc = json.load(open(tmp_path / "reward" / "accuracy.json"))
+    assert (tmp_path / "reward" / "model.pt").exists()  # the stage's folder, as the settings record names it
+    assert acc["whole"] == 1.0 and acc["scored"] == 1.0 and acc["scored_len"] == 16 and acc["reviews"] == 20
+
+
+def test_classifier_loss_is_the_binary_cross_entropy_of_the_head():
+    """classifier_loss on a batch of review_batches: -mean(y log r + (1 - y) log(1 - r)) with r = sigmoid of the
+    head (float64, on each review alone), and its accuracy (r > 0.5) == label."""
+    rm = sharp_gpt(1, score_head=True)
+    rng = np.random.default_rng(4)
+    reviews = [rng.integers(0, 256, int(rng.integers(5, 20))).tolist() for _ in range(8)]
+    labels = [1, 0, 0, 1, 1, 1, 0, 1]
+    batch = stages.review_batches(make_split(reviews, labels), 8, 64, EOS, 0)(0)
+    loss, metrics = stages.classifier_loss(rm, batch)
+    rows = [reviews.index(batch[0][i][batch[2][i]][1:].tolist()) for i in range(8)]  # BOS, the review, then EOS
+    z = [f64_score(rm, [], reviews[k], EOS) for k in rows]
+    y = [labels[k] for k in rows]
+    want = -np.mean([yi * math.log(1 / (1 + math.exp(-zi))) + (1 - yi) * math.log(1 / (1 + math.exp(zi)))
+                     for yi, zi in zip(y, z)])
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    acc = np.mean([(zi > 0) == bool(yi) for yi, zi in zip(y, z)])
+    assert metrics["acc"] == pytest.approx(acc) and 0 < acc < 1
+
+
+def test_classifier_accuracy_on_a_hand_labelled_split(tmp_path):
+    """accuracy.json on six reviews labelled so that the head (float64) is right on 4 of 6 whole reviews;
+    cut to the scored length its accuracy is counted the same way on the cut texts."""
+    rm = sharp_gpt(1, score_head=True)
+    rng = np.random.default_rng(3)
+    reviews = [rng.integers(0, 256, 20).tolist() for _ in range(6)]
+    sign = lambda texts: [f64_score(rm, [], t, EOS) > 0 for t in texts]
+    whole, cut = sign(reviews), sign([r[:12] for r in reviews])  # scored_len = 8 + max_new_tokens = 12
+    labels = [int(s) for s in whole[:4]] + [int(not s) for s in whole[4:]]
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--max-new-tokens", "4",
+                            "--block-size", "64"])
+    acc = stages.classifier_accuracy(rm, make_split(reviews, labels), args, EOS)
+    assert acc["whole"] == pytest.approx(4 / 6)
+    assert acc["scored"] == pytest.approx(np.mean([c == bool(y) for c, y in zip(cut, labels)]))
+    assert acc["scored_len"] == 12 and acc["reviews"] == 6
+    assert json.load(open(tmp_path / "reward" / "accuracy.json")) == acc
