@@ -9,7 +9,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOP = {"dpo", "ppo"}  # the algorithms; dpo.py runs PPO's runs too, so it alone may import ppo
-ENTRY_POINTS = {"kernels.bench", "bench_step", "kernels.compile_check"}  # scripts nothing imports
+ENTRY_POINTS = {"kernels.bench", "bench_step", "kernels.compile_check", "results.truncation"}  # scripts nothing imports
 
 
 def project_modules():
