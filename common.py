@@ -146,7 +146,8 @@ def pack(prompts, responses, block_size, bos):
         if len(r) == 0:
             raise ValueError("empty response: every response must hold at least one token")
         if len(p) + 1 >= block_size:
-            raise ValueError(f"prompt of {len(p)} tokens and its beginning-of-text token do not fit block_size {block_size}")
+            raise ValueError(f"prompt of {len(p)} tokens and its beginning-of-text token do not fit "
+                             f"block_size {block_size}")
         rows.append((len(p) + 1, layout(p, r, bos)[: block_size + 1]))  # a too-long response is cut at the block size
     T = max(len(seq) for _, seq in rows) - 1
     idx = torch.full((len(rows), T), bos, dtype=torch.long)

@@ -102,7 +102,8 @@ def log_odds(mean_logp):
 def orpo_loss(pi_c, pi_r, len_c, len_r, lam):
     """ORPO (Hong et al. 2024): the chosen response's NLL (per token) + lam * -log sigmoid(log odds(y_w) - log
     odds(y_l)), odds(y) = P / (1 - P) with P = exp(log pi(y | x) / |y|), the length-normalised likelihood,
-    clamped at P <= 1 - 1e-6 (log_odds). No reference model. Returns losses Shape (batch,) and the log odds of chosen and rejected (detached)."""
+    clamped at P <= 1 - 1e-6 (log_odds). No reference model. Returns losses Shape (batch,) and the log odds of
+    chosen and rejected (detached)."""
     o_c, o_r = log_odds(pi_c / len_c), log_odds(pi_r / len_r)
     return -pi_c / len_c - lam * F.logsigmoid(o_c - o_r), o_c.detach(), o_r.detach()
 

@@ -169,7 +169,7 @@ def make_pairs(sft_model, rm, prompts, args, eos, name="pairs.pt"):
 def pairs_from(prompts, samples, rewards, k=4):
     """samples[k*i : k*(i+1)] answer prompts[i]; every pair of them with different rewards becomes
     (prompt, chosen = the higher reward, rejected), each response as sampled: a response cut at
-    --max-new-tokens gets no EOS it never sampled (README, "Truncated responses")."""
+    --max-new-tokens gets no EOS it never sampled (measured: results/tiny.md, "Truncated responses")."""
     pairs = dict(prompt=[], chosen=[], rejected=[])
     for n, p in enumerate(prompts):
         for i in range(k * n, k * n + k):
