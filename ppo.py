@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (accuracy, amp, barrier, derive_seed, global_mean, logprobs, masked_mean, pack, rank_world, sharded,
-                    train, unwrap)
+from common import (accuracy, amp, barrier, derive_seed, global_mean, logprobs, masked_mean, pack, rank_world, train,
+                    unwrap)
 from data.corpus import write_atomic
 from settings import run_folder
-from stages import reward, sample, score, score_batch
+from stages import reward, sample, sample_and_score, score, score_batch
 
 GAMMA, LAM = 1.0, 0.95  # GAE: no discount over a response of at most max_new_tokens tokens
 CLIP = 0.2  # of the probability ratio, and of the value's move from its rollout estimate
@@ -84,9 +84,8 @@ def normalised(score_fn, sft_model, prompts, args, eos, name):
     (one per prompt, at most MAX_NORM_SAMPLES), computed once and kept in out/<preset>/score_norm_<name>.json."""
     path = os.path.join(args.out, f"score_norm_{name}.json")
     if not os.path.exists(path):  # under torchrun every rank samples a share, rank 0 writes, every rank reads
-        seed = lambda i: derive_seed(args.seed, f"score_norm_{name}", i)
-        draw = lambda p, i: score_fn(p, sample(sft_model, p, args.max_new_tokens, eos, seed(i), args.device)).tolist()
-        s = torch.tensor(sharded(draw, prompts[:MAX_NORM_SAMPLES]))
+        _, scores = sample_and_score(sft_model, score_fn, prompts[:MAX_NORM_SAMPLES], args, eos, f"score_norm_{name}")
+        s = torch.tensor(scores)
         if rank_world()[0] == 0:
             write_atomic(path, lambda f: f.write(json.dumps(dict(mean=s.mean().item(), std=s.std().item())).encode()))
     barrier()

@@ -140,14 +140,15 @@ def reward(rm, prompts, responses, eos, block_size, device):
 
 
 # ----------------------------------------------------------------------------- 4. preference pairs
-def sample_and_reward(model, rm, prompts, args, eos, purpose):
-    """One sample of model per prompt and its reward r*, as lists. Under torchrun every rank draws its share
-    of the chunks (each chunk seeded by (seed, purpose, its start)) and every rank gets them all."""
+def sample_and_score(model, score_fn, prompts, args, eos, purpose):
+    """One sample of model per prompt and score_fn(prompts, samples) of each (r*, or a score PPO normalises), as
+    lists. Under torchrun every rank draws its share of the chunks (each chunk seeded by (seed, purpose, its
+    start)) and every rank gets them all."""
     def draw(chunk, i):
         samples = sample(model, chunk, args.max_new_tokens, eos, derive_seed(args.seed, purpose, i), args.device)
-        return list(zip(samples, reward(rm, chunk, samples, eos, args.block_size, args.device).tolist()))
-    samples, rewards = zip(*sharded(draw, prompts))
-    return list(samples), list(rewards)
+        return list(zip(samples, score_fn(chunk, samples).tolist()))
+    samples, scores = zip(*sharded(draw, prompts))
+    return list(samples), list(scores)
 
 
 def make_pairs(sft_model, rm, prompts, args, eos, name="pairs.pt"):
@@ -156,7 +157,8 @@ def make_pairs(sft_model, rm, prompts, args, eos, name="pairs.pt"):
     if not os.path.exists(path):  # under torchrun every rank samples a share, rank 0 writes, every rank reads
         sft_model.eval()
         repeated = [p for p in prompts for _ in range(4)]
-        samples, rewards = sample_and_reward(sft_model, rm, repeated, args, eos, name)
+        r_star = lambda p, s: reward(rm, p, s, eos, args.block_size, args.device)
+        samples, rewards = sample_and_score(sft_model, r_star, repeated, args, eos, name)
         if rank_world()[0] == 0:
             pairs = pairs_from(prompts, samples, rewards)
             log(f"[pairs] {len(pairs['prompt'])} pairs from {len(prompts)} prompts ({name}); "
@@ -195,7 +197,8 @@ def best_of_n(sft_model, rm, prompts, args, eos):
     if os.path.exists(path):
         return
     many = [p for p in prompts for _ in range(ns[-1])]
-    _, rewards = sample_and_reward(sft_model, rm, many, args, eos, "best_of_n")  # every rank a share
+    r_star = lambda p, s: reward(rm, p, s, eos, args.block_size, args.device)
+    _, rewards = sample_and_score(sft_model, r_star, many, args, eos, "best_of_n")  # every rank a share
     r = torch.tensor(rewards).view(len(prompts), ns[-1])
     records = [dict(n=n, reward=r[:, :n].max(1).values.mean().item(), kl_bound=best_of_n_kl(n)) for n in ns]
     if rank_world()[0] == 0:

@@ -18,6 +18,7 @@ import common
 import dpo
 import ppo
 import settings
+import stages
 
 GL = ppo.GAMMA * ppo.LAM
 
@@ -176,7 +177,6 @@ def toy_run(args, sft_model, evaluator=None, name="ppo"):
 
 
 def test_ppo_raises_a_known_reward_within_20_iterations(tmp_path):
-    import stages
     prompts = [np.random.default_rng(100 + i).integers(0, 256, 3).tolist() for i in range(64)]
     mean_reward = lambda m: low_bytes(None, stages.sample(m, prompts, 8, EOS, 0, "cpu")).mean().item() / 4
     sft_model = tiny_gpt(3)
@@ -199,7 +199,6 @@ def test_fused_kernel_gives_the_reference_ppo_loss_and_gradients(tmp_path):
 
 
 def test_interrupted_ppo_resumes_to_the_same_numbers(tmp_path, monkeypatch):
-    import stages
     prompts = [[1, 2], [3, 4, 5]]
     fingerprint = lambda samples: float(sum(t * (k + 1) for k, t in enumerate(sum(samples, []))))  # of the tokens
     evaluator = lambda m, step: dict(kl=0.0, fingerprint=fingerprint(stages.sample(m, prompts, 8, EOS, 0, "cpu")))
@@ -402,7 +401,7 @@ def test_score_normalisation_gives_sft_samples_mean_0_std_1(tmp_path, monkeypatc
     prompts = [[i, i + 1] for i in range(24)]
     score_fn = lambda p, r: torch.tensor([50.0 * np.mean(x) / 256 + len(q) for q, x in zip(p, r)])
     prompts = [p[: 1 + i % 2] for i, p in enumerate(prompts)]  # the score reads the prompt too
-    calls = recording(monkeypatch, ppo)
+    calls = recording(monkeypatch, stages)
     f = ppo.normalised(score_fn, sft, prompts, toy_args(tmp_path), EOS, "test")
     (args, _, samples), = calls
     raw = score_fn(args[1], samples)
