@@ -29,7 +29,7 @@ from common import (accuracy, barrier, global_mean, load_data, log, logprobs, ma
 from data.corpus import UsageError
 from model import get_tokenizer
 from plots.frontier import plot_frontier
-from settings import check_data, check_settings, data_digest, get_args, locked, run_folder, stage_plan
+from settings import check_data, check_settings, data_digest, get_args, locked, n_heldout, run_folder, stage_plan
 
 
 # ----------------------------------------------------------------------------- 5. the pairs DPO trains on
@@ -179,7 +179,7 @@ def sweep(args, data):
     eos, vocab = enc.eot_token, enc.n_vocab
     rng = np.random.default_rng(args.seed)
     train_prompts = make_prompts(data["train"], args.n_prompts, args.min_chars, rng)
-    test_prompts = make_prompts(data["test"], args.n_eval + max(32, args.n_prompts // 10), args.min_chars, rng)
+    test_prompts = make_prompts(data["test"], args.n_eval + n_heldout(args), args.min_chars, rng)
     eval_prompts, heldout_prompts = test_prompts[:args.n_eval], test_prompts[args.n_eval:]
 
     sft = stages.sft(args, data, eos, vocab)  # 2. the reference

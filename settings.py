@@ -317,12 +317,17 @@ def data_digest(data):
     return h.hexdigest()
 
 
+def n_heldout(args):
+    """How many test prompts after the --n-eval ones give PPO's reward model its held-out pairs."""
+    return max(32, args.n_prompts // 10)
+
+
 def check_data(args, data):
     """The sizes that depend on the data, checked before SFT: enough long reviews for the prompts asked for."""
     path = os.path.join(args.data_dir, f"{args.data}.npz")
     ppo_runs = {m for m, _ in args.run_list} & {"ppo", "ppo-gt"}
     usable = {s: int((data[s].chars > args.min_chars).sum()) for s in ("train", "test")}
-    heldout = max(32, args.n_prompts // 10) if "ppo" in ppo_runs else 0  # the reward model's held-out pairs
+    heldout = n_heldout(args) if "ppo" in ppo_runs else 0
     if args.n_eval + heldout > usable["test"]:
         extra = f" + {heldout} held-out prompts of PPO's reward model" if heldout else ""
         raise UsageError(f"--n-eval {args.n_eval}{extra}: the test split of {path} has {usable['test']} reviews "
