@@ -3,12 +3,12 @@ nanoDPO: Direct Preference Optimization (Rafailov et al., 2023), read top to bot
 
     python dpo.py                  # the imdb preset on a GPU, the tiny one on a CPU (said on the first line)
     python dpo.py --preset tiny    # synthetic reviews, a small GPT from scratch, minutes on a CPU
-    python dpo.py --runs dpo:0.1,ppo:6,ppo-gt:6    # any subset of the runs, PPO included
+    python dpo.py --runs dpo:0.1,ppo:6,rloo:0.05    # any subset of the runs, the online ones included
     torchrun --nproc_per_node=8 dpo.py --preset imdb
 
 The controlled sentiment experiment of the paper (Sec. 6.1, App. C.1). Stages 1-4 (data, the SFT
 reference pi_ref, the ground-truth reward r*, the preference pairs) are in stages.py, the machinery
-(settings, batching, the fused log-probs, the training loop) in common.py, PPO in ppo.py. This file is
+(settings, batching, the fused log-probs, the training loop) in common.py, PPO, RLOO and GRPO in ppo.py. This file is
 DPO itself: 5. the pairs it trains on and its loss, its successors (SimPO, ORPO, KTO), one run per beta
 and the baselines on the same loop, then 6. evaluation of every run on one axis and 7. the figure. Every
 stage writes under out/<preset>/, with the settings it was made with; a rerun skips what is complete.
@@ -29,7 +29,8 @@ from common import (accuracy, barrier, global_mean, load_data, log, logprobs, ma
 from data.corpus import UsageError
 from model import get_tokenizer
 from plots.frontier import plot_frontier
-from settings import check_data, check_settings, data_digest, get_args, locked, n_heldout, run_folder, stage_plan
+from settings import (SCORE, check_data, check_settings, data_digest, get_args, locked, n_heldout, run_folder,
+                      stage_plan)
 
 
 # ----------------------------------------------------------------------------- 5. the pairs DPO trains on
@@ -190,15 +191,15 @@ def sweep(args, data):
     evaluator = lambda m, step: stages.evaluate(m, ref, classifier, eval_prompts, eos=eos, seed=args.seed,
                                                 max_new_tokens=args.max_new_tokens, block_size=args.block_size,
                                                 device=args.device, impl=args.impl, decode=enc.decode)
-    ppo_methods = {m for m, _ in args.run_list if m in ("ppo", "ppo-gt")}
-    if ppo_methods:  # PPO's reward model learns from the same pairs, validated on pairs of held-out prompts
+    scores = {SCORE[m] for m, _ in args.run_list if m in SCORE}  # what the online runs (ppo.py) train on
+    if scores:  # the reward model learns from the same pairs, validated on pairs of held-out prompts
         heldout = None
-        if "ppo" in ppo_methods:
+        if "rm" in scores:
             heldout = stages.make_pairs(sft, classifier, heldout_prompts, args, eos, name="pairs_heldout.pt")
-        score_fns = ppo.score_functions(sft, classifier, pairs, heldout, train_prompts, args, eos, ppo_methods)
+        score_fns = ppo.score_functions(sft, classifier, pairs, heldout, train_prompts, args, eos, scores)
     for method, param in args.run_list:  # 5. and 6. every run, evaluated the same way
-        if method in ppo_methods:
-            ppo.run(method, param, sft, ref, score_fns[method], train_prompts, evaluator, args, eos)
+        if method in SCORE:
+            ppo.run(method, param, sft, ref, score_fns[SCORE[method]], train_prompts, evaluator, args, eos)
         else:
             run(method, param, sft, ref, pairs, evaluator, args, eos)
     if rank_world()[0] == 0:  # 7. the figure of this command's runs

@@ -10,9 +10,21 @@ PPO, the RLHF baseline DPO is measured against (Fig. 2 of the DPO paper), read t
   5d. a few epochs of minibatches over each rollout: the clipped policy objective and clipped value loss
   5e. beta_kl follows an adaptive controller toward a target KL (Ziegler et al. 2019): a run is named
       by its target, ppo:6 or ppo-gt:6
+and its critic-free successors, which drop the value head and sample a group of k = --group responses
+per prompt instead (k x prompts = --ppo-batch samples per rollout, as PPO's), on the reward model r_phi:
+  5f. RLOO (Ahmadian et al. 2024): the sequence reward R_i = r(x, y_i) - beta * sum_t log(pi / pi_ref);
+      the baseline of sample i is the mean R of the other k - 1 samples of its prompt; REINFORCE on
+      log pi(y_i | x), the log-probs summed over the response: rloo:beta
+  5g. GRPO (Shao et al. 2024): the advantage (r_i - mean) / std over the group at every token, PPO's
+      clipped surrogate, and beta * KL(pi || pi_ref) as a loss term; averaged over every response token
+      of the batch: grpo:beta
+Both reuse a rollout for PPO's epochs and minibatches: on a fresh rollout (pi = pi_old) the clipped
+per-token surrogate has exactly REINFORCE's gradient, and the clip keeps the later, off-policy updates
+near it, as PPO's does. One update per rollout (the RLOO paper's) would give them 1/8 of PPO's updates on
+the same samples: the comparison would then be of update counts, not of advantages.
 Rollouts and updates are ordinary steps of common.train: get_batch samples a new rollout every
 epochs * minibatches steps and hands out its minibatches, so checkpoints, resume, torchrun and logging
-are DPO's. Run it with `python dpo.py --runs ppo:6,ppo-gt:6` (the stages 1-4 are shared).
+are DPO's. Run them with `python dpo.py --runs ppo:6,ppo-gt:6,rloo:0.05,grpo:0.05` (the stages 1-4 are shared).
 """
 import copy
 import json
@@ -25,7 +37,7 @@ import torch.nn.functional as F
 from common import (accuracy, amp, barrier, derive_seed, global_mean, logprobs, masked_mean, pack, rank_world, train,
                     unwrap)
 from data.corpus import write_atomic
-from settings import run_folder
+from settings import rollout_prompts, run_folder
 from stages import reward, sample, sample_and_score, score, score_batch
 
 GAMMA, LAM = 1.0, 0.95  # GAE: no discount over a response of at most max_new_tokens tokens
@@ -128,14 +140,20 @@ def whiten(x, mask):
 
 
 # ----------------------------------------------------------------------------- 5d. the losses
-def policy_loss(logp, old_logp, adv, mask):
-    """Clipped surrogate (Schulman et al. 2017): mean over tokens of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)),
-    rho = pi / pi_old; old_logp and adv are the rollout's, constants here. Returns the loss and the fraction of
-    tokens where the clip binds (the clipped term is the larger, so that token has no gradient)."""
+def clipped_surrogate(logp, old_logp, adv):
+    """max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) at each token, rho = pi / pi_old (Schulman et al. 2017), and 1.0
+    where the clip binds (the clipped term is the larger, so that token has no gradient). old_logp and adv are the
+    rollout's, constants here; adv (B, T), or (B, 1) for one advantage per sequence."""
     old_logp, adv = old_logp.detach(), adv.detach()
     ratio = torch.exp(logp - old_logp)
     unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP)
-    return masked_mean(torch.max(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
+    return torch.max(unclipped, clipped), (clipped > unclipped).float()
+
+
+def policy_loss(logp, old_logp, adv, mask):
+    """PPO's policy loss: the clipped surrogate's mean over tokens, and the fraction of tokens where the clip binds."""
+    per_token, binds = clipped_surrogate(logp, old_logp, adv)
+    return masked_mean(per_token, mask), masked_mean(binds, mask)
 
 
 def value_loss(values, old_values, returns, mask):
@@ -164,11 +182,61 @@ def kl_update(kl_coef, kl, target, n, horizon):
     return kl_coef * (1 + float(np.clip(kl / target - 1, -0.2, 0.2)) * n / horizon)
 
 
+# ----------------------------------------------------------------------------- 5f. RLOO, 5g. GRPO: no value head
+def rloo_advantages(scores, seq_logratio, k, beta):
+    """R_i = score_i - beta * sum_t log(pi / pi_ref), and A_i = R_i - the mean R of the k - 1 other samples of its
+    prompt (a baseline that does not depend on y_i, so the gradient stays unbiased). scores, seq_logratio: (B,),
+    the k samples of a prompt in consecutive rows -> A (B,)."""
+    R = (scores - beta * seq_logratio).view(-1, k)
+    return (R - (R.sum(1, keepdim=True) - R) / (k - 1)).view(-1)
+
+
+def grpo_advantages(scores, k, eps=1e-4):
+    """A_i = (score_i - mean) / (std + eps) over the k samples of its prompt (std unbiased, as torch.std). The KL
+    is not in the advantage but a loss term (grpo_loss). scores: (B,), a prompt's samples consecutive -> (B,)."""
+    s = scores.view(-1, k)
+    return ((s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + eps)).view(-1)
+
+
+def rloo_loss(logp, old_logp, adv, mask):
+    """REINFORCE with RLOO's advantage: -mean_i A_i log pi(y_i | x), the log-prob summed over the response's tokens
+    (B, T); adv (B,). Each token's term is the clipped surrogate, so that a fresh rollout gets exactly this gradient
+    and its reuse stays near it. Returns the loss and the fraction of tokens where the clip binds."""
+    per_token, binds = clipped_surrogate(logp, old_logp, adv[:, None])
+    return (per_token * mask).sum(1).mean(), masked_mean(binds, mask)
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, beta):
+    """GRPO: the clipped surrogate with the sample's advantage adv (B,) at each of its tokens, plus beta * KL_t with
+    the estimator pi_ref/pi - log(pi_ref/pi) - 1 (>= 0, unbiased for KL(pi || pi_ref) under samples of pi), at the
+    current pi. Averaged over every response token of the batch (DAPO's token-level mean), not the paper's mean
+    over each sequence's tokens first: that one weighs a token of a short response more than one of a long
+    response, a bias in the length the policy learns (Liu et al. 2025). ref_logp: pi_ref's, a constant.
+    Returns the loss, the fraction of tokens where the clip binds, and the mean KL_t."""
+    per_token, binds = clipped_surrogate(logp, old_logp, adv[:, None])
+    d = ref_logp.detach() - logp
+    kl = torch.exp(d) - d - 1
+    return masked_mean(per_token + beta * kl, mask), masked_mean(binds, mask), masked_mean(kl, mask)
+
+
+def critic_free_loss(model, batch, method, beta, impl):
+    """One minibatch of RLOO or GRPO: the policy's log-probs from the fused kernel, no value head."""
+    idx, targets, mask, old_logp, ref_logp, adv = batch
+    logp = logprobs(model, None, idx, targets, mask, impl).token_pol
+    if method == "rloo":
+        loss, clipfrac = rloo_loss(logp, old_logp, adv, mask)
+        return loss, {"clipfrac": clipfrac.item()}
+    loss, clipfrac, kl = grpo_loss(logp, old_logp, ref_logp, adv, mask, beta)
+    return loss, {"clipfrac": clipfrac.item(), "kl_term": kl.item()}
+
+
 # ----------------------------------------------------------------------------- a rollout, the run
 @torch.no_grad()
-def rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
-    """Sample, score and take the advantages of one response per prompt (this rank's prompts).
-    Returns the tensors of the update, (B, T) each, and the rollout's statistics over every rank."""
+def rollout(policy, ref, score_fn, prompts, seed, args, eos):
+    """Sample one response per prompt (this rank's prompts) from the policy as it is now, score it, and take its
+    per-token log-probs under pi and pi_ref, and the values if the policy has a value head, in one forward.
+    Returns the tensors (B, T) and scores (B,) of the update, and the rollout's mean score and exact KL over
+    every rank."""
     policy.eval()
     responses = sample(policy, prompts, args.max_new_tokens, eos, seed, args.device)
     s = score_fn(prompts, responses).to(args.device)
@@ -176,18 +244,39 @@ def rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
     with amp(args.device):
         h = policy(idx)
         out = logprobs(policy, ref, idx, targets, mask, args.impl, with_kl=True, hidden=h)
-        values = policy.score_head(h).squeeze(-1).float() * mask
+        values = None if policy.score_head is None else policy.score_head(h).squeeze(-1).float() * mask
     policy.train()
-    logp, logratio = out.token_pol.float(), (out.token_pol - out.token_ref).float()
-    adv = gae(token_rewards(logratio, s, mask, kl_coef), values, mask)
     score_mean, kl = global_mean(s.mean().item(), out.kl.sum(-1).float().mean().item(), device=s.device)  # exact KL
-    return [idx, targets, mask, logp, values, whiten(adv, mask), adv + values], dict(score=score_mean, kl=kl)
+    data = dict(idx=idx, targets=targets, mask=mask, logp=out.token_pol.float(), ref_logp=out.token_ref.float(),
+                values=values, score=s)
+    return data, dict(score=score_mean, kl=kl)
 
 
-def ppo_batches(policy, ref, score_fn, prompts, state, stats, args, eos):
-    """get_batch(step): a new rollout every epochs * minibatches steps, from the policy as it is then and
-    the seed (seed, iteration, rank), and its minibatches in a fresh order each epoch. Resume lands on a rollout
-    boundary (train checkpoints every ppo_eval_every iterations), so it draws the same rollouts again."""
+def ppo_rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
+    """PPO's rollout: one response per prompt, GAE's advantages (whitened) and returns."""
+    d, stats = rollout(policy, ref, score_fn, prompts, seed, args, eos)
+    mask, values = d["mask"], d["values"]
+    adv = gae(token_rewards(d["logp"] - d["ref_logp"], d["score"], mask, kl_coef), values, mask)
+    return [d["idx"], d["targets"], mask, d["logp"], values, whiten(adv, mask), adv + values], stats
+
+
+def group_rollout(policy, ref, score_fn, prompts, method, beta, seed, args, eos):
+    """RLOO's and GRPO's rollout: args.group responses to each prompt, in consecutive rows, so that a group's
+    advantages are computed where it was sampled (a prompt's group is never split across ranks)."""
+    k = args.group
+    d, stats = rollout(policy, ref, score_fn, [p for p in prompts for _ in range(k)], seed, args, eos)
+    if method == "rloo":
+        adv = rloo_advantages(d["score"], ((d["logp"] - d["ref_logp"]) * d["mask"]).sum(1), k, beta)
+    else:
+        adv = grpo_advantages(d["score"], k)
+    return [d["idx"], d["targets"], d["mask"], d["logp"], d["ref_logp"], adv], stats
+
+
+def rollout_batches(new_rollout, n_prompts, prompts, args):
+    """get_batch(step): a new rollout every epochs * minibatches steps, new_rollout(this rank's prompts, seed) ->
+    its tensors, on n_prompts training prompts drawn by (seed, iteration), sampled with the seed (seed, iteration,
+    rank), then its minibatches in a fresh order each epoch. Resume lands on a rollout boundary (train checkpoints
+    every ppo_eval_every iterations), so it draws the same rollouts again."""
     updates = args.ppo_epochs * args.ppo_minibatches
     cache = {}
 
@@ -195,46 +284,64 @@ def ppo_batches(policy, ref, score_fn, prompts, state, stats, args, eos):
         it, j = divmod(step, updates)
         rank, world = rank_world()
         if cache.get("it") != it:
-            rows = np.random.default_rng([args.seed + 6, it]).choice(len(prompts), args.ppo_batch, replace=False)
-            mine = [prompts[i] for i in rows[rank::world]]
-            cache["it"], (cache["data"], new) = it, rollout(policy, ref, score_fn, mine, state["kl_coef"],
-                                                            derive_seed(args.seed, "rollout", it, rank), args, eos)
-            stats.update(new, kl_coef=state["kl_coef"])
-            state["kl_coef"] = kl_update(state["kl_coef"], new["kl"], stats["target"], args.ppo_batch, args.kl_horizon)
+            rows = np.random.default_rng([args.seed + 6, it]).choice(len(prompts), n_prompts, replace=False)
+            seed = derive_seed(args.seed, "rollout", it, rank)
+            cache["it"], cache["data"] = it, new_rollout([prompts[i] for i in rows[rank::world]], seed)
         epoch, mb = divmod(j, args.ppo_minibatches)
         order = torch.from_numpy(np.random.default_rng([args.seed + 7, it, epoch]).permutation(len(cache["data"][0])))
         return [x[order[mb::args.ppo_minibatches].to(x.device)] for x in cache["data"]]
     return get_batch
 
 
-def run(method, target, sft_model, ref, score_fn, train_prompts, evaluator, args, eos):
-    """One PPO run toward target KL `target`: the policy (with a zero-initialised value head) starts as
-    the SFT model; score_fn is the normalised reward model (ppo) or the normalised r* (ppo-gt);
-    evaluator(model, step) is DPO's evaluation."""
-    if len(train_prompts) < args.ppo_batch:
-        raise ValueError(f"--ppo-batch {args.ppo_batch} is more than the {len(train_prompts)} training prompts")
-    policy = with_zero_head(sft_model, args.device).train()  # its scalar head is the value head V(s_t)
-    state, stats = dict(kl_coef=KL_INIT), dict(target=target)
+def run(method, param, sft_model, ref, score_fn, train_prompts, evaluator, args, eos):
+    """One online run, the policy starting as the SFT model: PPO toward target KL param (with a zero-initialised
+    value head), or RLOO or GRPO at KL coefficient param. score_fn is the normalised reward model (ppo, rloo,
+    grpo) or the normalised r* (ppo-gt); evaluator(model, step) is DPO's evaluation."""
+    n_prompts = rollout_prompts(method, args)
+    if len(train_prompts) < n_prompts:
+        raise ValueError(f"--ppo-batch {args.ppo_batch}: a rollout of {method} draws {n_prompts} prompts, more than "
+                         f"the {len(train_prompts)} training prompts")
+    stats = {}
+    if method in ("ppo", "ppo-gt"):
+        policy = with_zero_head(sft_model, args.device).train()  # its scalar head is the value head V(s_t)
+        state = dict(kl_coef=KL_INIT)
+
+        def new_rollout(prompts, seed):
+            data, new = ppo_rollout(policy, ref, score_fn, prompts, state["kl_coef"], seed, args, eos)
+            stats.update(new, kl_coef=state["kl_coef"])
+            state["kl_coef"] = kl_update(state["kl_coef"], new["kl"], param, args.ppo_batch, args.kl_horizon)
+            return data
+
+        def loss_fn(model, batch):
+            loss, metrics = ppo_loss(model, batch, args.impl)
+            return loss, dict(score=stats["score"], rollout_kl=stats["kl"], beta_kl=stats["kl_coef"], **metrics)
+    else:
+        policy, state = copy.deepcopy(sft_model).train(), {}
+
+        def new_rollout(prompts, seed):
+            data, new = group_rollout(policy, ref, score_fn, prompts, method, param, seed, args, eos)
+            stats.update(new)
+            return data
+
+        def loss_fn(model, batch):
+            loss, metrics = critic_free_loss(model, batch, method, param, args.impl)
+            return loss, dict(score=stats["score"], rollout_kl=stats["kl"], **metrics)
+
     updates = args.ppo_epochs * args.ppo_minibatches
-
-    def loss_fn(model, batch):
-        loss, metrics = ppo_loss(model, batch, args.impl)
-        return loss, dict(score=stats["score"], rollout_kl=stats["kl"], beta_kl=stats["kl_coef"], **metrics)
-
-    return train(run_folder(method, target), policy, loss_fn, ppo_batches(policy, ref, score_fn, train_prompts, state,
-                 stats, args, eos), args.ppo_iters * updates, args.ppo_lr, out=args.out, device=args.device,
-                 warmup=args.warmup, eval_every=args.ppo_eval_every * updates, evaluator=evaluator,
-                 log_every=args.log_every, state=state)
+    return train(run_folder(method, param), policy, loss_fn, rollout_batches(new_rollout, n_prompts, train_prompts,
+                 args), args.ppo_iters * updates, args.ppo_lr, out=args.out, device=args.device, warmup=args.warmup,
+                 eval_every=args.ppo_eval_every * updates, evaluator=evaluator, log_every=args.log_every, state=state)
 
 
-def score_functions(sft_model, classifier, pairs, heldout, train_prompts, args, eos, methods):
-    """{'ppo': the normalised reward model, 'ppo-gt': the normalised r*}, for the methods asked for."""
+def score_functions(sft_model, classifier, pairs, heldout, train_prompts, args, eos, scores):
+    """{'rm': the normalised reward model r_phi, 'gt': the normalised r*}, for the scores asked for (SCORE in
+    settings.py says which an online method trains on)."""
     fns = {}
-    if "ppo-gt" in methods:
+    if "gt" in scores:
         gt = lambda p, r: reward(classifier, p, r, eos, args.block_size, args.device)
-        fns["ppo-gt"] = normalised(gt, sft_model, train_prompts, args, eos, "ppo-gt")
-    if "ppo" in methods:
+        fns["gt"] = normalised(gt, sft_model, train_prompts, args, eos, "gt")
+    if "rm" in scores:
         rm = reward_model(sft_model, pairs, heldout, args, eos)
         learned = lambda p, r: score(rm, p, r, eos, args.block_size, args.device)
-        fns["ppo"] = normalised(learned, sft_model, train_prompts, args, eos, "ppo")
+        fns["rm"] = normalised(learned, sft_model, train_prompts, args, eos, "rm")
     return fns

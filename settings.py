@@ -25,20 +25,24 @@ PRESETS = {
                  n_prompts=300, max_new_tokens=48, dpo_steps=160, dpo_lr=5e-5, dpo_batch=16, warmup=10,
                  optimizer="adamw", eval_every=20, n_eval=128, best_of="1,2,4,8,16",
                  bt_steps=100, bt_lr=5e-4, ppo_iters=24, ppo_batch=64, ppo_epochs=4, ppo_minibatches=2,
-                 ppo_lr=5e-5, ppo_eval_every=4, kl_horizon=128,
-                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ppo:3,ppo:8,ppo-gt:3,ppo-gt:8,simpo:2,orpo:0.1,kto:0.1"),
+                 ppo_lr=5e-5, ppo_eval_every=4, kl_horizon=128, group=4,
+                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ppo:3,ppo:8,ppo-gt:3,ppo-gt:8,rloo:0.05,rloo:0.2,grpo:0.05,"
+                      "grpo:0.2,simpo:2,orpo:0.1,kto:0.1"),
     "imdb": dict(data="imdb", init="pretrained", model="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024,
                  sft_steps=1500, sft_lr=5e-5, rm_steps=1500, rm_lr=2e-5, batch=32, min_chars=200,
                  n_prompts=25000, max_new_tokens=64, dpo_steps=1500, dpo_lr=1e-6, dpo_batch=64, warmup=150,
                  optimizer="rmsprop", eval_every=100, n_eval=512, best_of="1,2,4,8,16,64",
                  bt_steps=4500, bt_lr=1e-5, ppo_iters=100, ppo_batch=1024, ppo_epochs=4, ppo_minibatches=16,
-                 ppo_lr=1.4e-5, ppo_eval_every=10, kl_horizon=10000,
-                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ul:0.05,ul:0.1,ul:0.5,ul:1,"
-                      "ppo:3,ppo:6,ppo:9,ppo:12,ppo-gt:3,ppo-gt:6,ppo-gt:9,ppo-gt:12,simpo:2,orpo:0.1,kto:0.1"),
+                 ppo_lr=1.4e-5, ppo_eval_every=10, kl_horizon=10000, group=4,
+                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ul:0.05,ul:0.1,ul:0.5,ul:1,ppo:3,ppo:6,ppo:9,ppo:12,"
+                      "ppo-gt:3,ppo-gt:6,ppo-gt:9,ppo-gt:12,rloo:0.05,rloo:0.2,grpo:0.05,grpo:0.2,simpo:2,orpo:0.1,"
+                      "kto:0.1"),
 }
-# a run is "method:param": the parameter is beta (dpo, ipo, cdpo, simpo, kto), lambda (orpo), alpha (ul), or the
-# target KL (ppo, ppo-gt)
-METHODS = ("dpo", "ipo", "cdpo", "simpo", "orpo", "kto", "ft", "ul", "ppo", "ppo-gt")
+# a run is "method:param": the parameter is beta (dpo, ipo, cdpo, simpo, kto; the KL coefficient of rloo, grpo),
+# lambda (orpo), alpha (ul), or the target KL (ppo, ppo-gt)
+METHODS = ("dpo", "ipo", "cdpo", "simpo", "orpo", "kto", "ft", "ul", "ppo", "ppo-gt", "rloo", "grpo")
+SCORE = {"ppo": "rm", "ppo-gt": "gt", "rloo": "rm", "grpo": "rm"}  # the online methods (ppo.py) and the score each
+# trains on: the reward model r_phi learned from the pairs, or the ground truth r*
 
 
 def parse_runs(spec):
@@ -55,8 +59,9 @@ def parse_runs(spec):
         need = {"dpo": "beta > 0, e.g. dpo:0.1", "ipo": "beta > 0, e.g. ipo:0.1", "cdpo": "beta > 0, e.g. cdpo:0.1",
                 "simpo": "beta > 0, e.g. simpo:2", "kto": "beta > 0, e.g. kto:0.1",
                 "ul": "alpha > 0, e.g. ul:0.5 (ul:0 is Preferred-FT: ft)", "ppo": "a target KL > 0, e.g. ppo:6",
-                "ppo-gt": "a target KL > 0, e.g. ppo-gt:6"}
-        if method in need and not value > 0:
+                "ppo-gt": "a target KL > 0, e.g. ppo-gt:6", "rloo": "beta >= 0, e.g. rloo:0.05",
+                "grpo": "beta >= 0, e.g. grpo:0.05"}
+        if method in need and not (value > 0 or method in ("rloo", "grpo") and param and value == 0):
             raise ValueError(f"{run!r}: {method} needs {need[method]}")
         if method == "orpo" and not (param and value >= 0):
             raise ValueError(f"{run!r}: orpo needs lambda >= 0, e.g. orpo:0.1")
@@ -64,6 +69,11 @@ def parse_runs(spec):
             raise ValueError(f"{run!r}: ft takes no parameter")
         runs.append((method, value))
     return runs
+
+
+def rollout_prompts(method, args):
+    """Training prompts per rollout of an online run: --ppo-batch samples, one per prompt (ppo, ppo-gt) or --group."""
+    return args.ppo_batch // (1 if method in ("ppo", "ppo-gt") else args.group)
 
 
 def run_folder(method, param):
@@ -86,7 +96,7 @@ HELP = {  # one line per preset setting; --help adds its tiny and imdb defaults 
     "min_chars": "prompts are cut from reviews longer than this many characters",
     "n_prompts": "training prompts; 4 samples of pi_ref on each make the preference pairs",
     "max_new_tokens": "longest sampled response, in tokens",
-    "dpo_steps": "steps of each DPO-family run (every run but ppo and ppo-gt)",
+    "dpo_steps": "steps of each DPO-family run (every run but the online ones: ppo, ppo-gt, rloo, grpo)",
     "dpo_lr": "learning rate of the DPO-family runs",
     "dpo_batch": "preference pairs per step of the DPO-family runs",
     "warmup": "steps of linear learning-rate warm-up, in every stage",
@@ -96,13 +106,14 @@ HELP = {  # one line per preset setting; --help adds its tiny and imdb defaults 
     "best_of": "comma-separated N of the Best-of-N baseline",
     "bt_steps": "steps of PPO's reward model (Bradley-Terry on the pairs)",
     "bt_lr": "learning rate of PPO's reward model",
-    "ppo_iters": "rollouts of each PPO run",
-    "ppo_batch": "prompts per rollout, one response each",
+    "ppo_iters": "rollouts of each online run (ppo, ppo-gt, rloo, grpo)",
+    "ppo_batch": "samples per rollout: one per prompt (ppo), or --group per prompt (rloo, grpo)",
     "ppo_epochs": "passes over each rollout",
     "ppo_minibatches": "minibatches per pass over a rollout",
-    "ppo_lr": "learning rate of the PPO runs",
-    "ppo_eval_every": "rollouts between evaluations (and checkpoints) of a PPO run",
+    "ppo_lr": "learning rate of the online runs",
+    "ppo_eval_every": "rollouts between evaluations (and checkpoints) of an online run",
     "kl_horizon": "horizon of PPO's adaptive KL controller, in samples",
+    "group": "samples per prompt in a rollout of rloo and grpo (at least 2; divides --ppo-batch)",
     "runs": "comma-separated runs, method:param with method in " + "/".join(METHODS),
 }
 CHOICES = {"init": ("scratch", "pretrained"), "optimizer": ("adamw", "rmsprop")}
@@ -188,16 +199,24 @@ def check_args(p, args):
     except ValueError as e:
         p.error(f"--runs: {e}")
     methods, world = {m for m, _ in args.run_list}, int(os.environ.get("WORLD_SIZE", 1))
-    ppo_runs, dpo_runs = methods & {"ppo", "ppo-gt"}, methods - {"ppo", "ppo-gt"}
-    for k in ["batch"] + ["dpo_batch"] * bool(dpo_runs) + ["ppo_batch"] * bool(ppo_runs):
+    online, dpo_runs = methods & set(SCORE), methods - set(SCORE)
+    for k in ["batch"] + ["dpo_batch"] * bool(dpo_runs) + ["ppo_batch"] * bool(online):
         if getattr(args, k) < world:  # under torchrun each rank takes every world-th row of a batch
             p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: fewer rows than the {world} torchrun processes")
-    if ppo_runs and args.ppo_batch // world < args.ppo_minibatches:
-        p.error(f"--ppo-minibatches {args.ppo_minibatches} is more than --ppo-batch {args.ppo_batch}"
-                + f" / {world} processes" * (world > 1) + ": a minibatch would be empty")
-    if ppo_runs and args.ppo_batch > args.n_prompts:
-        p.error(f"--ppo-batch {args.ppo_batch} is more than --n-prompts {args.n_prompts}: a rollout draws "
-                f"--ppo-batch different training prompts")
+    if methods & {"rloo", "grpo"} and (args.group < 2 or args.ppo_batch % args.group):
+        p.error(f"--group {args.group}: rloo and grpo need at least 2 samples per prompt, and --ppo-batch "
+                f"{args.ppo_batch} a multiple of it")
+    for m in online:  # a rollout draws its prompts from the training prompts; each rank samples every world-th one
+        prompts, k = rollout_prompts(m, args), args.ppo_batch // rollout_prompts(m, args)
+        what = f"--ppo-batch {args.ppo_batch}" + f" / --group {args.group}" * (k > 1)
+        if prompts < world:
+            p.error(f"{what}: a rollout of {m} draws {prompts} prompts, fewer than the {world} torchrun processes")
+        if prompts // world * k < args.ppo_minibatches:
+            p.error(f"--ppo-minibatches {args.ppo_minibatches} is more than --ppo-batch {args.ppo_batch}"
+                    + f" / {world} processes" * (world > 1) + f": a minibatch of {m} would be empty")
+        if prompts > args.n_prompts:
+            p.error(f"{what} is more than --n-prompts {args.n_prompts}: a rollout of {m} draws {prompts} different "
+                    f"training prompts")
 
 
 # ----------------------------------------------------------------------------- the settings each stage was made with
@@ -213,16 +232,17 @@ def stage_plan(args, data_sha256):
     prompts = pairs | pick("n_eval")  # the held-out prompts are drawn after the training prompts
     plan = {"sft": sft, "reward": reward, "pairs.pt": pairs, "best_of_n.jsonl": prompts | pick("best_of")}
     methods = {m for m, _ in args.run_list}
-    if "ppo" in methods:
+    scores = {SCORE[m] for m in methods & set(SCORE)}
+    if "rm" in scores:
         plan["pairs_heldout.pt"] = prompts
         plan["reward_model"] = prompts | pick("bt_steps", "bt_lr", "eval_every")
-    for m in methods & {"ppo", "ppo-gt"}:
-        plan[f"score_norm_{m}.json"] = plan["reward_model" if m == "ppo" else "pairs.pt"]
+    for s in sorted(scores):
+        plan[f"score_norm_{s}.json"] = plan["reward_model" if s == "rm" else "pairs.pt"]
     for method, param in args.run_list:
-        if method in ("ppo", "ppo-gt"):
-            plan[run_folder(method, param)] = prompts | plan[f"score_norm_{method}.json"] | pick(
+        if method in SCORE:
+            plan[run_folder(method, param)] = prompts | plan[f"score_norm_{SCORE[method]}.json"] | pick(
                 "optimizer", "ppo_iters", "ppo_batch", "ppo_epochs", "ppo_minibatches", "ppo_lr", "ppo_eval_every",
-                "kl_horizon")
+                *(("kl_horizon",) if method in ("ppo", "ppo-gt") else ("group",)))
         else:
             extra = pick("label_smoothing") if method == "cdpo" else {}
             plan[run_folder(method, param)] = prompts | pick("dpo_steps", "dpo_lr", "dpo_batch", "optimizer",
@@ -325,9 +345,9 @@ def n_heldout(args):
 def check_data(args, data):
     """The sizes that depend on the data, checked before SFT: enough long reviews for the prompts asked for."""
     path = os.path.join(args.data_dir, f"{args.data}.npz")
-    ppo_runs = {m for m, _ in args.run_list} & {"ppo", "ppo-gt"}
+    online = {m for m, _ in args.run_list} & set(SCORE)
     usable = {s: int((data[s].chars > args.min_chars).sum()) for s in ("train", "test")}
-    heldout = n_heldout(args) if "ppo" in ppo_runs else 0
+    heldout = n_heldout(args) if any(SCORE[m] == "rm" for m in online) else 0
     if args.n_eval + heldout > usable["test"]:
         extra = f" + {heldout} held-out prompts of PPO's reward model" if heldout else ""
         raise UsageError(f"--n-eval {args.n_eval}{extra}: the test split of {path} has {usable['test']} reviews "
@@ -335,6 +355,7 @@ def check_data(args, data):
     if args.init == "pretrained" and data["tokenizer"] != "gpt2":
         raise UsageError(f"--init pretrained: GPT-2's weights read GPT-2's BPE tokens, but {path} holds "
                          f"{data['tokenizer']} tokens; use --init scratch (or prepare the data with --tokenizer gpt2)")
-    if ppo_runs and args.ppo_batch > usable["train"]:
-        raise UsageError(f"--ppo-batch {args.ppo_batch}: the train split of {path} has {usable['train']} reviews "
+    most = max((rollout_prompts(m, args) for m in online), default=0)
+    if most > usable["train"]:
+        raise UsageError(f"--ppo-batch {args.ppo_batch}: a rollout draws {most} prompts, but the train split of {path} has {usable['train']} reviews "
                          f"longer than --min-chars {args.min_chars} to cut prompts from")

@@ -6,8 +6,8 @@ Left, the frontier: one point per evaluation of every run (out/<preset>/runs/<ru
 the reference on x and the mean reward on y, a colour per method (shades of it for its parameters), the
 SFT reference pi_ref at KL 0 (a star: where every run starts) and Best-of-N at its KL bound. Right, reward
 and KL during training against the training examples seen, one unit for every run: preference pairs for
-the DPO family (steps x --dpo-batch), sampled responses for PPO (rollouts x --ppo-batch), read from the run
-folder's settings.json.
+the DPO family (steps x --dpo-batch), sampled responses for the online runs, PPO, RLOO and GRPO (rollouts x
+--ppo-batch), read from the run folder's settings.json.
 """
 import glob
 import json
@@ -25,11 +25,11 @@ from data.corpus import OneLineParser, UsageError, read_jsonl, write_atomic  # n
 # hues far apart between methods (checked in tests/test_plots.py); shades of one hue within a method, darker for
 # a larger parameter
 COLOURS = {"ipo": "tab:pink", "cdpo": "darkmagenta", "ft": "tab:olive", "simpo": "tab:purple", "orpo": "tab:brown",
-           "kto": "gold"}
+           "kto": "gold", "rloo": "turquoise", "grpo": "deeppink"}  # one colour, a marker per parameter
 SHADES = {"dpo": "Reds", "ppo": "Blues", "ppo-gt": "Greens", "ul": "Greys"}
 LABELS = {"dpo": "DPO beta={}", "ft": "Preferred-FT", "ul": "Unlikelihood alpha={}", "ipo": "IPO beta={}",
           "cdpo": "cDPO beta={}", "ppo": "PPO target KL {}", "ppo-gt": "PPO-GT target KL {}", "simpo": "SimPO beta={}",
-          "orpo": "ORPO lambda={}", "kto": "KTO beta={}"}
+          "orpo": "ORPO lambda={}", "kto": "KTO beta={}", "rloo": "RLOO beta={}", "grpo": "GRPO beta={}"}
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 SFT_LABEL = "SFT reference pi_ref: every run's start, KL 0"
 
@@ -59,10 +59,10 @@ def run_style(name, names):
 
 
 def examples_seen(name, settings, step):
-    """Training examples a run has seen by `step` of its loop: pairs for the DPO family, sampled responses
-    for PPO (an iteration is ppo_epochs x ppo_minibatches steps over one rollout of ppo_batch responses)."""
+    """Training examples a run has seen by `step` of its loop: pairs for the DPO family, sampled responses for
+    the online runs (an iteration is ppo_epochs x ppo_minibatches steps over one rollout of ppo_batch responses)."""
     s = settings[f"runs/{name}"]
-    if name.partition("_")[0] in ("ppo", "ppo-gt"):
+    if "ppo_batch" in s:  # an online run
         return step // (s["ppo_epochs"] * s["ppo_minibatches"]) * s["ppo_batch"]
     return step * s["dpo_batch"]
 
@@ -105,7 +105,7 @@ def frontier_figure(out_dir, names=None):
         ax.scatter([0], [first["reward"]], c="black", marker="*", s=160, zorder=3, label=SFT_LABEL)
     ax.set(xlabel="KL(pi || pi_ref), summed over the response", ylabel="mean reward r*(x, y)",
            title=f"reward vs KL frontier ({os.path.basename(os.path.normpath(out_dir))})")
-    seen = "training examples seen (DPO family: pairs; PPO: sampled responses)"
+    seen = "training examples seen (DPO family: pairs; PPO, RLOO, GRPO: sampled responses)"
     ax_r.set(xlabel=seen, ylabel="mean reward r*(x, y)", title="reward during training")
     ax_k.set(xlabel=seen, ylabel="KL(pi || pi_ref)", title="KL during training")
     for a in (ax, ax_r, ax_k):

@@ -25,7 +25,8 @@ from data.corpus import write_atomic  # noqa: E402
 from plots.frontier import read_runs, run_style  # noqa: E402
 
 FAMILIES = {"DPO and its variants": ("dpo", "ipo", "cdpo"), "DPO's successors": ("simpo", "orpo", "kto"),
-            "PPO": ("ppo",), "PPO-GT": ("ppo-gt",), "Preferred-FT, Unlikelihood": ("ft", "ul")}
+            "PPO": ("ppo",), "PPO-GT": ("ppo-gt",), "RLOO and GRPO": ("rloo", "grpo"),
+            "Preferred-FT, Unlikelihood": ("ft", "ul")}
 DASHES = ["-", "--", ":", "-."]
 
 

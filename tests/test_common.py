@@ -293,26 +293,28 @@ def test_train_steps_are_adamw_on_clipped_gradients_with_linear_warmup(tmp_path,
 
 # ---------------------------------------------------------------- the settings record
 
-RUNS = "dpo:0.1,cdpo:0.1,ppo:3,ppo-gt:3"
-NEW = dict(n_layer=2, n_head=2, n_embd=64, block_size=60, batch=16, warmup=5, seed=1, sft_steps=10, sft_lr=1e-3,
+RUNS = "dpo:0.1,cdpo:0.1,ppo:3,ppo-gt:3,rloo:0.1,grpo:0.1"
+NEW = dict(n_layer=3, n_head=2, n_embd=64, block_size=60, batch=16, warmup=5, seed=1, sft_steps=10, sft_lr=1e-3,
            rm_steps=10, rm_lr=1e-3, max_new_tokens=40, n_prompts=200, min_chars=50, n_eval=64, best_of="1,2",
            dpo_steps=10, dpo_lr=1e-5, dpo_batch=8, optimizer="rmsprop", eval_every=10, bt_steps=10, bt_lr=1e-4,
-           ppo_iters=10, ppo_batch=32, ppo_epochs=2, ppo_minibatches=4, ppo_lr=1e-5, ppo_eval_every=2, kl_horizon=64,
+           ppo_iters=10, ppo_batch=32, ppo_epochs=2, ppo_minibatches=4, ppo_lr=1e-5, ppo_eval_every=2, kl_horizon=64, group=2,
            label_smoothing=0.2)
 # each stage's own settings and the stages it is made from, as the pipeline uses them (README, common.py's numbering)
 OWN = {"sft": {"n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps", "sft_lr"},
        "reward": {"rm_steps", "rm_lr", "max_new_tokens"},  # from the SFT model; its crops cover the scored length
        "pairs.pt": {"n_prompts", "min_chars"}, "best_of_n.jsonl": {"n_eval", "best_of"}, "pairs_heldout.pt": {"n_eval"},
-       "reward_model": {"bt_steps", "bt_lr", "eval_every"}, "score_norm_ppo.json": set(), "score_norm_ppo-gt.json": set(),
+       "reward_model": {"bt_steps", "bt_lr", "eval_every"}, "score_norm_rm.json": set(), "score_norm_gt.json": set(),
        "runs/dpo_0.1": {"n_eval", "dpo_steps", "dpo_lr", "dpo_batch", "optimizer", "eval_every"},
        "runs/cdpo_0.1": {"n_eval", "dpo_steps", "dpo_lr", "dpo_batch", "optimizer", "eval_every", "label_smoothing"},
        "runs/ppo_3": {"n_eval", "optimizer", "ppo_iters", "ppo_batch", "ppo_epochs", "ppo_minibatches", "ppo_lr",
                       "ppo_eval_every", "kl_horizon"}}
 OWN["runs/ppo-gt_3"] = OWN["runs/ppo_3"]
+OWN["runs/rloo_0.1"] = OWN["runs/grpo_0.1"] = OWN["runs/ppo_3"] - {"kl_horizon"} | {"group"}
 PARENTS = {"sft": [], "reward": ["sft"], "pairs.pt": ["reward"], "best_of_n.jsonl": ["pairs.pt"],
-           "pairs_heldout.pt": ["pairs.pt"], "reward_model": ["pairs_heldout.pt"], "score_norm_ppo.json": ["reward_model"],
-           "score_norm_ppo-gt.json": ["pairs.pt"], "runs/dpo_0.1": ["pairs.pt"], "runs/cdpo_0.1": ["pairs.pt"],
-           "runs/ppo_3": ["score_norm_ppo.json"], "runs/ppo-gt_3": ["score_norm_ppo-gt.json"]}
+           "pairs_heldout.pt": ["pairs.pt"], "reward_model": ["pairs_heldout.pt"], "score_norm_rm.json": ["reward_model"],
+           "score_norm_gt.json": ["pairs.pt"], "runs/dpo_0.1": ["pairs.pt"], "runs/cdpo_0.1": ["pairs.pt"],
+           "runs/ppo_3": ["score_norm_rm.json"], "runs/ppo-gt_3": ["score_norm_gt.json"],
+           "runs/rloo_0.1": ["score_norm_rm.json"], "runs/grpo_0.1": ["score_norm_rm.json"]}
 
 
 def test_each_setting_changes_the_record_of_its_stage_and_every_stage_after_it():

@@ -175,8 +175,9 @@ def _rollout_seeds_and_a_nan(rank, tmp):
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", tmp, "--max-new-tokens", "4",
                             "--block-size", "64", "--ppo-batch", "8", "--ppo-minibatches", "2"])
     score = lambda p, r: torch.zeros(len(r))
-    ppo.ppo_batches(tiny_gpt(1, score_head=True), tiny_gpt(2), score, PROMPTS[:16], dict(kl_coef=0.1),
-                    dict(target=1.0), args, EOS)(0)
+    policy, ref = tiny_gpt(1, score_head=True), tiny_gpt(2)
+    ppo.rollout_batches(lambda prompts, seed: ppo.ppo_rollout(policy, ref, score, prompts, 0.1, seed, args, EOS)[0],
+                        8, PROMPTS[:16], args)(0)
     batch = lambda step: common.pack([[1, 2]], [[3, EOS]], 64, EOS)
     steps = []
 

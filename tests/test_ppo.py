@@ -166,7 +166,7 @@ def low_bytes(prompts, responses):
 def toy_args(out, *extra):
     return settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--max-new-tokens", "8",
                             "--block-size", "64", "--ppo-batch", "16", "--ppo-minibatches", "2", "--ppo-epochs", "2",
-                            "--ppo-eval-every", "2", "--ppo-lr", "3e-3", "--warmup", "1", *extra])
+                            "--ppo-eval-every", "2", "--ppo-lr", "3e-3", "--warmup", "1", "--runs", "ppo:4", *extra])
 
 
 def toy_run(args, sft_model, evaluator=None, name="ppo"):
@@ -190,7 +190,7 @@ def test_fused_kernel_gives_the_reference_ppo_loss_and_gradients(tmp_path):
     args = toy_args(tmp_path)
     policy, ref = tiny_gpt(0, score_head=True), tiny_gpt(1).requires_grad_(False)
     prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
-    data, _ = ppo.rollout(policy, ref, low_bytes, prompts, 0.1, 0, args, EOS)  # on the CPU (args.device)
+    data, _ = ppo.ppo_rollout(policy, ref, low_bytes, prompts, 0.1, 0, args, EOS)  # on the CPU (args.device)
     data, policy = [x.to(DEVICE) for x in data], policy.to(DEVICE)
     with torch.no_grad():  # move the policy away from the rollout's so that ratios and the clip matter
         for p in policy.parameters():
@@ -203,11 +203,11 @@ def test_interrupted_ppo_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     fingerprint = lambda samples: float(sum(t * (k + 1) for k, t in enumerate(sum(samples, []))))  # of the tokens
     evaluator = lambda m, step: dict(kl=0.0, fingerprint=fingerprint(stages.sample(m, prompts, 8, EOS, 0, "cpu")))
     full = toy_run(toy_args(tmp_path / "a", "--ppo-iters", "4"), tiny_gpt(3), evaluator)
-    original = ppo.ppo_batches
-    monkeypatch.setattr(ppo, "ppo_batches", lambda *a: interrupt_at(original(*a), 10))  # in the 3rd iteration
+    original = ppo.rollout_batches
+    monkeypatch.setattr(ppo, "rollout_batches", lambda *a: interrupt_at(original(*a), 10))  # in the 3rd iteration
     with pytest.raises(Interrupted):
         toy_run(toy_args(tmp_path / "b", "--ppo-iters", "4"), tiny_gpt(3), evaluator)
-    monkeypatch.setattr(ppo, "ppo_batches", original)
+    monkeypatch.setattr(ppo, "rollout_batches", original)
     resumed = toy_run(toy_args(tmp_path / "b", "--ppo-iters", "4"), tiny_gpt(3), evaluator)
     assert open(tmp_path / "a" / "runs/ppo_4/eval.jsonl").read() == open(tmp_path / "b" / "runs/ppo_4/eval.jsonl").read()
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -243,7 +243,7 @@ def _ddp_worker(rank, world, port, out_dir, result):
     mine = slice(rank, None, world)
     white = ppo.whiten(x[mine], mask[mine])
     kto, _, _ = dpo.kto_loss(*(t[mine] for t in logps), mismatched[mine], beta=0.5)
-    data, stats = ppo.rollout(sharp_gpt(0, score_head=True), sharp_gpt(1), toy_score, prompts[mine], 0.1, 7,
+    data, stats = ppo.ppo_rollout(sharp_gpt(0, score_head=True), sharp_gpt(1), toy_score, prompts[mine], 0.1, 7,
                               toy_args(out_dir), EOS)
     torch.save(dict(params=policy.state_dict(), state=state, white=white, kto=kto, stats=stats, batch=data[:3]),
                f"{result}.{rank}")
@@ -290,7 +290,7 @@ def test_ppo_under_ddp_global_statistics_are_those_of_one_process(tmp_path):
 
 
 def test_bad_ppo_input(tmp_path, capsys):
-    with pytest.raises(ValueError, match="--ppo-batch 16 is more than the 4 training prompts"):
+    with pytest.raises(ValueError, match="--ppo-batch 16: a rollout of ppo draws 16 prompts, more than the 4 training"):
         ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3), low_bytes, [[1]] * 4, None, toy_args(tmp_path), EOS)
     for flags, message in [(["--ppo-batch", "0"], "--ppo-batch"), (["--ppo-minibatches", "100"], "--ppo-minibatches 100 is more than --ppo-batch")]:
         with pytest.raises(SystemExit):
@@ -308,7 +308,7 @@ def f64_rollout_case(tmp_path, monkeypatch):
     prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
     calls = recording(monkeypatch, ppo)
     kl_coef = 0.3
-    data, stats = ppo.rollout(policy, ref, toy_score, prompts, kl_coef, 0, toy_args(tmp_path), EOS)
+    data, stats = ppo.ppo_rollout(policy, ref, toy_score, prompts, kl_coef, 0, toy_args(tmp_path), EOS)
     (_, _, responses), = calls
     m = copy.deepcopy(policy).double()
     rows = []
@@ -371,27 +371,38 @@ def test_ppo_loss_is_the_clipped_objective_plus_the_value_loss(tmp_path, monkeyp
     assert loss.item() == pytest.approx(pg + ppo.VF_COEF * vf, rel=1e-4, abs=1e-5) and vf > 0.01
 
 
-def test_each_epoch_hands_out_every_row_of_the_rollout_once(tmp_path, monkeypatch):
-    """ppo_batches with a rollout of labelled rows: a new rollout (and a controller update from its KL) every
+def test_each_epoch_hands_out_every_row_of_the_rollout_once(tmp_path):
+    """rollout_batches with a rollout of labelled rows: a new rollout (of different prompts, another seed) every
     epochs * minibatches steps; within each epoch the minibatches are disjoint and cover the rollout."""
     args = toy_args(tmp_path, "--ppo-batch", "6", "--ppo-minibatches", "3", "--ppo-epochs", "2")
     rollouts = []
 
-    def fake_rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
-        rollouts.append((prompts, kl_coef, seed))
+    def fake_rollout(prompts, seed):
+        rollouts.append((prompts, seed))
         rows = torch.arange(len(prompts)) + 100 * len(rollouts)
-        return [rows[:, None].expand(-1, 3).clone() for _ in range(7)], dict(score=0.0, kl=12.0)
-    monkeypatch.setattr(ppo, "rollout", fake_rollout)
-    state, stats = dict(kl_coef=0.2), dict(target=6.0)
-    prompts = [[i] for i in range(10)]
-    get_batch = ppo.ppo_batches(None, None, None, prompts, state, stats, args, EOS)
+        return [rows[:, None].expand(-1, 3).clone() for _ in range(7)]
+    get_batch = ppo.rollout_batches(fake_rollout, 6, [[i] for i in range(10)], args)
     for it in range(2):
         for epoch in range(2):
             seen = [get_batch(it * 6 + epoch * 3 + mb)[0][:, 0].tolist() for mb in range(3)]
             assert sorted(sum(seen, [])) == [100 * (it + 1) + k for k in range(6)] and all(len(x) == 2 for x in seen)
-    assert len(rollouts) == 2 and rollouts[0][2] != rollouts[1][2] and rollouts[0][1] == 0.2
-    assert all(len(p) == 6 and len({tuple(x) for x in p}) == 6 for p, _, _ in rollouts)
-    assert rollouts[1][1] == pytest.approx(ppo.kl_update(0.2, 12.0, 6.0, 6, args.kl_horizon)) != 0.2
+    assert len(rollouts) == 2 and rollouts[0][1] != rollouts[1][1] and rollouts[0][0] != rollouts[1][0]
+    assert all(len(p) == 6 and len({tuple(x) for x in p}) == 6 for p, _ in rollouts)
+
+
+def test_the_kl_controller_reads_each_rollout_and_sets_the_next_ones_beta(tmp_path, monkeypatch):
+    """PPO's run: the first rollout is made at KL_INIT, and the next at kl_update(KL_INIT, the first's KL)."""
+    args = toy_args(tmp_path, "--ppo-batch", "6", "--ppo-minibatches", "3", "--ppo-epochs", "2")
+    made = []
+
+    def fake_rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
+        made.append(kl_coef)
+        return [torch.zeros(len(prompts), 3)] * 7, dict(score=0.0, kl=12.0)
+    monkeypatch.setattr(ppo, "ppo_rollout", fake_rollout)
+    monkeypatch.setattr(ppo, "train", lambda name, policy, loss_fn, get_batch, *a, **k: [get_batch(s) for s in (0, 6)])
+    ppo.run("ppo", 6.0, tiny_gpt(3), None, None, [[i] for i in range(10)], None, args, EOS)
+    assert made[0] == ppo.KL_INIT and made[1] == pytest.approx(ppo.kl_update(ppo.KL_INIT, 12.0, 6.0, 6, args.kl_horizon))
+    assert made[1] != made[0]
 
 
 def test_score_normalisation_gives_sft_samples_mean_0_std_1(tmp_path, monkeypatch):
