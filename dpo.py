@@ -188,9 +188,18 @@ def sweep(args, data):
     pairs = stages.make_pairs(sft, classifier, train_prompts, args, eos)  # 4. the preference pairs
     stages.best_of_n(sft, classifier, eval_prompts, args, eos)
     ref = copy.deepcopy(sft).eval().requires_grad_(False)
-    evaluator = lambda m, step: stages.evaluate(m, ref, classifier, eval_prompts, eos=eos, seed=args.seed,
-                                                max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-                                                device=args.device, impl=args.impl, decode=enc.decode)
+    evaluate = lambda m: stages.evaluate(m, ref, classifier, eval_prompts, eos=eos, seed=args.seed,
+                                         max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+                                         device=args.device, impl=args.impl, decode=enc.decode)
+    at_start = {}  # every run starts as pi_ref, so every run's step-0 evaluation is pi_ref's: made once
+
+    def evaluator(model, step):
+        if step > 0:
+            return evaluate(model)
+        if not at_start:
+            at_start.update(evaluate(model))
+        return dict(at_start)
+
     scores = {SCORE[m] for m, _ in args.run_list if m in SCORE}  # what the online runs (ppo.py) train on
     if scores:  # the reward model learns from the same pairs, validated on pairs of held-out prompts
         heldout = None

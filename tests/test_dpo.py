@@ -13,7 +13,8 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, EOS, assert_fused_matches_reference, f64_dists, f64_logprob, sharp_gpt, tiny_gpt
+from conftest import (DEVICE, EOS, assert_fused_matches_reference, f64_dists, f64_logprob, recording, sharp_gpt,
+                      tiny_gpt)
 
 import dpo
 import model as model_module
@@ -83,7 +84,7 @@ SMOKE = ["--sft-steps", "6", "--rm-steps", "4", "--dpo-steps", "4", "--eval-ever
          "--n-eval", "4", "--max-new-tokens", "8", "--batch", "4", "--dpo-batch", "4", "--n-layer", "1",
          "--n-embd", "32", "--n-head", "2", "--block-size", "64", "--bt-steps", "4", "--ppo-iters", "2",
          "--ppo-batch", "8", "--ppo-eval-every", "1", "--runs",
-         "dpo:0.1,ft,ul:0.5,ipo:0.1,cdpo:0.1,simpo:2,orpo:0.1,kto:0.1,ppo:2,ppo-gt:2"]
+         "dpo:0.1,ft,ul:0.5,ipo:0.1,cdpo:0.1,simpo:2,orpo:0.1,kto:0.1,ppo:2,ppo-gt:2,rloo:0.05,grpo:0.05"]
 
 
 def smoke_argv(tmp_path, *extra):
@@ -91,17 +92,23 @@ def smoke_argv(tmp_path, *extra):
             *SMOKE, *extra]
 
 
-def test_smoke_whole_pipeline(tmp_path, capsys):
+def test_smoke_whole_pipeline(tmp_path, capsys, monkeypatch):
+    calls = recording(monkeypatch, stages, "evaluate")
     dpo.main(smoke_argv(tmp_path))
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("nanoDPO: preset tiny on cpu")
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 10_000 and (tmp_path / "out" / "pairs.pt").exists()
     for run, steps in [("dpo_0.1", [0, 2, 4]), ("ft", [0, 2, 4]), ("ul_0.5", [0, 2, 4]), ("ipo_0.1", [0, 2, 4]),
                        ("cdpo_0.1", [0, 2, 4]), ("simpo_2", [0, 2, 4]), ("orpo_0.1", [0, 2, 4]), ("kto_0.1", [0, 2, 4]),
-                       ("ppo_2", [0, 8, 16]), ("ppo-gt_2", [0, 8, 16])]:
+                       ("ppo_2", [0, 8, 16]), ("ppo-gt_2", [0, 8, 16]), ("rloo_0.05", [0, 8, 16]),
+                       ("grpo_0.05", [0, 8, 16])]:
         records = [json.loads(x) for x in open(tmp_path / "out" / "runs" / run / "eval.jsonl")]
         assert [r["step"] for r in records] == steps, run
         assert records[0]["kl"] == pytest.approx(0, abs=1e-5) and 0 <= records[-1]["reward"] <= 1
+    # every run starts as pi_ref: one evaluation of it serves every run's step 0 (12 runs, 2 more evaluations each)
+    firsts = [json.loads(open(d / "eval.jsonl").readline()) for d in (tmp_path / "out" / "runs").iterdir()]
+    assert len(firsts) == 12 and all(f == firsts[0] for f in firsts) and len(calls) == 1 + 12 * 2
+    assert calls[0][2]["reward"] == firsts[0]["reward"] and calls[0][2]["length"] == firsts[0]["length"]
     rm_evals = [json.loads(x) for x in open(tmp_path / "out" / "reward_model" / "eval.jsonl")]
     assert 0 <= rm_evals[-1]["heldout_acc"] <= 1
     # samples to read: a few per evaluation, their rewards those of r* on the same tokens
@@ -188,7 +195,7 @@ def test_missing_data_is_a_one_line_error(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--n-eval", "5000"], r"--n-eval 5000 \+ 32 held-out prompts of PPO's reward model: the test split of .*tiny.npz "
                            r"has \d+ reviews longer than --min-chars 100"),
-    (["--n-prompts", "5000", "--ppo-batch", "5000"], r"--ppo-batch 5000: the train split of .*tiny.npz has \d+ reviews"),
+    (["--n-prompts", "5000", "--ppo-batch", "5000"], r"--ppo-batch 5000: a rollout draws 5000 prompts, but the train split of .*tiny.npz has \d+ reviews"),
 ])
 def test_sizes_the_data_cannot_serve_are_refused_before_sft(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
@@ -448,8 +455,8 @@ def test_evaluation_prompts_come_from_the_test_split(tmp_path, monkeypatch):
     monkeypatch.setattr(stages, "make_pairs", lambda sft, rm, prompts, args, eos, name="pairs.pt":
                         seen.setdefault(name, prompts) and dict(prompt=[], chosen=[], rejected=[]))
     monkeypatch.setattr(stages, "best_of_n", lambda sft, rm, prompts, args, eos: seen.setdefault("best_of_n", prompts))
-    monkeypatch.setattr(stages, "evaluate", lambda policy, ref, rm, prompts, **kw: seen.setdefault("evaluate", prompts))
-    monkeypatch.setattr(dpo.ppo, "score_functions", lambda *a: {"ppo": None})
+    monkeypatch.setattr(stages, "evaluate", lambda policy, ref, rm, prompts, **kw: dict(p=seen.setdefault("evaluate", prompts)))
+    monkeypatch.setattr(dpo.ppo, "score_functions", lambda *a: {"rm": None})
     monkeypatch.setattr(dpo.ppo, "run", lambda *a: None)
     monkeypatch.setattr(dpo, "run", lambda method, param, sft, ref, pairs, evaluator, args, eos: evaluator(sft, 0))
     monkeypatch.setattr(dpo, "plot_frontier", lambda out, png, names: png)
