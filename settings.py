@@ -20,7 +20,7 @@ from model import GPT
 
 # ----------------------------------------------------------------------------- settings
 PRESETS = {
-    "tiny": dict(data="tiny", init="scratch", n_layer=4, n_head=4, n_embd=128, block_size=64,
+    "tiny": dict(data="tiny", init="scratch", n_layer=2, n_head=4, n_embd=128, block_size=64,
                  sft_steps=300, sft_lr=2e-3, rm_steps=200, rm_lr=2e-4, batch=32, min_chars=100,
                  n_prompts=300, max_new_tokens=48, dpo_steps=160, dpo_lr=5e-5, dpo_batch=16, warmup=10,
                  optimizer="adamw", eval_every=20, n_eval=128, best_of="1,2,4,8,16",
