@@ -1,7 +1,8 @@
 """
 Benchmark of a whole DPO training step (policy + frozen reference forward, the loss, backward,
-RMSprop step) and of a PPO minibatch update (policy + value head, the clipped losses, backward, step)
-at GPT-2 small and large shapes, through the fused kernel and through the PyTorch reference path, in
+RMSprop step), of a PPO minibatch update (policy + value head, the clipped losses, backward, step) and of
+RLOO's and GRPO's (policy only: no value head, the rollout's reference log-probs are inputs) at GPT-2 small
+and large shapes, through the fused kernel and through the PyTorch reference path, in
 bf16 autocast; and of sampling with generate() (PPO's rollouts are mostly sampling). Random weights
 and tokens: speed and memory do not depend on them.
 
@@ -24,7 +25,7 @@ if not CUDA:
 from common import amp, pack  # noqa: E402
 from data.corpus import write_atomic  # noqa: E402
 from dpo import pair_loss  # noqa: E402
-from ppo import ppo_loss  # noqa: E402
+from ppo import critic_free_loss, ppo_loss  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -37,8 +38,9 @@ def sync():
 
 
 def step_time(model_name, impl, pairs, algo="dpo", prompt=8, response=65, reps=8):
-    """One optimizer step on 2 * pairs sequences: DPO's (policy and reference forward, loss, backward) or a
-    PPO minibatch update (policy forward with its value head, the clipped losses, backward; no reference)."""
+    """One optimizer step on 2 * pairs sequences: DPO's (policy and reference forward, loss, backward), a PPO
+    minibatch update (policy forward with its value head, the clipped losses, backward; no reference), or an
+    RLOO or GRPO one (policy forward, the clipped surrogate, GRPO's KL term; no value head, no reference)."""
     cfg = GPTConfig(**SHAPES[model_name], score_head=algo == "ppo")
     torch.manual_seed(0)
     policy = GPT(cfg).to(DEVICE)
@@ -52,8 +54,13 @@ def step_time(model_name, impl, pairs, algo="dpo", prompt=8, response=65, reps=8
     if algo == "ppo":  # a rollout's tensors: old log-probs and values, advantages, returns
         batch += [torch.randn(batch[0].shape, device=DEVICE) * s for s in (0.1, 0.1, 1.0, 1.0)]
         batch[3] -= 3.0  # log-probs are negative
-    loss_fn = (lambda: pair_loss(policy, batch, ref, "dpo", 0.1, impl)) if algo == "dpo" else \
-        (lambda: ppo_loss(policy, batch, impl))
+    if algo in ("rloo", "grpo"):  # old and reference log-probs, one advantage per sequence
+        batch += [torch.randn(batch[0].shape, device=DEVICE) * 0.1 - 3.0 for _ in range(2)]
+        batch.append(torch.randn(batch[0].size(0), device=DEVICE))
+    loss_fn = {"dpo": lambda: pair_loss(policy, batch, ref, "dpo", 0.1, impl),
+               "ppo": lambda: ppo_loss(policy, batch, impl),
+               "rloo": lambda: critic_free_loss(policy, batch, "rloo", 0.05, impl),
+               "grpo": lambda: critic_free_loss(policy, batch, "grpo", 0.05, impl)}[algo]
     times = []
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -97,7 +104,7 @@ def main():
                                                  f"bench_step_{DEVICE}.json"))
     out = p.parse_args().out
     models, pairs, reps, gen = (("gpt2", "gpt2-large"), 64, 8, 256) if CUDA else (("tiny",), 2, 1, 4)
-    rows = [step_time(m, impl, pairs, algo, reps=reps) for algo in ("dpo", "ppo") for m in models
+    rows = [step_time(m, impl, pairs, algo, reps=reps) for algo in ("dpo", "ppo", "rloo", "grpo") for m in models
             for impl in ("triton", "reference")]
     gens = [sample_rate(m, gen) for m in models]
     env = dict(device=torch.cuda.get_device_name() if CUDA else "cpu (Triton interpreter)", torch=torch.__version__,

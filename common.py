@@ -164,12 +164,18 @@ def logprobs(policy, ref, idx, targets, mask, impl="auto", with_kl=False, hidden
     """Per-token and summed log-probs of the response tokens under the policy (with grad) and the
     reference: the hidden states go to the fused kernel with lm_head's weight, so no logits exist.
     hidden: the policy's hidden states when the caller has them already (PPO's value head reads them too)."""
-    h = policy(idx) if hidden is None else hidden
+    h = policy(idx, lengths=real_lengths(mask)) if hidden is None else hidden
     h_ref = w_ref = None
     if ref is not None:
         with torch.no_grad():
-            h_ref, w_ref = ref(idx), ref.lm_head.weight
+            h_ref, w_ref = ref(idx, lengths=real_lengths(mask)), ref.lm_head.weight
     return sequence_logprobs(h, unwrap(policy).lm_head.weight, h_ref, w_ref, targets, mask, with_kl=with_kl, impl=impl)
+
+
+def real_lengths(mask):
+    """The real tokens of each row of a right-padded batch (pack's): up to its last masked position. (B, T) -> (B,).
+    The model skips the padding after them in its MLPs (GPT.forward)."""
+    return mask.size(1) - mask.flip(1).int().argmax(1)
 
 
 def accuracy(margin):

@@ -82,9 +82,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, cache=None, layer=0):
+    def forward(self, x, mask=None, cache=None, layer=0, real=None):
         x = x + self.attn(self.ln_1(x), mask, cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        if real is None:
+            return x + self.mlp(self.ln_2(x))
+        # the MLP reads each position alone: run it on the real ones only (real: their indices in the flat (B*T, C))
+        flat = x.flatten(0, 1)
+        return flat.index_add(0, real, self.mlp(self.ln_2(flat.index_select(0, real))).to(x.dtype)).view_as(x)
 
 
 class KVCache:
@@ -140,10 +144,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, pos=None, mask=None, cache=None):
+    def forward(self, idx, pos=None, mask=None, cache=None, lengths=None):
         """idx (B, T) token ids -> hidden states (B, T, C) after ln_f.
         pos (B, T) positions (default 0..T-1); mask (B, 1, T, T_keys) boolean, True = may attend;
-        cache: a KVCache that this call appends to."""
+        cache: a KVCache that this call appends to.
+        lengths (B,): with right-padded rows, the count of real tokens of each; the MLPs (two thirds of the
+        compute) then skip the padding after them, whose states are left unfinished: no real position attends
+        to a later one, so theirs are the same."""
         B, T = idx.size()
         start = cache.len if cache is not None else 0
         if start + T > self.config.block_size:
@@ -151,8 +158,9 @@ class GPT(nn.Module):
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        real = None if lengths is None else (torch.arange(T, device=idx.device) < lengths[:, None]).flatten().nonzero()[:, 0]
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, i)
+            x = block(x, mask, cache, i, real)
         if cache is not None:
             cache.len += T
         return self.transformer.ln_f(x)

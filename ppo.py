@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (accuracy, amp, barrier, derive_seed, global_mean, logprobs, masked_mean, pack, rank_world, train,
-                    unwrap)
+from common import (accuracy, amp, barrier, derive_seed, global_mean, logprobs, masked_mean, pack, rank_world,
+                    real_lengths, train, unwrap)
 from data.corpus import write_atomic
 from settings import rollout_prompts, run_folder
 from stages import reward, sample, sample_and_score, score, score_batch
@@ -59,7 +59,7 @@ def with_zero_head(model, device):
 def bradley_terry_loss(model, batch):
     """-log sigmoid(r(x, y_w) - r(x, y_l)): chosen rows first, then the rejected ones, in score layout."""
     idx, mask = batch
-    s = unwrap(model).score(model(idx), mask).float()
+    s = unwrap(model).score(model(idx, lengths=real_lengths(mask)), mask).float()
     n = len(s) // 2
     margin = s[:n] - s[n:]
     return -F.logsigmoid(margin).mean(), {"acc": accuracy(margin)}
@@ -167,7 +167,7 @@ def value_loss(values, old_values, returns, mask):
 def ppo_loss(model, batch, impl):
     """One minibatch: the policy's log-probs from the fused kernel and the values from the same hidden states."""
     idx, targets, mask, old_logp, old_values, adv, returns = batch
-    h = model(idx)
+    h = model(idx, lengths=real_lengths(mask))
     logp = logprobs(model, None, idx, targets, mask, impl, hidden=h).token_pol
     values = unwrap(model).score_head(h).squeeze(-1).float()
     pg, clipfrac = policy_loss(logp, old_logp, adv, mask)
@@ -242,7 +242,7 @@ def rollout(policy, ref, score_fn, prompts, seed, args, eos):
     s = score_fn(prompts, responses).to(args.device)
     idx, targets, mask = (x.to(args.device) for x in pack(prompts, responses, args.block_size, eos))
     with amp(args.device):
-        h = policy(idx)
+        h = policy(idx, lengths=real_lengths(mask))
         out = logprobs(policy, ref, idx, targets, mask, args.impl, with_kl=True, hidden=h)
         values = None if policy.score_head is None else policy.score_head(h).squeeze(-1).float() * mask
     policy.train()

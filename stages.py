@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (accuracy, amp, barrier, derive_seed, layout, log, logprobs, make_model, masked_mean, pack,
-                    rank_world, sharded, train, unwrap)
+                    rank_world, real_lengths, sharded, train, unwrap)
 from data.corpus import load_checkpoint, save_checkpoint, write_atomic
 from model import left_pad
 
@@ -55,7 +55,7 @@ def sft(args, data, eos, vocab):
 def classifier_loss(model, batch):
     """Binary cross-entropy of the scalar head, read at the last input token (the text's last token)."""
     idx, targets, mask, labels = batch
-    logit = unwrap(model).score(model(idx), mask)
+    logit = unwrap(model).score(model(idx, lengths=real_lengths(mask)), mask)
     acc = accuracy(logit.float() * (2 * labels - 1))  # above 0: the side of the label
     return F.binary_cross_entropy_with_logits(logit.float(), labels), {"acc": acc}
 
@@ -130,7 +130,7 @@ def score(model, prompts, responses, eos, block_size, device):
     for i in range(0, len(prompts), 256):
         idx, mask = (x.to(device) for x in score_batch(prompts[i:i + 256], responses[i:i + 256], eos, block_size))
         with amp(device):
-            out.append(model.score(model(idx), mask).float().cpu())
+            out.append(model.score(model(idx, lengths=real_lengths(mask)), mask).float().cpu())
     return torch.cat(out)
 
 

@@ -38,8 +38,8 @@ def test_bench_step_runs(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "step ms" in res.stdout and "generate tiny" in res.stdout
     steps = json.load(open(out))["steps"]
-    assert [(r["algo"], r["impl"]) for r in steps] == [("dpo", "triton"), ("dpo", "reference"), ("ppo", "triton"),
-                                                       ("ppo", "reference")]
+    assert [(r["algo"], r["impl"]) for r in steps] == [(a, i) for a in ("dpo", "ppo", "rloo", "grpo")
+                                                       for i in ("triton", "reference")]
     assert all(r["tokens_per_s"] > 0 for r in steps)
 
 

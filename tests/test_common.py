@@ -462,3 +462,13 @@ def test_the_ranks_of_one_torchrun_share_the_lock_and_all_stop_when_it_is_taken(
                  nprocs=2)
     for r in (0, 1):
         assert f"{tmp_path}/out is in use by another command (process {os.getpid()})" in (tmp_path / f"taken.{r}").read_text()
+
+
+def test_real_lengths_of_packed_and_scored_batches():
+    """common.real_lengths: each row's real tokens (BOS + prompt + response, its last input position), the lengths
+    the model skips the padding after, for pack's batches and for the scalar heads' batches."""
+    prompts, responses = [[1, 2, 3], [4], []], [[5, EOS], [6, 7, 8, 9, 10, 11], [12]]
+    idx, _, mask = common.pack(prompts, responses, 64, EOS)
+    assert common.real_lengths(mask).tolist() == [1 + 3 + 2 - 1, 1 + 1 + 6 - 1, 1 + 0 + 1 - 1]
+    idx, mask = stages.score_batch(prompts, responses, EOS, 64)
+    assert common.real_lengths(mask).tolist() == [1 + 3 + 1, 1 + 1 + 6, 1 + 0 + 1] == mask.sum(1).tolist()

@@ -220,6 +220,50 @@ def test_generate_under_bf16_autocast_on_cpu():
     assert (a[:, 0] == fp32[:, 0]).all() and ((0 <= sampled) & (sampled < 97)).all()
 
 
+def ragged_batch(vocab=97, lengths=(9, 3, 14, 1, 6)):
+    """Right-padded rows of the given real lengths, padding a token the model never sees at a real position."""
+    g = torch.Generator().manual_seed(3)
+    idx = torch.full((len(lengths), max(lengths)), vocab - 1)
+    for i, n in enumerate(lengths):
+        idx[i, :n] = torch.randint(0, vocab - 1, (n,), generator=g)
+    return idx, torch.tensor(lengths), torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_skipping_the_padding_leaves_every_real_position_and_gradient_as_it_was(device):
+    """GPT.forward(lengths=): the MLPs run on the real positions only; their hidden states, and the gradients of
+    every parameter through them, are those of the full padded forward (and of each row alone)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=3, n_head=3, n_embd=48)).to(device)
+    idx, lengths, real = (x.to(device) for x in ragged_batch())
+    grads = []
+    for kw in ({}, {"lengths": lengths}):
+        m.zero_grad()
+        h = m(idx, **kw)
+        (h[real] ** 2).sum().backward()
+        grads.append(({n: p.grad.clone() for n, p in m.named_parameters()}, h[real].detach()))
+    (g_full, h_full), (g_skip, h_skip) = grads
+    torch.testing.assert_close(h_skip, h_full, rtol=0, atol=1e-5)
+    for n in g_full:
+        torch.testing.assert_close(g_skip[n], g_full[n], rtol=1e-4, atol=1e-5, msg=n)
+    alone = torch.cat([m(idx[i:i + 1, :n]).detach()[0] for i, n in enumerate(lengths.tolist())])
+    torch.testing.assert_close(h_skip, alone, rtol=0, atol=1e-5)
+    with torch.no_grad():  # and the padding was skipped: its states are left unfinished
+        assert (m(idx)[~real] - m(idx, lengths=lengths)[~real]).abs().max() > 1e-2
+
+
+def test_skipping_the_padding_under_bf16_autocast_on_cpu():
+    """Under bf16 autocast (what common.amp does on CUDA) the MLP's bf16 output joins the fp32 residual stream."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=32))
+    idx, lengths, real = ragged_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, skip = m(idx), m(idx, lengths=lengths)
+    torch.testing.assert_close(skip[real].float(), full[real].float(), rtol=0, atol=3e-2)
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_missing_tensor(tmp_path):
