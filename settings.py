@@ -211,9 +211,10 @@ def check_args(p, args):
         what = f"--ppo-batch {args.ppo_batch}" + f" / --group {args.group}" * (k > 1)
         if prompts < world:
             p.error(f"{what}: a rollout of {m} draws {prompts} prompts, fewer than the {world} torchrun processes")
-        if prompts // world * k < args.ppo_minibatches:
+        if prompts // world * k < args.ppo_minibatches:  # the fewest samples a rank gets: whole groups of k
+            share = f" / {world} processes" + f" (at least {prompts // world * k} samples each)" * (k > 1)
             p.error(f"--ppo-minibatches {args.ppo_minibatches} is more than --ppo-batch {args.ppo_batch}"
-                    + f" / {world} processes" * (world > 1) + f": a minibatch of {m} would be empty")
+                    + share * (world > 1) + f": a minibatch of {m} would be empty")
         if prompts > args.n_prompts:
             p.error(f"{what} is more than --n-prompts {args.n_prompts}: a rollout of {m} draws {prompts} different "
                     f"training prompts")

@@ -245,6 +245,9 @@ def test_fused_kernel_gives_the_reference_rloo_and_grpo_losses(tmp_path, monkeyp
      "--ppo-batch 256 / --group 2 is more than --n-prompts 100: a rollout of rloo draws 128 different"),
     (["--runs", "grpo:0.1", "--ppo-batch", "8", "--group", "4"], {"WORLD_SIZE": "4"},
      "--ppo-batch 8 / --group 4: a rollout of grpo draws 2 prompts, fewer than the 4 torchrun processes"),
+    # 4 prompts over 3 ranks: the smallest share is 1 prompt x 4 samples, fewer than 5 minibatches (16 / 3 is not)
+    (["--runs", "rloo:0.1", "--ppo-batch", "16", "--group", "4", "--ppo-minibatches", "5"], {"WORLD_SIZE": "3"},
+     "--ppo-minibatches 5 is more than --ppo-batch 16 / 3 processes (at least 4 samples each)"),
 ])
 def test_bad_group_settings_are_one_line(flags, env, message, capsys, monkeypatch):
     for k, v in env.items():
