@@ -329,8 +329,9 @@ def run(method, param, sft_model, ref, score_fn, train_prompts, evaluator, args,
 
     updates = args.ppo_epochs * args.ppo_minibatches
     return train(run_folder(method, param), policy, loss_fn, rollout_batches(new_rollout, n_prompts, train_prompts,
-                 args), args.ppo_iters * updates, args.ppo_lr, out=args.out, device=args.device, warmup=args.warmup,
-                 eval_every=args.ppo_eval_every * updates, evaluator=evaluator, log_every=args.log_every, state=state)
+                 args), args.ppo_iters * updates, args.ppo_lr, out=args.out, device=args.device, optimizer=args.optimizer,
+                 warmup=args.warmup, eval_every=args.ppo_eval_every * updates, evaluator=evaluator,
+                 log_every=args.log_every, state=state)
 
 
 def score_functions(sft_model, classifier, pairs, heldout, train_prompts, args, eos, scores):

@@ -105,7 +105,7 @@ def frontier_figure(out_dir, names=None):
         ax.scatter([0], [first["reward"]], c="black", marker="*", s=160, zorder=3, label=SFT_LABEL)
     ax.set(xlabel="KL(pi || pi_ref), summed over the response", ylabel="mean reward r*(x, y)",
            title=f"reward vs KL frontier ({os.path.basename(os.path.normpath(out_dir))})")
-    seen = "training examples seen (DPO family: pairs; PPO, RLOO, GRPO: sampled responses)"
+    seen = "training examples seen (pairs; online runs: samples)"
     ax_r.set(xlabel=seen, ylabel="mean reward r*(x, y)", title="reward during training")
     ax_k.set(xlabel=seen, ylabel="KL(pi || pi_ref)", title="KL during training")
     for a in (ax, ax_r, ax_k):

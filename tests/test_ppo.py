@@ -405,6 +405,16 @@ def test_the_kl_controller_reads_each_rollout_and_sets_the_next_ones_beta(tmp_pa
     assert made[1] != made[0]
 
 
+@pytest.mark.parametrize("method", ["ppo", "ppo-gt", "rloo", "grpo"])
+def test_online_runs_train_with_the_optimizer_asked_for(tmp_path, monkeypatch, method):
+    """--optimizer reaches every online run (the imdb preset's RMSprop; they trained with AdamW whatever it said)."""
+    got = {}
+    monkeypatch.setattr(ppo, "train", lambda *a, **k: got.update(k))
+    args = toy_args(tmp_path, "--optimizer", "rmsprop", "--runs", f"{method}:3")
+    ppo.run(method, 3.0, tiny_gpt(3), None, None, [[i] for i in range(40)], None, args, EOS)
+    assert got["optimizer"] == "rmsprop"
+
+
 def test_score_normalisation_gives_sft_samples_mean_0_std_1(tmp_path, monkeypatch):
     """normalised(score_fn): on the SFT samples it was fitted on, the normalised scores have mean 0 and std 1
     (scores spread by ~5, so dividing by the std and multiplying by it differ)."""
