@@ -363,3 +363,31 @@ def test_the_classifier_trains_on_crops_at_the_warmup_learning_rate(tmp_path, mo
     assert min(lengths) >= 8 and sum(n <= 16 for n in lengths) >= 8 and max(lengths) >= 24
     moves = [(rm.state_dict()[k] - v).abs().max().item() for k, v in before.items() if not k.startswith("score_head")]
     assert max(moves) == pytest.approx(1e-2 / 4, rel=1e-3)
+
+
+def test_sft_steps_down_the_nll_of_its_batch_at_the_warmup_learning_rate(tmp_path):
+    """stages.sft's one step: the next-token NLL of the batch it trained on goes down (a step up it would be a sign
+    error), and at --sft-lr / --warmup: AdamW's first step moves each weight by the learning rate, so the largest
+    move from the seeded initial weights is 1e-3 / 4."""
+    data = common.load_data(str(tmp_path / "data"), "tiny")
+    eos = WordTokenizer(data["words"]).eot_token
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out"), "--n-layer",
+                              "1", "--n-head", "2", "--n-embd", "32", "--batch", "8", "--sft-steps", "1",
+                              "--sft-lr", "1e-3", "--warmup", "4"])
+    before = common.make_model(args, eos + 1)  # seeded by --seed, as sft makes it
+    idx, targets, mask, _ = stages.review_batches(data["train"], 8, args.block_size, eos, args.seed)(0)
+    nll = lambda m: -common.masked_mean(common.logprobs(m, None, idx, targets, mask, "reference").token_pol, mask).item()
+    model = stages.sft(args, data, eos, eos + 1)
+    assert nll(model) < nll(before) - 1e-3
+    moves = [(p - q).abs().max().item() for p, q in zip(model.parameters(), before.parameters())]
+    assert max(moves) == pytest.approx(1e-3 / 4, rel=1e-3)
+
+
+def test_each_chunk_of_256_prompts_draws_from_its_own_seed():
+    """sample_and_score over 512 copies of one prompt: the second chunk (seeded by its start, 256) does not repeat
+    the first one's draws."""
+    args = SimpleNamespace(max_new_tokens=6, seed=0, device="cpu")
+    samples, scores = stages.sample_and_score(tiny_gpt(0), lambda p, s: torch.tensor([len(x) for x in s]),
+                                              [[1, 2]] * 512, args, EOS, "test")
+    assert len(samples) == 512 and scores == [len(s) for s in samples]
+    assert samples[256:] != samples[:256]
