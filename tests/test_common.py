@@ -526,13 +526,40 @@ def test_redo_remakes_a_stage_made_with_other_settings(tmp_path):
     """A stage folder recorded with other settings: refused without redo; with redo deleted (to be made again)
     and the new settings recorded."""
     out = str(tmp_path)
-    settings.check_settings(out, {"sft": {"sft_steps": 3}}, redo=False)
+    settings.check_settings(out, {"sft": {"sft_steps": 3}, "pairs.pt": {"n_prompts": 10}}, redo=False)
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "model.pt").write_bytes(b"old")
+    (tmp_path / "pairs.pt").write_bytes(b"old")
+    new = {"sft": {"sft_steps": 4}, "pairs.pt": {"n_prompts": 20}}
     with pytest.raises(UsageError, match=r"sft was made with other settings \(sft_steps 3 -> 4\)"):
-        settings.check_settings(out, {"sft": {"sft_steps": 4}}, redo=False)
-    settings.check_settings(out, {"sft": {"sft_steps": 4}}, redo=True)
-    assert not (tmp_path / "sft").exists() and json.load(open(tmp_path / "settings.json")) == {"sft": {"sft_steps": 4}}
+        settings.check_settings(out, new, redo=False)
+    settings.check_settings(out, new, redo=True)  # a folder and a file
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "pairs.pt").exists()
+    assert json.load(open(tmp_path / "settings.json")) == new
+
+
+def test_flags_at_their_bounds_are_accepted_and_one_past_refused():
+    """check_args at each edge: the last value a flag allows is accepted, the next one refused; and the defaults
+    of one process on a CPU (the tiny preset, out/tiny, the data folder beside settings.py, no --redo)."""
+    ok = [["--seed", "0"], ["--log-every", "1"], ["--warmup", "0"], ["--batch", "1"], ["--label-smoothing", "0"],
+          ["--max-new-tokens", "9", "--block-size", "18"], ["--max-new-tokens", "20", "--block-size", "29"],
+          ["--runs", "ppo-gt:3", "--ppo-batch", "4", "--ppo-minibatches", "4"],
+          ["--impl", "triton"],  # on a CPU with TRITON_INTERPRET=1 (conftest)
+          ["--preset", "imdb", "--block-size", "1024"]]
+    bad = [["--sft-steps", "0"], ["--label-smoothing", "0.5"], ["--best-of", "0,2"],
+           ["--max-new-tokens", "20", "--block-size", "28"],
+           ["--runs", "ppo-gt:3", "--ppo-batch", "4", "--ppo-minibatches", "5"],
+           ["--preset", "imdb", "--block-size", "1025"]]
+    for flags in ok:
+        settings.get_args(["--preset", "tiny", "--device", "cpu", *flags])
+    for flags in bad:
+        with pytest.raises(SystemExit):
+            settings.get_args(["--preset", "tiny", "--device", "cpu", *flags])
+    args = settings.get_args(["--device", "cpu"])
+    here = os.path.dirname(os.path.abspath(settings.__file__))
+    assert (args.preset, args.out, args.data_dir, args.redo) == ("tiny", os.path.join("out", "tiny"),
+                                                                 os.path.join(here, "data", "tiny"), False)
+    assert settings.get_args(["--device", "cpu", "--redo"]).redo is True
 
 
 def test_every_method_with_a_parameter_refuses_a_bad_one():
@@ -567,7 +594,8 @@ def test_held_out_prompts_of_the_reward_model_are_a_tenth_of_n_prompts_at_least_
 
 def test_check_data_counts_reviews_longer_than_min_chars(tmp_path):
     """check_data on a test split with 3 reviews longer than --min-chars 100 (and 2 of exactly 100): --n-eval 3 fits
-    (no PPO: no held-out prompts), 4 does not; with ppo-gt, --ppo-batch is checked against the train split's."""
+    (no PPO: no held-out prompts), 4 does not, nor 1 with ppo's 32 held-out prompts; with ppo-gt, --ppo-batch is
+    checked against the train split's."""
     split = lambda chars: Split(np.arange(5 * len(chars), dtype=np.uint16), np.arange(0, 5 * len(chars) + 1, 5),
                                 np.zeros(len(chars), np.uint8), np.array(chars, np.int32))
     data = dict(train=split([100, 150, 300, 100]), test=split([100, 101, 150, 100, 200]), tokenizer="words")
@@ -576,6 +604,8 @@ def test_check_data_counts_reviews_longer_than_min_chars(tmp_path):
     settings.check_data(args("--runs", "dpo:0.1", "--n-eval", "3"), data)
     with pytest.raises(UsageError, match="--n-eval 4: the test split of .* has 3 reviews longer than --min-chars 100"):
         settings.check_data(args("--runs", "dpo:0.1", "--n-eval", "4"), data)
+    with pytest.raises(UsageError, match="--n-eval 1 \\+ 32 held-out prompts of PPO's reward model: the test split"):
+        settings.check_data(args("--runs", "ppo:3", "--n-eval", "1", "--ppo-batch", "2"), data)  # ppo: 32 held out
     settings.check_data(args("--runs", "ppo-gt:3", "--n-eval", "3", "--ppo-batch", "2"), data)
     with pytest.raises(UsageError, match="--ppo-batch 3: the train split of .* has 2 reviews longer than"):
         settings.check_data(args("--runs", "ppo-gt:3", "--n-eval", "3", "--ppo-batch", "3"), data)
