@@ -352,7 +352,8 @@ def write_safetensors(path, tensors):
     header, body = {"__metadata__": {"format": "pt"}}, b""
     for name, t in tensors.items():
         data = t.contiguous().numpy().tobytes()
-        header[name] = dict(dtype="F32", shape=list(t.shape), data_offsets=[len(body), len(body) + len(data)])
+        dtype = {torch.float32: "F32", torch.float16: "F16"}[t.dtype]
+        header[name] = dict(dtype=dtype, shape=list(t.shape), data_offsets=[len(body), len(body) + len(data)])
         body += data
     raw = json.dumps(header).encode()
     with open(path, "wb") as f:
@@ -376,9 +377,10 @@ def test_a_hugging_face_folder_by_hand_loads_its_weights(tmp_path):
         m = GPT.from_pretrained(str(tmp_path), score_head=score_head)
         assert all(torch.equal(v, m.state_dict()[k]) for k, v in src.state_dict().items())
         assert (m.score_head is not None) == score_head
-    write_safetensors(tmp_path / "odd.safetensors", {"empty": torch.zeros(0), "w": torch.ones(2, 3)})
+    write_safetensors(tmp_path / "odd.safetensors", {"empty": torch.zeros(0, 3).half(), "w": torch.ones(2, 3)})
     got = read_safetensors(str(tmp_path / "odd.safetensors"))
-    assert got["empty"].shape == (0,) and torch.equal(got["w"], torch.ones(2, 3))
+    assert got["empty"].shape == (0, 3) and got["empty"].dtype == torch.float16
+    assert torch.equal(got["w"], torch.ones(2, 3))
     data = bytearray(open(tmp_path / "odd.safetensors", "rb").read())
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8:8 + n].decode())
