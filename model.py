@@ -299,7 +299,9 @@ def read_safetensors(path):
             count = math.prod(info["shape"])
             if not 0 <= begin <= end <= len(body) or end - begin != count * dtype.itemsize:
                 raise ValueError(f"tensor {name!r} lies outside the file or has the wrong byte count")
-            sd[name] = torch.frombuffer(body, dtype=dtype, count=count, offset=begin).view(info["shape"])
+            flat = (torch.frombuffer(body, dtype=dtype, count=count, offset=begin) if count
+                    else torch.empty(0, dtype=dtype))  # frombuffer refuses count 0: an empty tensor is made, not read
+            sd[name] = flat.view(info["shape"])
     except (struct.error, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
     return sd

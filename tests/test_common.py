@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -134,6 +135,89 @@ def test_masked_mean():
     x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 5.0]])
     mask = torch.tensor([[True, True, False], [True, False, True]])
     assert common.masked_mean(x, mask).item() == pytest.approx((1 + 2 + 3 + 5) / 4)
+
+
+def test_the_longest_prompt_that_fits_is_block_size_minus_2_tokens():
+    """BOS + a prompt of block_size - 2 tokens leaves one position for the response: packed, not refused."""
+    idx, targets, mask = common.pack([list(range(62))], [[1, 2, EOS]], 64, EOS)
+    assert idx.shape == (1, 64) and mask[0].nonzero().flatten().tolist() == [62, 63]
+    assert targets[0, 62:].tolist() == [1, 2]  # the response cut at the block size
+
+
+def test_logprobs_hands_the_impl_to_the_kernel():
+    """The impl asked for (--impl) reaches the kernel: an unknown one is refused there, not replaced by the default."""
+    idx, targets, mask = common.pack([[1, 2]], [[3, EOS]], 64, EOS)
+    with pytest.raises(ValueError, match="impl must be 'auto', 'triton' or 'reference', got 'fused'"):
+        common.logprobs(tiny_gpt(0), None, idx, targets, mask, "fused")
+
+
+def test_accuracy_counts_every_margin_above_0_and_ties_half():
+    """Hand-worked: margins 0.5, -0.3, 0, 2, 1e-3 -> (1 + 0 + 0.5 + 1 + 1) / 5, small margins as much as large."""
+    assert common.accuracy(torch.tensor([0.5, -0.3, 0.0, 2.0, 1e-3])) == pytest.approx(0.7)
+
+
+def test_global_mean_of_one_process_is_its_values_in_float64():
+    """Without torchrun the means are the values themselves, not rounded through float32 (PPO's whitening sums
+    squares of thousands of tokens with it)."""
+    xs = (0.1, 2.0 ** 40 + 0.5, 3)
+    assert common.global_mean(*xs, device="cpu") == [0.1, 2.0 ** 40 + 0.5, 3.0]
+
+
+def test_sharded_hands_out_chunks_of_256_in_order():
+    """One process: fn sees every chunk of 256 items with its start, and the results come back flattened in order."""
+    seen = []
+    out = common.sharded(lambda xs, i: seen.append((i, len(xs))) or [(i, x) for x in xs], list(range(600)))
+    assert seen == [(0, 256), (256, 256), (512, 88)]
+    assert out == [(256 * (x // 256), x) for x in range(600)]
+
+
+def test_prompts_are_distinct_reviews_over_min_chars_and_every_length_2_to_8():
+    """make_prompts on 300 reviews, 150 of exactly min_chars characters (not long enough) and 150 of one more: all 150
+    long ones, each once, each prompt a prefix of its review of 2 to 8 tokens, every length among 150 draws."""
+    reviews = [[1000 + i] + list(range(1, 12)) for i in range(300)]  # the first token says which review
+    chars = np.array([100 + i % 2 for i in range(300)], np.int32)
+    split = Split(np.array(sum(reviews, []), np.uint16), np.arange(0, 12 * 301, 12), np.zeros(300, np.uint8), chars)
+    prompts = common.make_prompts(split, 150, 100, np.random.default_rng(0))
+    firsts = sorted(p[0] - 1000 for p in prompts)
+    assert firsts == list(range(1, 300, 2))  # the long reviews, each once
+    assert all(p == reviews[p[0] - 1000][:len(p)] for p in prompts)
+    assert sorted({len(p) for p in prompts}) == [2, 3, 4, 5, 6, 7, 8]
+
+
+def test_make_model_from_scratch_has_the_settings_shape_and_seed():
+    """A GPT from scratch: the layers, heads, width, positions and vocabulary asked for, no scalar head unless asked,
+    the same weights for the same --seed and others for another."""
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--n-layer", "3", "--n-head", "4", "--n-embd",
+                              "48", "--block-size", "72", "--seed", "5"])
+    model = common.make_model(args, 123)
+    assert len(model.transformer.h) == 3 and model.transformer.h[0].attn.n_head == 4
+    assert model.transformer.wte.weight.shape == (123, 48) and model.transformer.wpe.weight.shape == (72, 48)
+    assert model.score_head is None and common.make_model(args, 123, score_head=True).score_head.weight.shape == (1, 48)
+    again = common.make_model(args, 123).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+    args.seed = 6
+    assert not torch.equal(common.make_model(args, 123).transformer.wte.weight, model.transformer.wte.weight)
+
+
+def test_a_pretrained_model_is_the_folder_s_weights_without_dropout(tmp_path):
+    """--init pretrained with a Hugging Face folder (config.json, pytorch_model.bin with Conv1D weights stored
+    (in, out)): the folder's weights, dropout 0 (training mode gives the same hidden states as evaluation), and a
+    scalar head only when asked."""
+    src = tiny_gpt(3).eval()
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    sd = {k: (v.t() if k.endswith(conv1d) else v).contiguous() for k, v in src.state_dict().items()
+          if not k.startswith("lm_head")}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    config = dict(n_positions=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = SimpleNamespace(init="pretrained", model=str(tmp_path), device="cpu", seed=0)
+    idx = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
+    for score_head in (False, True):
+        model = common.make_model(args, 257, score_head=score_head).train()
+        assert (model.score_head is not None) == score_head and model.config.dropout == 0
+        assert all(torch.equal(p, model.state_dict()[k]) for k, p in src.state_dict().items())
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx), src(idx), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the training loop: resume, NaN, DDP
@@ -291,6 +375,58 @@ def test_train_steps_are_adamw_on_clipped_gradients_with_linear_warmup(tmp_path,
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"after {t} steps")
 
 
+def test_train_steps_with_rmsprop_are_rmsprop_on_clipped_gradients(tmp_path):
+    """optimizer="rmsprop" (--optimizer, the paper's DPO optimizer) against RMSprop written out in float64:
+    v = 0.99 v + 0.01 g^2, w -= lr g / (sqrt(v) + 1e-8), on clipped gradients, with the linear warm-up."""
+    G = [[30.0, 40.0], [0.3, -0.1], [-3.0, 4.0], [0.5, 0.5], [1.0, -2.0]]
+    model = Linear2()
+    common.train("w", model, lambda m, batch: (m(batch[0]), {}), lambda step: [torch.tensor(G[step])], len(G), 0.01,
+                 out=str(tmp_path), device="cpu", optimizer="rmsprop", warmup=2)
+    w, v = torch.tensor([0.5, -0.25], dtype=torch.float64), 0.0
+    for t, g in enumerate(G, start=1):
+        g = torch.tensor(g, dtype=torch.float64)
+        g = g * min(1.0, 1.0 / (g.norm().item() + 1e-6))
+        v = 0.99 * v + 0.01 * g * g
+        w = w - 0.01 * min(1.0, t / 2) * g / (v.sqrt() + 1e-8)
+    torch.testing.assert_close(model.w.detach().double(), w, rtol=0, atol=1e-6)
+
+
+def test_evaluations_samples_and_state_of_a_resumed_run_are_those_of_an_uninterrupted_one(tmp_path):
+    """common.train, 7 steps, an evaluator every 2 and a checkpoint every 3, a state the loss counts its steps in.
+    eval.jsonl: the step and the evaluator's numbers at steps 0, 2, 4, 6 and 7; samples.jsonl its samples, each
+    with its step. Killed at step 5, the checkpoint is the one after step 3 (step 3, state 3) and the records of
+    steps 0 and 2 are kept; resumed, the files, weights and state equal those of an uninterrupted run; a finished
+    stage hands its state back to a new caller."""
+    G = [[0.3, -0.1], [1.0, 2.0], [-0.5, 0.25], [0.5, 0.5], [1.0, -2.0], [0.1, 0.7], [-0.4, -0.2]]
+
+    def run(name, interrupt=None):
+        model, state = Linear2(), {"n": 0}
+
+        def loss_fn(m, batch):
+            state["n"] += 1
+            return m(batch[0]), {}
+        evaluator = lambda m, step: dict(w0=m.w[0].item(), half=step / 2, samples=[dict(text=f"at {step}")])
+        common.train(name, model, loss_fn, interrupt_at(lambda s: [torch.tensor(G[s])], interrupt), 7, 0.1,
+                     out=str(tmp_path), device="cpu", eval_every=2, ckpt_every=3, evaluator=evaluator, state=state)
+        return model, state
+    read = lambda name, f: [json.loads(x) for x in open(tmp_path / name / f)]
+    full, full_state = run("full")
+    records = read("full", "eval.jsonl")
+    assert [r["step"] for r in records] == [0, 2, 4, 6, 7] and full_state == {"n": 7}
+    assert all(set(r) == {"step", "w0", "half"} and r["half"] == r["step"] / 2 for r in records)
+    assert read("full", "samples.jsonl") == [dict(step=s, text=f"at {s}") for s in (0, 2, 4, 6, 7)]
+    with pytest.raises(Interrupted):
+        run("resumed", interrupt=5)
+    saved = load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))
+    assert saved["step"] == 3 and saved["state"] == {"n": 3}
+    resumed, resumed_state = run("resumed")
+    assert read("resumed", "eval.jsonl") == records
+    assert read("resumed", "samples.jsonl") == read("full", "samples.jsonl")
+    assert torch.equal(resumed.w, full.w) and resumed_state == {"n": 7}
+    again, again_state = run("resumed")  # done already: model.pt's weights and state, no step taken
+    assert torch.equal(again.w, full.w) and again_state == {"n": 7}
+
+
 # ---------------------------------------------------------------- the settings record
 
 RUNS = "dpo:0.1,cdpo:0.1,ppo:3,ppo-gt:3,rloo:0.1,grpo:0.1"
@@ -386,6 +522,95 @@ def test_the_settings_record_keeps_the_stages_a_command_did_not_name(tmp_path):
     (tmp_path / "runs" / "dpo_0.1").mkdir(parents=True)
     with pytest.raises(UsageError, match=r"runs/dpo_0.1 was made with other settings \(dpo_lr 1.0 -> 2.0\)"):
         settings.check_settings(out, {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 2.0}}, redo=False)
+
+
+def test_redo_remakes_a_stage_made_with_other_settings(tmp_path):
+    """A stage folder recorded with other settings: refused without redo; with redo deleted (to be made again)
+    and the new settings recorded."""
+    out = str(tmp_path)
+    settings.check_settings(out, {"sft": {"sft_steps": 3}, "pairs.pt": {"n_prompts": 10}}, redo=False)
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "model.pt").write_bytes(b"old")
+    (tmp_path / "pairs.pt").write_bytes(b"old")
+    new = {"sft": {"sft_steps": 4}, "pairs.pt": {"n_prompts": 20}}
+    with pytest.raises(UsageError, match=r"sft was made with other settings \(sft_steps 3 -> 4\)"):
+        settings.check_settings(out, new, redo=False)
+    settings.check_settings(out, new, redo=True)  # a folder and a file
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "pairs.pt").exists()
+    assert json.load(open(tmp_path / "settings.json")) == new
+
+
+def test_flags_at_their_bounds_are_accepted_and_one_past_refused():
+    """check_args at each edge: the last value a flag allows is accepted, the next one refused; and the defaults
+    of one process on a CPU (the tiny preset, out/tiny, the data folder beside settings.py, seed 1337, no --redo)."""
+    ok = [["--seed", "0"], ["--log-every", "1"], ["--warmup", "0"], ["--batch", "1"], ["--label-smoothing", "0"],
+          ["--max-new-tokens", "9", "--block-size", "18"], ["--max-new-tokens", "20", "--block-size", "29"],
+          ["--runs", "ppo-gt:3", "--ppo-batch", "4", "--ppo-minibatches", "4"],
+          ["--impl", "triton"], ["--impl", "auto"],  # triton on a CPU with TRITON_INTERPRET=1 (conftest)
+          ["--preset", "imdb", "--block-size", "1024"]]
+    bad = [["--sft-steps", "0"], ["--label-smoothing", "0.5"], ["--best-of", "0,2"],
+           ["--max-new-tokens", "20", "--block-size", "28"],
+           ["--runs", "ppo-gt:3", "--ppo-batch", "4", "--ppo-minibatches", "5"],
+           ["--preset", "imdb", "--block-size", "1025"], ["--impl", "fused"], ["--preset", "huge"]]
+    for flags in ok:
+        settings.get_args(["--preset", "tiny", "--device", "cpu", *flags])
+    for flags in bad:
+        with pytest.raises(SystemExit):
+            settings.get_args(["--preset", "tiny", "--device", "cpu", *flags])
+    args = settings.get_args(["--device", "cpu"])
+    here = os.path.dirname(os.path.abspath(settings.__file__))
+    assert (args.preset, args.out, args.data_dir, args.seed, args.redo) == (
+        "tiny", os.path.join("out", "tiny"), os.path.join(here, "data", "tiny"), 1337, False)
+    assert settings.get_args(["--device", "cpu", "--redo"]).redo is True
+
+
+def test_every_method_with_a_parameter_refuses_a_bad_one():
+    """parse_runs: beta, alpha or the target KL must be > 0 for each method that takes one; orpo's lambda must be
+    given and >= 0; the value is kept as given."""
+    for m in ("dpo", "ipo", "cdpo", "simpo", "kto", "ul", "ppo", "ppo-gt"):
+        for bad in (f"{m}:0", f"{m}:-0.5", m):
+            with pytest.raises(ValueError, match=f"{m} needs"):
+                settings.parse_runs(bad)
+        assert settings.parse_runs(f"{m}:0.5") == [(m, 0.5)]
+    for bad in ("orpo", "orpo:-0.1"):
+        with pytest.raises(ValueError, match="orpo needs lambda >= 0"):
+            settings.parse_runs(bad)
+    assert settings.parse_runs("orpo:0,orpo:0.1") == [("orpo", 0.0), ("orpo", 0.1)]
+
+
+def test_the_sft_record_names_the_pretrained_weights():
+    """--init pretrained: the SFT stage (and so every stage after it) records which GPT-2 it started from, so that
+    another --model is not served the old stages; from scratch it records none."""
+    plan = lambda *flags: settings.stage_plan(settings.get_args(["--device", "cpu", "--runs", "dpo:0.1", *flags]),
+                                              "0" * 64)
+    small, medium = plan("--preset", "imdb", "--model", "gpt2"), plan("--preset", "imdb", "--model", "gpt2-medium")
+    assert small["sft"]["model"] == "gpt2" and medium["sft"]["model"] == "gpt2-medium"
+    assert all(small[s] != medium[s] for s in small)
+    assert plan("--preset", "tiny")["sft"]["model"] is None
+
+
+def test_held_out_prompts_of_the_reward_model_are_a_tenth_of_n_prompts_at_least_32():
+    assert [settings.n_heldout(SimpleNamespace(n_prompts=n)) for n in (200, 339, 1000, 25000)] == [32, 33, 100, 2500]
+    assert isinstance(settings.n_heldout(SimpleNamespace(n_prompts=1000)), int)
+
+
+def test_check_data_counts_reviews_longer_than_min_chars(tmp_path):
+    """check_data on a test split with 3 reviews longer than --min-chars 100 (and 2 of exactly 100): --n-eval 3 fits
+    (no PPO: no held-out prompts), 4 does not, nor 1 with ppo's 32 held-out prompts; with ppo-gt, --ppo-batch is
+    checked against the train split's."""
+    split = lambda chars: Split(np.arange(5 * len(chars), dtype=np.uint16), np.arange(0, 5 * len(chars) + 1, 5),
+                                np.zeros(len(chars), np.uint8), np.array(chars, np.int32))
+    data = dict(train=split([100, 150, 300, 100]), test=split([100, 101, 150, 100, 200]), tokenizer="words")
+    args = lambda *flags: settings.get_args(["--preset", "tiny", "--device", "cpu", "--data-dir", str(tmp_path),
+                                             "--min-chars", "100", "--ppo-minibatches", "1", *flags])
+    settings.check_data(args("--runs", "dpo:0.1", "--n-eval", "3"), data)
+    with pytest.raises(UsageError, match="--n-eval 4: the test split of .* has 3 reviews longer than --min-chars 100"):
+        settings.check_data(args("--runs", "dpo:0.1", "--n-eval", "4"), data)
+    with pytest.raises(UsageError, match="--n-eval 1 \\+ 32 held-out prompts of PPO's reward model: the test split"):
+        settings.check_data(args("--runs", "ppo:3", "--n-eval", "1", "--ppo-batch", "2"), data)  # ppo: 32 held out
+    settings.check_data(args("--runs", "ppo-gt:3", "--n-eval", "3", "--ppo-batch", "2"), data)
+    with pytest.raises(UsageError, match="--ppo-batch 3: the train split of .* has 2 reviews longer than"):
+        settings.check_data(args("--runs", "ppo-gt:3", "--n-eval", "3", "--ppo-batch", "3"), data)
 
 
 def _outcome_on_rank(rank, world, port, out, result, job):

@@ -2,8 +2,13 @@
 
     python -m pytest tests/test_model.py      (CPU; the `gpu` tests need CUDA)
 """
+import copy
+import hashlib
 import io
+import json
+import math
 import os
+import struct
 import urllib.error
 
 import pytest
@@ -80,6 +85,83 @@ def test_lm_head_is_tied_and_dropout_configurable():
     assert m.lm_head.weight is m.transformer.wte.weight
     assert m.transformer.h[0].attn.dropout == 0.25
     assert m(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 8)  # hidden states, not logits
+
+
+def f64_gpt2(m, idx):
+    """GPT-2's forward written out in float64 from the state dict: embeddings of tokens and positions 0..T-1, per
+    block x += attn(ln_1(x)) (causal softmax over heads), x += mlp(ln_2(x)) with the tanh GELU, then ln_f."""
+    sd = {k: v.double() for k, v in m.state_dict().items()}
+    B, T = idx.shape
+    C, H = m.config.n_embd, m.config.n_head
+
+    def ln(x, name):
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / (var + 1e-5).sqrt() * sd[name + ".weight"] + sd[name + ".bias"]
+    linear = lambda x, name: x @ sd[name + ".weight"].T + sd[name + ".bias"]
+    x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][torch.arange(T)]
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    for layer in range(m.config.n_layer):
+        p = f"transformer.h.{layer}."
+        qkv = linear(ln(x, p + "ln_1"), p + "attn.c_attn").split(C, -1)
+        q, k, v = (t.reshape(B, T, H, C // H).transpose(1, 2) for t in qkv)
+        att = (q @ k.transpose(-1, -2) / math.sqrt(C // H)).masked_fill(future, float("-inf")).softmax(-1)
+        x = x + linear((att @ v).transpose(1, 2).reshape(B, T, C), p + "attn.c_proj")
+        a = linear(ln(x, p + "ln_2"), p + "mlp.c_fc")
+        x = x + linear(0.5 * a * (1 + torch.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a ** 3))), p + "mlp.c_proj")
+    return ln(x, "transformer.ln_f")
+
+
+def test_forward_is_gpt2_written_out_in_float64():
+    """model(idx) against f64_gpt2 on every weight perturbed (biases and LayerNorms not at their init), a sequence
+    of the whole block size: the same hidden states in training and evaluation mode (dropout 0); one token more
+    than the block is refused."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=8))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    idx = torch.randint(50, (3, 16))
+    want = f64_gpt2(m, idx)
+    m64 = copy.deepcopy(m).double()
+    for mode in (True, False):
+        torch.testing.assert_close(m64.train(mode)(idx), want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(m.eval()(idx).double(), want, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="sequence of 17 tokens is longer than block_size 16"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_init_is_gpt2s_normal_0_02_with_scaled_residual_projections():
+    """Weights N(0, 0.02), the residual projections (c_proj) N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorms
+    (1, 0); measured on 8 layers of width 64 (tens of thousands of draws per group, std within 3%)."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=500, n_layer=8, n_head=4, n_embd=64))
+    groups = {"proj": [], "other": []}
+    for name, p in m.named_parameters():
+        if name.endswith("c_proj.weight"):
+            groups["proj"].append(p.detach().flatten())
+        elif name.endswith(".weight") and p.dim() == 2:
+            groups["other"].append(p.detach().flatten())
+        elif name.endswith("bias"):
+            assert p.abs().max() == 0, name
+        else:  # LayerNorm weights
+            assert torch.equal(p, torch.ones_like(p)), name
+    for group, std in (("proj", 0.02 / 4), ("other", 0.02)):
+        w = torch.cat(groups[group]).double()
+        assert w.std().item() == pytest.approx(std, rel=0.03), group
+        assert abs(w.mean().item()) < 4 * std / len(w) ** 0.5, group
+    assert m.score_head is None
+
+
+def test_score_head_reads_the_hidden_state_of_each_rows_last_true():
+    """score(h, mask) = score_head(h[i, n_i - 1]) with n_i the row's True count, for rows of 1, 3 and 6 tokens."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=8, score_head=True))
+    h = torch.randn(3, 6, 8)
+    mask = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1] * 6], dtype=torch.bool)
+    with torch.no_grad():
+        want = torch.stack([h[i, n - 1] @ m.score_head.weight[0] + m.score_head.bias[0]
+                            for i, n in enumerate((1, 3, 6))])
+        torch.testing.assert_close(m.score(h, mask), want)
 
 
 @pytest.mark.parametrize("temperature,top_k", [(0, None), (1.0, None), (0.8, 20)])
@@ -308,6 +390,51 @@ def test_safetensors_reader_matches_library(tmp_path):
     assert all(torch.equal(back[k], v) for k, v in sd.items())
 
 
+def write_safetensors(path, tensors):
+    """A safetensors file written out by hand: 8-byte little-endian header size, the JSON header (with the
+    __metadata__ entry every Hugging Face file has), then the raw bytes."""
+    header, body = {"__metadata__": {"format": "pt"}}, b""
+    for name, t in tensors.items():
+        data = t.contiguous().numpy().tobytes()
+        dtype = {torch.float32: "F32", torch.float16: "F16"}[t.dtype]
+        header[name] = dict(dtype=dtype, shape=list(t.shape), data_offsets=[len(body), len(body) + len(data)])
+        body += data
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + body)
+
+
+def test_a_hugging_face_folder_by_hand_loads_its_weights(tmp_path):
+    """A folder in Hugging Face's GPT-2 layout (config.json, model.safetensors with "transformer." names, Conv1D
+    weights stored (in, out), the causal-mask buffers and lm_head.weight): from_pretrained has every weight of the
+    model it was written from, and a scalar head only when asked; an empty tensor reads as one, a
+    tensor whose byte count is not its shape's is refused."""
+    torch.manual_seed(0)
+    src = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=8))
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    sd = {k: (v.t() if k.endswith(conv1d) else v) for k, v in src.state_dict().items()}
+    sd |= {f"transformer.h.{i}.attn.bias": torch.ones(1, 1, 16, 16).tril() for i in range(2)}
+    write_safetensors(tmp_path / "model.safetensors", sd)  # lm_head.weight included, as Hugging Face saves it
+    config = dict(n_positions=16, vocab_size=50, n_layer=2, n_head=2, n_embd=8)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for score_head in (False, True):
+        m = GPT.from_pretrained(str(tmp_path), score_head=score_head)
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in src.state_dict().items())
+        assert (m.score_head is not None) == score_head
+    write_safetensors(tmp_path / "odd.safetensors", {"empty": torch.zeros(0, 3).half(), "w": torch.ones(2, 3)})
+    got = read_safetensors(str(tmp_path / "odd.safetensors"))
+    assert got["empty"].shape == (0, 3) and got["empty"].dtype == torch.float16
+    assert torch.equal(got["w"], torch.ones(2, 3))
+    data = bytearray(open(tmp_path / "odd.safetensors", "rb").read())
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n].decode())
+    header["w"]["shape"] = [2, 2]  # 16 bytes announced by the shape, 24 by the offsets (all inside the file)
+    raw = json.dumps(header).encode()
+    open(tmp_path / "odd.safetensors", "wb").write(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    with pytest.raises(ValueError, match="tensor 'w' lies outside the file or has the wrong byte count"):
+        read_safetensors(str(tmp_path / "odd.safetensors"))
+
+
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'gpt3'"):
         GPT.from_pretrained("gpt3")
@@ -342,6 +469,45 @@ def test_download_completes_and_is_reused(tmp_path, monkeypatch):
     assert os.path.getsize(path) == 1000 and not os.path.exists(path + ".part")
     monkeypatch.setattr(model_module.urllib.request, "urlopen", None)  # a second call must not download
     assert model_module.download_gpt2("gpt2", str(tmp_path)) == path
+
+
+class ChunkedResponse(io.BytesIO):
+    """An HTTP response that sends its body in chunks of at most 300 bytes, with the headers given."""
+
+    def __init__(self, body, headers):
+        super().__init__(body)
+        self.headers = headers
+
+    def read(self, n=-1):
+        return super().read(min(n, 300) if n > 0 else 300)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Content-Length": "1000"}, {"X-Linked-Etag": '"SHA"'}, {"ETag": '"SHA"'}],
+                         ids=["no-length", "length", "x-linked-etag", "etag"])
+def test_download_in_chunks_checks_its_size_and_sha256(tmp_path, monkeypatch, headers):
+    """download over a connection that sends 1000 bytes in chunks of 300, into a folder that exists already (as an
+    interrupted download leaves it): the file is complete whether or not the server sends its length, and it is
+    checked against a sha256 sent as the (quoted) ETag; a wrong one is refused and leaves nothing."""
+    body = bytes(range(256)) * 3 + bytes(232)
+    sha = hashlib.sha256(body).hexdigest()
+    urls = []
+
+    def serve(digest):
+        def urlopen(url, timeout):
+            urls.append(url)
+            return ChunkedResponse(body, {k: v.replace("SHA", digest) for k, v in headers.items()})
+        return urlopen
+    path = str(tmp_path / "gpt2" / "model.safetensors")
+    os.makedirs(os.path.dirname(path))
+    monkeypatch.setattr(model_module.urllib.request, "urlopen", serve(sha))
+    model_module.download("https://example.org/w", path)
+    assert open(path, "rb").read() == body and urls == ["https://example.org/w"]
+    if any("SHA" in v for v in headers.values()):
+        os.remove(path)
+        monkeypatch.setattr(model_module.urllib.request, "urlopen", serve(hashlib.sha256(b"other").hexdigest()))
+        with pytest.raises(IOError, match="has sha256 " + sha):
+            model_module.download("https://example.org/w", path)
+        assert os.listdir(tmp_path / "gpt2") == []
 
 
 def test_offline_error_says_where_to_put_weights(tmp_path, monkeypatch):

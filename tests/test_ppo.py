@@ -430,3 +430,73 @@ def test_score_normalisation_gives_sft_samples_mean_0_std_1(tmp_path, monkeypatc
     assert args[1] == prompts and (tmp_path / "score_norm_test.json").exists()
     assert len(samples) == 24 and raw.std() > 2
     assert z.mean().item() == pytest.approx(0, abs=1e-5) and z.std().item() == pytest.approx(1, abs=1e-5)
+
+
+# ---------------------------------------------------------------- the copies, the wiring of the runs
+
+def test_with_zero_head_is_a_copy_with_its_own_weights():
+    """The policy and the reward model start as copies of the SFT model: changing the copy leaves the original
+    (pi_ref) as it was; the copy's head is zero, the original keeps none."""
+    model = tiny_gpt(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copied = ppo.with_zero_head(model, "cpu")
+    assert all(torch.equal(v, copied.state_dict()[k]) for k, v in before.items())
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and model.score_head is None
+    assert copied.score_head.weight.abs().max() == 1 and copied.score_head.bias.item() == 1  # 0, then + 1
+
+
+def test_whitening_equal_advantages_gives_zeros_not_nan():
+    """Every advantage of the rollout equal (variance 0): whitened to 0, where 1e-8 keeps the square root real."""
+    x = torch.full((2, 4), 0.5)
+    mask = torch.tensor([[False, True, True, True], [False, False, True, False]])
+    white = ppo.whiten(x, mask)
+    assert white.dtype == torch.float32 and torch.equal(white, torch.zeros(2, 4))  # real, not complex
+
+
+def test_the_impl_asked_for_reaches_the_kernel(tmp_path):
+    """--impl goes from ppo_loss to the kernel: an unknown one is refused there, not replaced by the default."""
+    policy = tiny_gpt(0, score_head=True)
+    data, _ = ppo.rollout(policy, tiny_gpt(1), low_bytes, [[1, 2], [3]], 0.1, 0, toy_args(tmp_path), EOS)
+    with pytest.raises(ValueError, match="impl must be 'auto', 'triton' or 'reference', got 'fused'"):
+        ppo.ppo_loss(policy, data, "fused")
+
+
+def test_the_reward_model_steps_at_its_warmup_rate_evaluates_every_eval_every_and_repeats(tmp_path):
+    """reward_model: its first step at --bt-lr / --warmup (AdamW's first step moves each weight of the zero head
+    that has a gradient by the learning rate); held-out accuracy at steps 0, 2 and 3 of 3 with --eval-every 2;
+    the same settings give the same weights (the batches are seeded)."""
+    pairs, heldout = toy_pairs(32, 1), toy_pairs(8, 2)
+    flags = ["--preset", "tiny", "--batch", "8", "--bt-lr", "1e-2", "--block-size", "64", "--max-new-tokens", "8"]
+    args = settings.get_args(["--device", "cpu", *flags, "--out", str(tmp_path / "one"), "--bt-steps", "1",
+                              "--warmup", "4"])
+    rm = ppo.reward_model(tiny_gpt(1), pairs, heldout, args, EOS)
+    assert rm.score_head.weight.abs().max().item() == pytest.approx(1e-2 / 4, rel=1e-3)
+    models = []
+    for out in ("a", "b"):
+        args = settings.get_args(["--device", "cpu", *flags, "--out", str(tmp_path / out), "--bt-steps", "3",
+                                  "--eval-every", "2", "--warmup", "1"])
+        models.append(ppo.reward_model(tiny_gpt(1), pairs, heldout, args, EOS))
+        steps = [json.loads(x)["step"] for x in open(tmp_path / out / "reward_model" / "eval.jsonl")]
+        assert steps == [0, 2, 3]
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
+
+
+def test_a_ppo_run_on_exactly_ppo_batch_prompts(tmp_path, monkeypatch):
+    """ppo.run with as many training prompts as --ppo-batch (allowed): every rollout holds each prompt once;
+    evaluations every --ppo-eval-every iterations and at the end; the first step at --ppo-lr / --warmup (the
+    zero value head's bias, which the value loss moves, moves by the learning rate on AdamW's first step)."""
+    prompts = [[i + 1, 2 * i + 3] for i in range(8)]
+    rollouts = recording(monkeypatch, ppo, "rollout")
+    evaluator = lambda m, step: dict(kl=0.0)
+    flags = ["--ppo-batch", "8", "--ppo-minibatches", "1", "--ppo-epochs", "1", "--ppo-lr", "1e-2"]
+    args = toy_args(tmp_path / "a", *flags, "--ppo-iters", "3", "--ppo-eval-every", "2")
+    ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3).requires_grad_(False), low_bytes, prompts, evaluator, args, EOS)
+    assert [json.loads(x)["step"] for x in open(tmp_path / "a" / "runs/ppo_4/eval.jsonl")] == [0, 2, 3]
+    assert len(rollouts) == 3 and all(sorted(call[0][3]) == sorted(prompts) for call in rollouts)
+    args = toy_args(tmp_path / "b", *flags, "--ppo-iters", "1", "--warmup", "4")
+    policy = ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3).requires_grad_(False), low_bytes, prompts, evaluator,
+                     args, EOS)
+    assert abs(policy.score_head.bias.item()) == pytest.approx(1e-2 / 4, rel=1e-3)

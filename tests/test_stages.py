@@ -305,3 +305,89 @@ def test_classifier_accuracy_on_a_hand_labelled_split(tmp_path):
     assert acc["scored"] == pytest.approx(np.mean([c == bool(y) for c, y in zip(cut, labels)]))
     assert acc["scored_len"] == 12 and acc["reviews"] == 6
     assert json.load(open(tmp_path / "reward" / "accuracy.json")) == acc
+
+
+def test_classifier_crops_stop_at_the_block_when_the_scored_length_exceeds_it():
+    """scored_len above the block size: every crop, short half and whole half alike, is 8 .. block_size - 2
+    tokens (laid out with BOS and EOS in block_size tokens, block_size - 1 inputs), uniformly; each row keeps
+    its EOS."""
+    reviews = [[i] + list(range(100, 149)) for i in range(50)]  # 50 tokens each, longer than the block
+    get_batch = stages.review_batches(make_split(reviews, [i % 2 for i in range(50)]), 2000, 16, EOS, 3,
+                                      scored_len=40)
+    idx, targets, mask, _ = get_batch(0)
+    lengths = mask.sum(1) - 1
+    assert lengths.min() == 8 and lengths.max() == 14 and idx.shape == (2000, 15)
+    assert (targets[torch.arange(2000), lengths] == EOS).all()  # the target after the text's last token
+    assert 215 < (lengths == 14).sum() < 360  # 2000 / 7 expected from both halves (143 if only one reached 14)
+
+
+def test_classifier_loss_and_accuracy_of_a_constant_head_hand_worked():
+    """A head that scores every text c (weight 0, bias c): the loss is -(p log sigmoid(c) + (1 - p) log sigmoid(-c))
+    with p the share of positive labels in the batch, and the accuracy is p for c > 0 and 1 - p for c < 0, at
+    |c| below and above 1."""
+    reviews = [[i, i + 1, i + 2, i + 3] for i in range(10)]
+    batch = stages.review_batches(make_split(reviews, [1, 1, 1, 0, 1, 0, 1, 1, 0, 1]), 12, 64, EOS, 0)(0)
+    p = batch[3].double().mean().item()
+    assert 0 < p < 1
+    for c in (0.5, -0.5, 2.0, -3.0):
+        model = ppo.with_zero_head(tiny_gpt(0), "cpu")
+        with torch.no_grad():
+            model.score_head.bias.fill_(c)
+        loss, metrics = stages.classifier_loss(model, batch)
+        sig = lambda x: 1 / (1 + math.exp(-x))
+        assert loss.item() == pytest.approx(-(p * math.log(sig(c)) + (1 - p) * math.log(sig(-c))), rel=1e-6)
+        assert metrics["acc"] == pytest.approx(p if c > 0 else 1 - p), c
+
+
+def test_the_classifier_trains_on_crops_at_the_warmup_learning_rate(tmp_path, monkeypatch):
+    """stages.classifier's one step: on reviews cut to the scored length (8 + --max-new-tokens = 16) half the time,
+    so shorter than every whole review; and at --rm-lr / --warmup: AdamW's first step moves each weight by the
+    learning rate (m / sqrt(v) = g / |g|), so the largest move from the SFT weights it starts from is 1e-2 / 4."""
+    rng = np.random.default_rng(1)
+    eos = 20
+    train_reviews = [rng.integers(0, 20, int(rng.integers(24, 30))).tolist() for _ in range(32)]
+    data = dict(train=make_split(train_reviews, [k % 2 for k in range(32)]),
+                test=make_split(train_reviews[:4], [0, 1, 0, 1]))
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-layer", "1",
+                            "--n-head", "2", "--n-embd", "32", "--block-size", "48", "--max-new-tokens", "8",
+                            "--rm-steps", "1", "--rm-lr", "1e-2", "--batch", "32", "--warmup", "4"])
+    sft_model = common.make_model(args, eos + 1)
+    before = {k: v.clone() for k, v in sft_model.state_dict().items()}
+    batches = recording(monkeypatch, stages, "classifier_loss")
+    rm = stages.classifier(args, data, eos, eos + 1, sft_model)
+    (_, batch), _, _ = batches[0]
+    idx, _, mask, _ = batch
+    lengths = (mask.sum(1) - 1).tolist()
+    for row, n in zip(idx.tolist(), lengths):  # BOS, a prefix of a training review
+        assert any(row[1:n + 1] == r[:n] for r in train_reviews)
+    assert min(lengths) >= 8 and sum(n <= 16 for n in lengths) >= 8 and max(lengths) >= 24
+    moves = [(rm.state_dict()[k] - v).abs().max().item() for k, v in before.items() if not k.startswith("score_head")]
+    assert max(moves) == pytest.approx(1e-2 / 4, rel=1e-3)
+
+
+def test_sft_steps_down_the_nll_of_its_batch_at_the_warmup_learning_rate(tmp_path):
+    """stages.sft's one step: the next-token NLL of the batch it trained on goes down (a step up it would be a sign
+    error), and at --sft-lr / --warmup: AdamW's first step moves each weight by the learning rate, so the largest
+    move from the seeded initial weights is 1e-3 / 4."""
+    data = common.load_data(str(tmp_path / "data"), "tiny")
+    eos = WordTokenizer(data["words"]).eot_token
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out"), "--n-layer",
+                              "1", "--n-head", "2", "--n-embd", "32", "--batch", "8", "--sft-steps", "1",
+                              "--sft-lr", "1e-3", "--warmup", "4"])
+    before = common.make_model(args, eos + 1)  # seeded by --seed, as sft makes it
+    idx, targets, mask, _ = stages.review_batches(data["train"], 8, args.block_size, eos, args.seed)(0)
+    nll = lambda m: -common.masked_mean(common.logprobs(m, None, idx, targets, mask, "reference").token_pol, mask).item()
+    model = stages.sft(args, data, eos, eos + 1)
+    assert nll(model) < nll(before) - 1e-3
+    moves = [(p - q).abs().max().item() for p, q in zip(model.parameters(), before.parameters())]
+    assert max(moves) == pytest.approx(1e-3 / 4, rel=1e-3)
+
+
+def test_each_chunk_of_256_prompts_draws_from_its_own_seed():
+    """sample_and_score over 512 copies of one prompt: the second chunk (seeded by its start, 256) does not repeat
+    the first one's draws."""
+    args = SimpleNamespace(max_new_tokens=6, seed=0, device="cpu")
+    samples, scores = stages.sample_and_score(tiny_gpt(0), lambda p, s: torch.tensor([len(x) for x in s]),
+                                              [[1, 2]] * 512, args, EOS, "test")
+    assert len(samples) == 512 and scores == [len(s) for s in samples]
+    assert samples[256:] != samples[:256]
