@@ -609,7 +609,8 @@ def test_check_data_counts_reviews_longer_than_min_chars(tmp_path):
     with pytest.raises(UsageError, match="--n-eval 1 \\+ 32 held-out prompts of PPO's reward model: the test split"):
         settings.check_data(args("--runs", "ppo:3", "--n-eval", "1", "--ppo-batch", "2"), data)  # ppo: 32 held out
     settings.check_data(args("--runs", "ppo-gt:3", "--n-eval", "3", "--ppo-batch", "2"), data)
-    with pytest.raises(UsageError, match="--ppo-batch 3: the train split of .* has 2 reviews longer than"):
+    with pytest.raises(UsageError, match="--ppo-batch 3: a rollout draws 3 prompts, but the train split of .* has 2 "
+                                         "reviews longer than"):
         settings.check_data(args("--runs", "ppo-gt:3", "--n-eval", "3", "--ppo-batch", "3"), data)
 
 

@@ -459,7 +459,7 @@ def test_whitening_equal_advantages_gives_zeros_not_nan():
 def test_the_impl_asked_for_reaches_the_kernel(tmp_path):
     """--impl goes from ppo_loss to the kernel: an unknown one is refused there, not replaced by the default."""
     policy = tiny_gpt(0, score_head=True)
-    data, _ = ppo.rollout(policy, tiny_gpt(1), low_bytes, [[1, 2], [3]], 0.1, 0, toy_args(tmp_path), EOS)
+    data, _ = ppo.ppo_rollout(policy, tiny_gpt(1), low_bytes, [[1, 2], [3]], 0.1, 0, toy_args(tmp_path), EOS)
     with pytest.raises(ValueError, match="impl must be 'auto', 'triton' or 'reference', got 'fused'"):
         ppo.ppo_loss(policy, data, "fused")
 
