@@ -1,6 +1,7 @@
 """Shared test helpers: the tiny GPT, fixed preference pairs, a free port for the DDP tests, and float64
 recomputations (log-probs, KL, scores) that the tests check the pipeline's numbers against."""
 import copy
+import datetime
 import os
 import socket
 
@@ -101,6 +102,13 @@ def free_port():
 
 class Interrupted(Exception):
     pass
+
+
+def leave_process_group():
+    """End of a test's rank: wait for every rank, then leave the process group. A rank that left while another
+    was still exchanging with it could abort that one (gloo; a SIGABRT seen once in CI)."""
+    torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    torch.distributed.destroy_process_group()
 
 
 def interrupt_at(get_batch, step):

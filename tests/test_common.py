@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import EOS, Interrupted, free_port, interrupt_at, random_pairs, tiny_gpt
+from conftest import EOS, Interrupted, free_port, interrupt_at, leave_process_group, random_pairs, tiny_gpt
 
 import common
 import dpo
@@ -312,7 +312,7 @@ def _ddp_worker(rank, world, port, out_dir, result):
     common.train("ddp", policy, loss_fn, get_batch, 1, 1e-2, out=out_dir, device="cpu")
     torch.save(dict(loss=losses[0], params=policy.state_dict(), grads=grads), f"{result}.{rank}")
     if world > 1:
-        torch.distributed.destroy_process_group()
+        leave_process_group()
 
 
 def test_ddp_two_processes_match_one(tmp_path):
@@ -625,7 +625,7 @@ def _outcome_on_rank(rank, world, port, out, result, job):
         outcome = str(e)
     with open(f"{result}.{rank}", "w") as f:
         f.write(outcome)
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def _check_300_sft_steps(out):

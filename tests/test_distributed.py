@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.cuda._utils import _get_device_index
-from conftest import EOS, free_port, tiny_gpt
+from conftest import EOS, free_port, leave_process_group, tiny_gpt
 
 import common
 import dpo
@@ -112,7 +112,7 @@ def _run(rank, world, port, job, tmp):
     except Exception as e:  # every rank reports what it raised; one that hangs fails the test by its timeout
         result = f"{type(e).__name__}: {e}"
     torch.save(result, os.path.join(tmp, f"result.{rank}"))
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def spawn(job, world, tmp):

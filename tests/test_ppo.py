@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import (DEVICE, EOS, Interrupted, assert_fused_matches_reference, f64_dists, free_port, interrupt_at,
-                      recording, sharp_gpt, tiny_gpt)
+                      leave_process_group, recording, sharp_gpt, tiny_gpt)
 
 import common
 import dpo
@@ -247,7 +247,7 @@ def _ddp_worker(rank, world, port, out_dir, result):
                               toy_args(out_dir), EOS)
     torch.save(dict(params=policy.state_dict(), state=state, white=white, kto=kto, stats=stats, batch=data[:3]),
                f"{result}.{rank}")
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def test_ppo_under_ddp_global_statistics_are_those_of_one_process(tmp_path):
