@@ -8,10 +8,11 @@ nanoDPO: Direct Preference Optimization (Rafailov et al., 2023), read top to bot
 
 The controlled sentiment experiment of the paper (Sec. 6.1, App. C.1). Stages 1-4 (data, the SFT
 reference pi_ref, the ground-truth reward r*, the preference pairs) are in stages.py, the machinery
-(settings, batching, the fused log-probs, the training loop) in common.py, PPO, RLOO and GRPO in ppo.py. This file is
-DPO itself: 5. the pairs it trains on and its loss, its successors (SimPO, ORPO, KTO), one run per beta
-and the baselines on the same loop, then 6. evaluation of every run on one axis and 7. the figure. Every
-stage writes under out/<preset>/, with the settings it was made with; a rerun skips what is complete.
+(settings, batching, the fused log-probs, the training loop) in common.py, PPO, RLOO and GRPO in ppo.py.
+This file is DPO itself: 5. the pairs it trains on and its loss, its successors (SimPO, ORPO, KTO), one
+run per beta and the baselines on the same loop, then 6. evaluation of every run on one axis and 7. the
+figure. Every stage writes under out/<preset>/, with the settings it was made with; a rerun skips what is
+complete.
 """
 import copy
 import os

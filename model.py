@@ -158,7 +158,9 @@ class GPT(nn.Module):
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        real = None if lengths is None else (torch.arange(T, device=idx.device) < lengths[:, None]).flatten().nonzero()[:, 0]
+        real = None  # the flat indices of the real positions, (n_real,)
+        if lengths is not None:
+            real = (torch.arange(T, device=idx.device) < lengths[:, None]).flatten().nonzero()[:, 0]
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, cache, i, real)
         if cache is not None:

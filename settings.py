@@ -207,7 +207,8 @@ def check_args(p, args):
         p.error(f"--group {args.group}: rloo and grpo need at least 2 samples per prompt, and --ppo-batch "
                 f"{args.ppo_batch} a multiple of it")
     for m in online:  # a rollout draws its prompts from the training prompts; each rank samples every world-th one
-        prompts, k = rollout_prompts(m, args), args.ppo_batch // rollout_prompts(m, args)
+        prompts = rollout_prompts(m, args)
+        k = args.ppo_batch // prompts  # samples per prompt
         what = f"--ppo-batch {args.ppo_batch}" + f" / --group {args.group}" * (k > 1)
         if prompts < world:
             p.error(f"{what}: a rollout of {m} draws {prompts} prompts, fewer than the {world} torchrun processes")
@@ -358,5 +359,5 @@ def check_data(args, data):
                          f"{data['tokenizer']} tokens; use --init scratch (or prepare the data with --tokenizer gpt2)")
     most = max((rollout_prompts(m, args) for m in online), default=0)
     if most > usable["train"]:
-        raise UsageError(f"--ppo-batch {args.ppo_batch}: a rollout draws {most} prompts, but the train split of {path} has {usable['train']} reviews "
-                         f"longer than --min-chars {args.min_chars} to cut prompts from")
+        raise UsageError(f"--ppo-batch {args.ppo_batch}: a rollout draws {most} prompts, but the train split of {path} "
+                         f"has {usable['train']} reviews longer than --min-chars {args.min_chars} to cut prompts from")
