@@ -2,6 +2,7 @@
 
     python -m pytest tests/test_stages.py     (CPU; a few seconds)
 """
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -391,3 +392,117 @@ def test_each_chunk_of_256_prompts_draws_from_its_own_seed():
                                               [[1, 2]] * 512, args, EOS, "test")
     assert len(samples) == 512 and scores == [len(s) for s in samples]
     assert samples[256:] != samples[:256]
+
+
+# ---------------------------------------------------------------- chunk boundaries (64 in evaluate, 256 in sample and score)
+
+def test_evaluation_over_more_than_two_chunks_of_64_is_the_float64_mean_of_every_sample(monkeypatch):
+    """evaluate on 130 prompts (chunks 0-63, 64-127, 128-129 of its KL loop, on cpu): reward, exact KL, sampled KL
+    and length are the means over all 130 samples of their float64 values, each computed on the sample's own prompt;
+    the first n_samples records pair each prompt with its own response and reward."""
+    policy, ref, rm = sharp_gpt(0, scale=5.0), sharp_gpt(2, scale=5.0), sharp_gpt(1, score_head=True)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, int(rng.integers(1, 4))).tolist() for _ in range(130)]
+    samples = recording(monkeypatch, stages)
+    record = stages.evaluate(policy, ref, rm, prompts, eos=EOS, seed=0, max_new_tokens=3, block_size=64,
+                             device="cpu", impl="auto", decode=lambda ids: list(ids), n_samples=3)
+    (args, _, responses), = samples
+    assert args[1] == prompts and len(responses) == 130
+    p64, q64, rm64 = (copy.deepcopy(m).double().eval() for m in (policy, ref, rm))
+    kl, kl_sampled, rewards = [], [], []
+    with torch.no_grad():
+        for p, r in zip(prompts, responses):
+            seq = torch.tensor([[EOS] + p + r])
+            lp = torch.log_softmax(p64.lm_head(p64(seq)), -1)[0, len(p): len(p) + len(r)]
+            lq = torch.log_softmax(q64.lm_head(q64(seq)), -1)[0, len(p): len(p) + len(r)]
+            kl.append((lp.exp() * (lp - lq)).sum().item())
+            kl_sampled.append((lp - lq)[torch.arange(len(r)), torch.tensor(r)].sum().item())
+            text = torch.tensor([[EOS] + p + [t for t in r if t != EOS]])
+            rewards.append(1 / (1 + math.exp(-rm64.score_head(rm64(text)[0, -1]).item())))
+    mean = lambda xs: sum(xs) / len(xs)
+    assert record["reward"] == pytest.approx(mean(rewards), rel=1e-5)
+    assert record["kl"] == pytest.approx(mean(kl), rel=1e-5)
+    assert record["kl_sampled"] == pytest.approx(mean(kl_sampled), rel=1e-4, abs=1e-4)
+    assert record["length"] == mean([len(r) for r in responses])
+    assert [(s["prompt"], s["response"], s["prompt_ids"], s["response_ids"]) for s in record["samples"]] == \
+        [(p, r, p, r) for p, r in zip(prompts[:3], responses[:3])]
+    assert [s["reward"] for s in record["samples"]] == pytest.approx(rewards[:3], rel=1e-5)
+    # the case tells a dropped, repeated or misaligned chunk apart: the last two samples weigh in the means
+    assert abs(mean(kl[:128]) - mean(kl)) > 1e-4 and abs(mean(rewards[:128]) - mean(rewards)) > 1e-5
+    assert policy.training  # evaluate puts the policy back in train mode
+
+
+def test_sample_and_score_over_the_chunk_boundary_of_256():
+    """stages.sample (greedy, on cpu) and stages.score on 260 distinct prompts (chunks 0-255 and 256-259): response
+    i is the argmax continuation of prompt i computed alone on its unpadded layout, and score i is the float64 head
+    on (prompt i, response i)."""
+    model, rm = sharp_gpt(0, scale=5.0), sharp_gpt(1, score_head=True)
+    prompts = [[a, b] for a in range(13) for b in range(20)]  # 260 distinct prompts
+    got = stages.sample(model, prompts, 2, EOS, 0, "cpu", temperature=0)
+    assert len(got) == 260
+    with torch.no_grad():
+        for p, r in zip(prompts, got):
+            seq = [EOS] + p
+            for _ in range(2):
+                seq.append(int(model.lm_head(model(torch.tensor([seq]))[0, -1]).argmax()))
+                if seq[-1] == EOS:
+                    break
+            assert r == seq[len(p) + 1:], p
+    responses = [[p[1], p[0] + 3] + ([EOS] if i % 3 == 0 else []) for i, p in enumerate(prompts)]  # some keep EOS
+    scores = stages.score(rm, prompts, responses, EOS, 64, "cpu")
+    rm64 = copy.deepcopy(rm).double().eval()
+    with torch.no_grad():
+        want = [rm64.score_head(rm64(torch.tensor([[EOS] + p + r[:2]]))[0, -1]).item() for p, r in zip(prompts, responses)]
+    assert scores.shape == (260,)
+    torch.testing.assert_close(scores.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+
+
+def test_evaluation_length_and_kls_count_the_eos_a_response_drew(monkeypatch):
+    """evaluate with a policy whose EOS has probability ~0.2 at every step (on cpu): length is the mean number of
+    response tokens with the EOS counted, and both KLs include the EOS token's term (float64, on each sample)."""
+    policy, ref, rm = tiny_gpt(0), sharp_gpt(2, scale=3.0), sharp_gpt(1, score_head=True)
+    with torch.no_grad():  # as in test_samples_keep_the_eos_they_drew
+        policy.transformer.ln_f.bias.copy_(torch.linspace(-1, 1, 32))
+        policy.transformer.wte.weight[EOS] = torch.linspace(-1, 1, 32) * 0.37
+    prompts = [[1, 2], [3], [4, 5, 6], [7]] * 5
+    samples = recording(monkeypatch, stages)
+    record = stages.evaluate(policy, ref, rm, prompts, eos=EOS, seed=0, max_new_tokens=6, block_size=64,
+                             device="cpu", impl="auto")
+    (_, _, responses), = samples
+    assert sum(r[-1] == EOS for r in responses) >= 3 and any(len(r) == 6 and EOS not in r for r in responses)
+    assert record["length"] == pytest.approx(np.mean([len(r) for r in responses]))  # 5 words + EOS: 6
+    kl, kl_sampled = [], []
+    for p, r in zip(prompts, responses):
+        lp, lq = f64_dists(policy, p, r, EOS), f64_dists(ref, p, r, EOS)
+        kl.append((lp.exp() * (lp - lq)).sum().item())
+        kl_sampled.append((lp - lq)[torch.arange(len(r)), torch.tensor(r)].sum().item())
+    assert record["kl"] == pytest.approx(np.mean(kl), rel=1e-5)
+    assert record["kl_sampled"] == pytest.approx(np.mean(kl_sampled), rel=1e-4, abs=1e-4)
+
+
+def test_sample_draws_on_past_the_chunk_boundary_of_256():
+    """stages.sample of 300 copies of one prompt at temperature 1 (on cpu): the chunk from 256 on continues the
+    generator's stream, it does not repeat the draws of the first chunk."""
+    out = stages.sample(tiny_gpt(0), [[1, 2]] * 300, 6, EOS, 0, "cpu")
+    assert len(out) == 300 and out[256:] != out[:44]
+
+
+def test_best_of_n_hand_worked(tmp_path, monkeypatch):
+    """best_of_n.jsonl from hand-set r*: prompt A's 4 samples score 0.1, 0.7, 0.3, 0.9 and prompt B's 0.6, 0.2, 0.8,
+    0.4, so N=1: (0.1 + 0.6) / 2, N=2: (0.7 + 0.6) / 2, N=4: (0.9 + 0.8) / 2; each record with its own N's bound."""
+    table = {(1, 2): [0.1, 0.7, 0.3, 0.9], (3,): [0.6, 0.2, 0.8, 0.4]}
+
+    def fake(model, score_fn, prompts, args, eos, purpose):  # the k-th sample of a prompt gets its k-th reward
+        seen = {}
+        rewards = []
+        for p in prompts:
+            k = seen[tuple(p)] = seen.get(tuple(p), -1) + 1
+            rewards.append(table[tuple(p)][k])
+        return [[5]] * len(prompts), rewards
+    monkeypatch.setattr(stages, "sample_and_score", fake)
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--best-of", "4,1,2"])
+    stages.best_of_n(None, None, [[1, 2], [3]], args, EOS)
+    records = [json.loads(x) for x in open(tmp_path / "best_of_n.jsonl")]
+    assert [r["n"] for r in records] == [1, 2, 4]
+    assert [r["reward"] for r in records] == pytest.approx([0.35, 0.65, 0.85])
+    assert [r["kl_bound"] for r in records] == pytest.approx([0, math.log(2) - 0.5, math.log(4) - 0.75])
