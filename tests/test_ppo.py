@@ -500,3 +500,26 @@ def test_a_ppo_run_on_exactly_ppo_batch_prompts(tmp_path, monkeypatch):
     policy = ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3).requires_grad_(False), low_bytes, prompts, evaluator,
                      args, EOS)
     assert abs(policy.score_head.bias.item()) == pytest.approx(1e-2 / 4, rel=1e-3)
+
+
+def test_rollout_runs_the_policy_in_eval_mode_and_hands_it_back_in_train_mode(tmp_path, monkeypatch):
+    """ppo.rollout of a policy with dropout 0.5 (on cpu; the pipeline's models have none, a user's may): the log-probs
+    and values it records are those of the policy without dropout (float64, eval mode), and the policy comes back
+    in train mode for the update."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32, score_head=True,
+                           dropout=0.5)).train()
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    calls = recording(monkeypatch, ppo)
+    data, _ = ppo.rollout(policy, sharp_gpt(1), toy_score, prompts, 0, toy_args(tmp_path), EOS)
+    (_, _, responses), = calls
+    assert policy.training
+    m = copy.deepcopy(policy).double().eval()
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        on = data["mask"][i]
+        want = f64_dists(policy, p, r, EOS)[torch.arange(len(r)), torch.tensor(r)]
+        torch.testing.assert_close(data["logp"][i][on].double(), want, rtol=0, atol=2e-5)
+        with torch.no_grad():
+            v = m.score_head(m(torch.tensor([[EOS] + p + r]))[0, len(p):len(p) + len(r)]).squeeze(-1)
+        torch.testing.assert_close(data["values"][i][on].double(), v, rtol=0, atol=2e-5)

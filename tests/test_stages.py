@@ -406,8 +406,9 @@ def test_evaluation_over_more_than_two_chunks_of_64_is_the_float64_mean_of_every
     samples = recording(monkeypatch, stages)
     record = stages.evaluate(policy, ref, rm, prompts, eos=EOS, seed=0, max_new_tokens=3, block_size=64,
                              device="cpu", impl="auto", decode=lambda ids: list(ids), n_samples=3)
-    (args, _, responses), = samples
+    (args, kwargs, responses), = samples
     assert args[1] == prompts and len(responses) == 130
+    assert args[2:5] == (3, EOS, 0) and kwargs.get("temperature", 1.0) == 1.0  # the evaluation seed, temperature 1
     p64, q64, rm64 = (copy.deepcopy(m).double().eval() for m in (policy, ref, rm))
     kl, kl_sampled, rewards = [], [], []
     with torch.no_grad():
