@@ -570,3 +570,28 @@ def test_gpt2_bpe_offline_is_one_line(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(UsageError, match="could not fetch GPT-2's BPE files for tiktoken .*TIKTOKEN_CACHE_DIR"):
         get_tokenizer("gpt2")
+
+
+def test_generate_of_left_padded_prompts_through_two_layers():
+    """Two layers (on cpu): the padding positions' hidden states enter the second layer's keys, so a padding query
+    with no key to attend (NaN) would spoil every row. Greedy generation of left-padded prompts, cached and not,
+    gives the argmax of a plain forward of each unpadded prompt, and no NaN."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(15)
+    idx, mask = mixed_prompts(97)
+
+    def greedy(prompt):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                seq.append(int(m.lm_head(m(torch.tensor([seq])))[0, -1].argmax()))
+        return seq[len(prompt):]
+    want = [greedy(idx[i][mask[i]].tolist()) for i in range(len(idx))]
+    for use_cache in (True, False):
+        new, _ = m.generate(idx, mask, 6, temperature=0, use_cache=use_cache)
+        assert new.tolist() == want, use_cache
+        sampled, _ = m.generate(idx, mask, 6, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                                use_cache=use_cache)
+        assert ((0 <= sampled) & (sampled < 97)).all()

@@ -485,7 +485,8 @@ def test_sample_draws_on_past_the_chunk_boundary_of_256():
     """stages.sample of 300 copies of one prompt at temperature 1 (on cpu): the chunk from 256 on continues the
     generator's stream, it does not repeat the draws of the first chunk."""
     out = stages.sample(tiny_gpt(0), [[1, 2]] * 300, 6, EOS, 0, "cpu")
-    assert len(out) == 300 and out[256:] != out[:44]
+    first = [r[0] for r in out]  # a re-seeded chunk would repeat at least its first draws (a batch of 44, not 256)
+    assert len(out) == 300 and first[256:] != first[:44]
 
 
 def test_best_of_n_hand_worked(tmp_path, monkeypatch):
@@ -507,3 +508,34 @@ def test_best_of_n_hand_worked(tmp_path, monkeypatch):
     assert [r["n"] for r in records] == [1, 2, 4]
     assert [r["reward"] for r in records] == pytest.approx([0.35, 0.65, 0.85])
     assert [r["kl_bound"] for r in records] == pytest.approx([0, math.log(2) - 0.5, math.log(4) - 0.75])
+
+
+def test_classifier_accuracy_hand_worked_prefix_cut(tmp_path, monkeypatch):
+    """classifier_accuracy with a hand-set head (on cpu): +1 if a text's last token is even, -1 if odd, so that the
+    whole review is judged by its last token and the cut (its first scored_len = 8 + 4 = 12 tokens) by token 11.
+    Four reviews [0] * 11 + [a] + [0] * 7 + [b] with (a, b, label): (2, 2, 1) both right, (3, 2, 1) whole right,
+    cut wrong, (3, 5, 0) both right, (2, 5, 0) whole right, cut wrong: whole 1, scored 1/2."""
+    def head(rm, prompts, responses, eos, block_size, device):
+        assert all(p == [] for p in prompts)  # the review alone, as the classifier was trained on it
+        return torch.tensor([1.0 if r[-1] % 2 == 0 else -1.0 for r in responses])
+    monkeypatch.setattr(stages, "score", head)
+    cases = [(2, 2, 1), (3, 2, 1), (3, 5, 0), (2, 5, 0)]
+    reviews = [[0] * 11 + [a] + [0] * 7 + [b] for a, b, _ in cases]
+    args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--max-new-tokens", "4",
+                            "--block-size", "64"])
+    acc = stages.classifier_accuracy(None, make_split(reviews, [y for *_, y in cases]), args, EOS)
+    assert acc == dict(whole=1.0, scored=0.5, scored_len=12, reviews=4)
+
+
+def test_evaluation_runs_the_policy_without_dropout(monkeypatch):
+    """evaluate of a policy with dropout 0.5 (on cpu; the pipeline's models have none, a user's may) against its
+    own copy in eval mode as pi_ref: both KLs are 0, so the policy sampled and was scored without dropout; and it
+    comes back in train mode."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32, dropout=0.5)).train()
+    ref = copy.deepcopy(policy).eval()
+    record = stages.evaluate(policy, ref, sharp_gpt(1, score_head=True), [[1, 2], [3], [4, 5, 6]], eos=EOS, seed=0,
+                             max_new_tokens=6, block_size=64, device="cpu", impl="auto")
+    assert record["kl"] == pytest.approx(0, abs=1e-6) and record["kl_sampled"] == pytest.approx(0, abs=1e-5)
+    assert policy.training
