@@ -572,10 +572,24 @@ def test_gpt2_bpe_offline_is_one_line(monkeypatch):
         get_tokenizer("gpt2")
 
 
-def test_generate_of_left_padded_prompts_through_two_layers():
+def softmax_attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
+    """Attention by its definition: a row with no key to attend is a softmax over nothing, NaN (torch 2.13's CPU
+    SDPA returns 0 there; other backends and versions need not)."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "softmax"])
+def test_generate_of_left_padded_prompts_through_two_layers(attention, monkeypatch):
     """Two layers (on cpu): the padding positions' hidden states enter the second layer's keys, so a padding query
-    with no key to attend (NaN) would spoil every row. Greedy generation of left-padded prompts, cached and not,
-    gives the argmax of a plain forward of each unpadded prompt, and no NaN."""
+    with no key to attend (NaN under the softmax's definition) would spoil every row. Greedy generation of
+    left-padded prompts, cached and not, gives the argmax of a plain forward of each unpadded prompt, and no NaN."""
+    if attention == "softmax":
+        monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", softmax_attention)
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16)).eval()
     with torch.no_grad():
