@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, EOS, assert_fused_matches_reference, f64_dists, sharp_gpt, tiny_gpt
-from test_ppo import low_bytes, toy_args
+from test_ppo import low_bytes, toy_args, toy_score
 
 import common
 import ppo
@@ -143,12 +143,8 @@ def group_rollout_case(tmp_path, monkeypatch, method, beta, ref=None, policy=Non
     monkeypatch.setattr(ppo, "sample", fixed_sample)
     args = toy_args(tmp_path, "--runs", f"{method}:{beta}", "--ppo-batch", "8", "--group", "4")
     policy, ref = policy or sharp_gpt(0), ref or sharp_gpt(1)
-    data, stats = ppo.group_rollout(policy, ref, toy_score_of_response, [[1, 2, 3], [4]], method, beta, 0, args, EOS)
+    data, stats = ppo.group_rollout(policy, ref, toy_score, [[1, 2, 3], [4]], method, beta, 0, args, EOS)
     return policy, ref, data, stats, asked[0]
-
-
-def toy_score_of_response(prompts, responses):
-    return torch.tensor([4.0 * np.mean([t < 128 for t in r]) + 0.1 * len(p) for p, r in zip(prompts, responses)])
 
 
 @pytest.mark.parametrize("method", ["rloo", "grpo"])
@@ -168,7 +164,7 @@ def test_group_rollout_advantages_are_their_float64_values(tmp_path, monkeypatch
         assert on.sum() == len(r) and targets[i][on].tolist() == r
         torch.testing.assert_close(logp[i][on].double(), lp[t, torch.tensor(r)], rtol=0, atol=2e-5)
         torch.testing.assert_close(ref_logp[i][on].double(), lq[t, torch.tensor(r)], rtol=0, atol=2e-5)
-        scores.append(toy_score_of_response([p], [r]).item())
+        scores.append(toy_score([p], [r]).item())
         logratios.append((lp[t, torch.tensor(r)] - lq[t, torch.tensor(r)]).sum().item())
         kls.append((lp.exp() * (lp - lq)).sum().item())
     for i in range(8):
