@@ -1,16 +1,19 @@
 """
-The machinery under both algorithms (dpo.py and ppo.py): the helpers for torchrun, the data and its batches,
-the log-prob call into the fused kernel, the model, one training loop. Nothing here knows DPO or PPO; they pass
-in their losses and batches. The settings of a command and its stages are in settings.py.
+The machinery under every stage and algorithm: the helpers for torchrun, the one sequence layout and its
+batches, the log-prob call into the fused kernel, the model, and the small helpers each training loop calls
+(resume, the learning rate, the finite-loss check, a step's log line, evaluation records, checkpoints), with
+`fit`, the one loop of the stages that only learn from batches. Nothing here knows DPO or PPO: dpo.py and
+ppo.py write their own loops with these helpers.
 
 The pipeline (one numbering, used by every file):
-  1. data       labelled movie reviews, and prompts cut from them                 common.py
-  2. SFT        the reference policy pi_ref, a language model on the reviews        stages.py
-  3. reward     the ground truth r*(x, y): a sentiment classifier, p(positive)      stages.py
-  4. pairs      4 samples of pi_ref per prompt, all 6 pairs, the higher r* chosen   stages.py
-  5. training   DPO and its baselines on the pairs (dpo.py); PPO on a reward (ppo.py)
-  6. evaluate   mean r* of policy samples and the exact KL(pi || pi_ref)            stages.py
-  7. figure     reward against KL                                                   plots/frontier.py
+  1. data        labelled movie reviews, and prompts cut from them                   stages.py
+  2. SFT         the reference policy pi_ref, a language model on the reviews          stages.py
+  3. classifier  the ground truth r*(x, y): a sentiment classifier, p(positive)        stages.py
+  4. pairs       4 samples of pi_ref per prompt, all 6 pairs, the higher r* chosen     stages.py
+  5. training    DPO and its baselines on the pairs (dpo.py); PPO, RLOO, GRPO (ppo.py)
+  6. evaluate    mean r* of policy samples and the exact KL(pi || pi_ref)              stages.py
+  7. figure      reward against KL                                                     plots/frontier.py
+experiment.py runs them all (python dpo.py).
 """
 import json
 import os
@@ -21,10 +24,10 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
-from data.corpus import append_jsonl, load_checkpoint, load_corpus, read_jsonl, save_checkpoint, write_atomic
-from data.tiny.prepare import prepare as prepare_tiny
+from data.corpus import append_jsonl, load_checkpoint, read_jsonl, save_checkpoint, write_atomic
 from kernels import sequence_logprobs
 from model import GPT, GPTConfig
+
 
 # ----------------------------------------------------------------------------- torchrun, devices, logging
 def setup_distributed(device):
@@ -106,25 +109,14 @@ def amp(device):
     return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
 
 
+def is_main():
+    """Rank 0 (the one process without torchrun): it writes the files and the log."""
+    return rank_world()[0] == 0
+
+
 def log(*a):
-    if rank_world()[0] == 0:
+    if is_main():
         print(*a, flush=True)
-
-
-# ----------------------------------------------------------------------------- 1. data
-def load_data(data_dir, name):
-    path = os.path.join(data_dir, f"{name}.npz")
-    with local_rank_first():
-        if name == "tiny" and (not os.path.exists(path) or load_corpus(path)["tokenizer"] != "words"):
-            prepare_tiny(data_dir)  # generated offline in seconds; also replaces an older nanoDPO's byte-level corpus
-    return load_corpus(path)
-
-
-def make_prompts(split, n, min_chars, rng):
-    """Prefixes of 2-8 tokens of reviews longer than min_chars characters (the paper's protocol)."""
-    ok = np.flatnonzero(split.chars > min_chars)
-    pick = rng.choice(ok, size=min(n, len(ok)), replace=False)
-    return [split.review(i)[: rng.integers(2, 9)].tolist() for i in pick]
 
 
 # ----------------------------------------------------------------------------- batching and log-probs
@@ -200,79 +192,145 @@ def make_model(args, vocab_size, score_head=False):
     return GPT(cfg).to(args.device)
 
 
-# ----------------------------------------------------------------------------- one training loop
-def train(name, model, loss_fn, get_batch, steps, lr, *, out, device, optimizer="adamw", warmup=0,
-          eval_every=0, evaluator=None, log_every=10, state=None, ckpt_every=0):
-    """Train `model` for `steps` steps on get_batch(step) with loss_fn(model, batch) -> (loss, metrics).
-    Serves SFT, the classifier, the reward model and every DPO and PPO run. Its folder out/<name>/ holds
-    ckpt.pt while running (resumed from after an interruption) and model.pt when done (then skipped).
-    evaluator(model, step) -> dict is called every eval_every steps and appended to eval.jsonl (its list
-    "samples", if any, to samples.jsonl). ckpt.pt is written every ckpt_every steps (default: at each evaluation).
-    state: a dict the caller updates during training (PPO's KL coefficient), checkpointed with the model."""
-    folder, (rank, world) = os.path.join(out, name), rank_world()
-    final, ckpt, evals, samples = (os.path.join(folder, f)
-                                   for f in ("model.pt", "ckpt.pt", "eval.jsonl", "samples.jsonl"))
-    state = {} if state is None else state
+# ----------------------------------------------------------------------------- what every training loop calls
+# Each stage writes out/<name>/: ckpt.pt while it runs (resumed after an interruption), model.pt when done (a rerun
+# then skips it), eval.jsonl (one record per evaluation) and samples.jsonl (a few samples of each, to read).
+def make_optimizer(model, name, lr):
+    """AdamW without weight decay, or RMSprop (--optimizer rmsprop, the paper's), on the parameters that train."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def set_lr(opt, step, lr, warmup):
+    """The learning rate of a step: a linear warm-up over `warmup` steps, then constant (as in the paper)."""
+    for group in opt.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def resume(name, model, opt, out, state=None):
+    """Where out/<name>'s loop starts, as (step, state). model.pt there: done, so (None, its state), the model
+    loaded. ckpt.pt there: (its step, its state), model and optimizer restored, and the evaluations after that
+    step dropped from the records, to be made again. Otherwise (0, state) and fresh records.
+    state: a dict of what a loop keeps besides the weights (PPO's KL coefficient), checkpointed with them."""
+    folder, state = os.path.join(out, name), dict(state or {})
+    final, ckpt = os.path.join(folder, "model.pt"), os.path.join(folder, "ckpt.pt")
     if os.path.exists(final):
         saved = load_checkpoint(final)
         model.load_state_dict(saved["model"])
-        state.update(saved["state"])
         log(f"[{name}] done already: {final}")
-        return model
+        return None, state | saved["state"]
     os.makedirs(folder, exist_ok=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.RMSprop(params, lr=lr) if optimizer == "rmsprop" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start = 0
-    if os.path.exists(ckpt):  # resume: model, optimizer, state, step; evaluations after that step are redone
+    if os.path.exists(ckpt):
         saved = load_checkpoint(ckpt)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
-        state.update(saved["state"])
+        state |= saved["state"]
         start = saved["step"]
         log(f"[{name}] resumed at step {start} from {ckpt}")
-    for path in (evals, samples) if rank == 0 else ():  # a fresh start begins fresh files; a resumed one keeps the past
-        if os.path.exists(path):
-            kept = [r for r in read_jsonl(path) if r["step"] < start]
-            write_atomic(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    t0, tokens, last_kl = time.time(), 0, ""
-    every = eval_every or steps
-    ckpt_every = ckpt_every or every
-    for step in range(start, steps + 1):
-        if evaluator is not None and rank == 0 and (step % every == 0 or step == steps):  # 1. evaluate
-            record = dict(step=step, **evaluator(model, step))
-            texts = record.pop("samples", [])  # a few samples to read, kept apart from the numbers
-            append_jsonl(evals, [record])
-            append_jsonl(samples, [dict(step=step, **x) for x in texts])
-            log(f"[{name}] eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
-            last_kl = f" kl {record['kl']:.2f}" if "kl" in record else ""  # progress lines show the latest KL
-        if step == steps:
-            break
-        for g in opt.param_groups:  # 2. learning rate: linear warm-up, then constant (as in the paper)
-            g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
-        batch = [x.to(device) for x in get_batch(step)]  # 3. this rank's share of the batch
-        with amp(device):  # 4. forward, loss
+    for path in (os.path.join(folder, f) for f in ("eval.jsonl", "samples.jsonl")) if is_main() else ():
+        if os.path.exists(path):  # a fresh start begins fresh records; a resumed one keeps those before its step
+            kept = "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] < start)
+            write_atomic(path, lambda f: f.write(kept.encode()))
+    return start, state
+
+
+def distributed(model):
+    """The model DDP trains under torchrun (it averages the gradients over the ranks in backward); the model
+    itself in one process. Sample, evaluate and checkpoint the model itself."""
+    return torch.nn.parallel.DistributedDataParallel(model) if rank_world()[1] > 1 else model
+
+
+def check_finite(loss, name, step, out):
+    """Stop on a loss that is not finite: every rank raises, so none waits in DDP's all-reduce for another."""
+    finite = bool(torch.isfinite(loss))
+    if global_mean(float(finite), device=loss.device)[0] < 1:
+        what = f"loss is {loss.item()}" if not finite else "loss is not finite on another rank"
+        ckpt = os.path.join(out, name, "ckpt.pt")
+        raise FloatingPointError(f"[{name}] {what} at step {step}; the last checkpoint is {ckpt}")
+
+
+class Clock:
+    """The speed of a loop from step `start` to `steps`: tokens per second and the time left."""
+
+    def __init__(self, start, steps):
+        self.t0, self.start, self.steps, self.tokens = time.time(), start, steps, 0
+
+    def tick(self, tokens):
+        self.tokens += tokens * rank_world()[1]  # every rank's share
+
+    def speed(self, step):
+        dt = time.time() - self.t0
+        return f"{self.tokens / dt:,.0f} tok/s, {dt / (step + 1 - self.start) * (self.steps - step - 1):.0f}s left"
+
+
+def log_step(name, step, metrics, clock, device):
+    """A step's progress line: each metric by name, averaged over the ranks (every rank calls it; device: this
+    rank's, where the all-reduce happens), and the speed. Returns the averaged metrics."""
+    averaged = dict(zip(metrics, global_mean(*metrics.values(), device=device)))
+    log(f"[{name}] step {step:5d} " + " ".join(f"{k} {v:.4g}" for k, v in averaged.items())
+        + f" | {clock.speed(step)}")
+    return averaged
+
+
+def write_evaluation(name, step, record, out):
+    """Append an evaluation's numbers to out/<name>/eval.jsonl and its samples (if any) to samples.jsonl."""
+    record = dict(step=step, **record)
+    texts = record.pop("samples", [])  # a few samples to read, kept apart from the numbers
+    if is_main():
+        append_jsonl(os.path.join(out, name, "eval.jsonl"), [record])
+        append_jsonl(os.path.join(out, name, "samples.jsonl"), [dict(step=step, **x) for x in texts])
+    log(f"[{name}] eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
+
+
+def save(name, step, model, opt, out, state=None):
+    """ckpt.pt: what resume needs to go on after `step` steps, written by rank 0 (to a file, then renamed)."""
+    if is_main():
+        ckpt = dict(model=model.state_dict(), opt=opt.state_dict(), state=state or {}, step=step)
+        save_checkpoint(ckpt, os.path.join(out, name, "ckpt.pt"))
+
+
+def finish(name, model, out, clock, state=None):
+    """model.pt, the stage's end (its checkpoint removed), once every rank is there. Returns the model."""
+    folder = os.path.join(out, name)
+    if is_main():
+        save_checkpoint(dict(model=model.state_dict(), state=state or {}), os.path.join(folder, "model.pt"))
+        if os.path.exists(os.path.join(folder, "ckpt.pt")):
+            os.remove(os.path.join(folder, "ckpt.pt"))
+    barrier()  # every rank sees the finished stage before the next one starts
+    log(f"[{name}] {clock.steps - clock.start} steps in {time.time() - clock.t0:.1f}s")
+    return model
+
+
+# ----------------------------------------------------------------------------- one small loop: SFT, the classifier, r_phi
+def fit(name, model, loss_fn, get_batch, steps, lr, args, evaluate=None):
+    """Train a model that only learns from batches: SFT (pi_ref), the classifier (r*) and PPO's reward model
+    (r_phi). loss_fn(model, batch) -> (loss, metrics by name) on get_batch(step) -> tensors, AdamW, a checkpoint
+    every args.eval_every steps, and evaluate(model) -> dict (if any) at the same steps and at the end."""
+    opt = make_optimizer(model, "adamw", lr)
+    start, _ = resume(name, model, opt, args.out)
+    if start is None:
+        return model
+    ddp, clock = distributed(model), Clock(start, steps)
+    for step in range(start, steps):
+        if evaluate is not None and step % args.eval_every == 0:
+            write_evaluation(name, step, evaluate(model), args.out)
+        set_lr(opt, step, lr, args.warmup)
+        batch = [x.to(args.device) for x in get_batch(step)]  # this rank's share of the batch
+        with amp(args.device):
             loss, metrics = loss_fn(ddp, batch)
-        finite = bool(torch.isfinite(loss))
-        if global_mean(float(finite), device=loss.device)[0] < 1:  # every rank raises, none waits in DDP's all-reduce
-            what = f"loss is {loss.item()}" if not finite else "loss is not finite on another rank"
-            raise FloatingPointError(f"[{name}] {what} at step {step}; the last checkpoint is {ckpt}")
-        loss.backward()  # 5. backward (DDP averages the gradients over ranks), clip, step
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+        check_finite(loss, name, step, args.out)
+        loss.backward()  # DDP averages the gradients over the ranks
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += batch[0].numel() * world
-        if step % log_every == 0 or step == steps - 1:  # 6. log
-            dt = time.time() - t0
-            left = dt / (step + 1 - start) * (steps - step - 1)
-            log(f"[{name}] step {step:5d} loss {loss.item():.4f} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-                + f"{last_kl} grad {grad_norm:.2f} | {tokens / dt:,.0f} tok/s, {left:.0f}s left")
-        if rank == 0 and (step + 1) % ckpt_every == 0 and step + 1 < steps:  # 7. checkpoint (write, then rename)
-            save_checkpoint(dict(model=model.state_dict(), opt=opt.state_dict(), state=state, step=step + 1), ckpt)
-    if rank == 0:
-        save_checkpoint(dict(model=model.state_dict(), state=state), final)
-        if os.path.exists(ckpt):
-            os.remove(ckpt)
-    barrier()  # every rank sees the finished stage before the next one starts
-    log(f"[{name}] {steps - start} steps in {time.time() - t0:.1f}s")
-    return model
+        clock.tick(batch[0].numel())
+        if step % args.log_every == 0 or step == steps - 1:
+            log_step(name, step, dict(loss=loss.item(), **metrics, grad=grad_norm), clock, args.device)
+        if (step + 1) % args.eval_every == 0 and step + 1 < steps:
+            save(name, step + 1, model, opt, args.out)
+    if evaluate is not None:
+        write_evaluation(name, steps, evaluate(model), args.out)
+    return finish(name, model, args.out, clock)

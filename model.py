@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.corpus import UsageError
+from errors import UsageError
 
 
 @dataclass

@@ -22,87 +22,28 @@ Both reuse a rollout for PPO's epochs and minibatches: on a fresh rollout (pi = 
 per-token surrogate has exactly REINFORCE's gradient, and the clip keeps the later, off-policy updates
 near it, as PPO's does. One update per rollout (the RLOO paper's) would give them 1/8 of PPO's updates on
 the same samples: the comparison would then be of update counts, not of advantages.
-Rollouts and updates are ordinary steps of common.train: get_batch samples a new rollout every
-epochs * minibatches steps and hands out its minibatches, so checkpoints, resume, torchrun and logging
-are DPO's. Run them with `python dpo.py --runs ppo:6,ppo-gt:6,rloo:0.05,grpo:0.05` (the stages 1-4 are shared).
+One loop runs all three (run): for each iteration a Rollout (the same named tensors for every method), then
+epochs of minibatches, each a loss, backward and an optimizer step, with the helpers of DPO's loop (common.py):
+checkpoints at rollout boundaries, resume, torchrun and logging. Run them with
+`python dpo.py --runs ppo:6,ppo-gt:6,rloo:0.05,grpo:0.05` (the stages 1-4 are shared).
 """
 import copy
-import json
-import os
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from common import (accuracy, amp, barrier, derive_seed, global_mean, logprobs, masked_mean, pack, rank_world,
-                    real_lengths, train, unwrap)
-from data.corpus import write_atomic
-from settings import rollout_prompts, run_folder
-from stages import reward, sample, sample_and_score, score, score_batch
+from common import (Clock, amp, check_finite, derive_seed, distributed, finish, global_mean, log_step, logprobs,
+                    make_optimizer, masked_mean, pack, rank_world, real_lengths, resume, save, set_lr, unwrap,
+                    write_evaluation)
+from methods import METHODS, rollout_prompts, run_folder
+from scores import with_zero_head
+from stages import sample
 
 GAMMA, LAM = 1.0, 0.95  # GAE: no discount over a response of at most max_new_tokens tokens
 CLIP = 0.2  # of the probability ratio, and of the value's move from its rollout estimate
 VF_COEF = 0.1  # weight of the value loss in the shared trunk's loss
 KL_INIT = 0.2  # beta_kl before the controller moves it
-MAX_NORM_SAMPLES = 1024  # SFT samples that fix each score's affine normalisation
-
-
-# ----------------------------------------------------------------------------- 5a. the reward model
-def with_zero_head(model, device):
-    """A copy of model with a zero-initialised scalar head: its first scores (or values) are all 0."""
-    copied = copy.deepcopy(model)
-    copied.score_head = torch.nn.Linear(copied.config.n_embd, 1).to(device)
-    torch.nn.init.zeros_(copied.score_head.weight), torch.nn.init.zeros_(copied.score_head.bias)
-    return copied
-
-
-def bradley_terry_loss(model, batch):
-    """-log sigmoid(r(x, y_w) - r(x, y_l)): chosen rows first, then the rejected ones, in score layout."""
-    idx, mask = batch
-    s = unwrap(model).score(model(idx, lengths=real_lengths(mask)), mask).float()
-    n = len(s) // 2
-    margin = s[:n] - s[n:]
-    return -F.logsigmoid(margin).mean(), {"acc": accuracy(margin)}
-
-
-def pair_score_batch(pairs, rows, eos, block_size):
-    prompts = [pairs["prompt"][i] for i in rows]
-    return score_batch(prompts + prompts, [pairs["chosen"][i] for i in rows] + [pairs["rejected"][i] for i in rows],
-                       eos, block_size)
-
-
-def reward_model(sft_model, pairs, heldout, args, eos):
-    """r_phi, initialised from the SFT model (a zero scalar head) and trained on DPO's pairs; its accuracy
-    on the pairs of held-out prompts is evaluated as it trains (out/<preset>/reward_model/eval.jsonl)."""
-    rm = with_zero_head(sft_model, args.device)
-
-    def get_batch(step):
-        rank, world = rank_world()
-        rows = np.random.default_rng([args.seed + 4, step]).integers(len(pairs["prompt"]), size=args.batch)[rank::world]
-        return pair_score_batch(pairs, rows, eos, args.block_size)
-
-    def heldout_accuracy(model, step):
-        s_c, s_r = (score(model, heldout["prompt"], heldout[k], eos, args.block_size, args.device)
-                    for k in ("chosen", "rejected"))
-        return dict(heldout_acc=accuracy(s_c - s_r))
-
-    return train("reward_model", rm, bradley_terry_loss, get_batch, args.bt_steps, args.bt_lr, out=args.out,
-                 device=args.device, warmup=args.warmup, eval_every=args.eval_every, evaluator=heldout_accuracy,
-                 log_every=args.log_every).eval()
-
-
-def normalised(score_fn, sft_model, prompts, args, eos, name):
-    """score_fn(prompts, responses) turned into a fixed affine map with mean 0 and std 1 on samples of pi_ref
-    (one per prompt, at most MAX_NORM_SAMPLES), computed once and kept in out/<preset>/score_norm_<name>.json."""
-    path = os.path.join(args.out, f"score_norm_{name}.json")
-    if not os.path.exists(path):  # under torchrun every rank samples a share, rank 0 writes, every rank reads
-        _, scores = sample_and_score(sft_model, score_fn, prompts[:MAX_NORM_SAMPLES], args, eos, f"score_norm_{name}")
-        s = torch.tensor(scores)
-        if rank_world()[0] == 0:
-            write_atomic(path, lambda f: f.write(json.dumps(dict(mean=s.mean().item(), std=s.std().item())).encode()))
-    barrier()
-    norm = json.load(open(path))
-    return lambda p, r: (score_fn(p, r) - norm["mean"]) / norm["std"]
 
 
 # ----------------------------------------------------------------------------- 5b. per-token rewards, 5c. advantages
@@ -165,13 +106,13 @@ def value_loss(values, old_values, returns, mask):
 
 
 def ppo_loss(model, batch, impl):
-    """One minibatch: the policy's log-probs from the fused kernel and the values from the same hidden states."""
-    idx, targets, mask, old_logp, old_values, adv, returns = batch
-    h = model(idx, lengths=real_lengths(mask))
-    logp = logprobs(model, None, idx, targets, mask, impl, hidden=h).token_pol
+    """One minibatch (a Rollout's rows): the policy's log-probs from the fused kernel and the values from the
+    same hidden states; the clipped objective plus VF_COEF times the clipped value loss."""
+    h = model(batch.idx, lengths=real_lengths(batch.mask))
+    logp = logprobs(model, None, batch.idx, batch.targets, batch.mask, impl, hidden=h).token_pol
     values = unwrap(model).score_head(h).squeeze(-1).float()
-    pg, clipfrac = policy_loss(logp, old_logp, adv, mask)
-    vf = value_loss(values, old_values, returns, mask)
+    pg, clipfrac = policy_loss(logp, batch.logp, batch.advantages, batch.mask)
+    vf = value_loss(values, batch.values, batch.returns, batch.mask)
     return pg + VF_COEF * vf, {"pg": pg.item(), "vf": vf.item(), "clipfrac": clipfrac.item()}
 
 
@@ -220,22 +161,40 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, beta):
 
 
 def critic_free_loss(model, batch, method, beta, impl):
-    """One minibatch of RLOO or GRPO: the policy's log-probs from the fused kernel, no value head."""
-    idx, targets, mask, old_logp, ref_logp, adv = batch
-    logp = logprobs(model, None, idx, targets, mask, impl).token_pol
+    """One minibatch of RLOO or GRPO (a Rollout's rows): the policy's log-probs from the fused kernel."""
+    logp = logprobs(model, None, batch.idx, batch.targets, batch.mask, impl).token_pol
     if method == "rloo":
-        loss, clipfrac = rloo_loss(logp, old_logp, adv, mask)
+        loss, clipfrac = rloo_loss(logp, batch.logp, batch.advantages, batch.mask)
         return loss, {"clipfrac": clipfrac.item()}
-    loss, clipfrac, kl = grpo_loss(logp, old_logp, ref_logp, adv, mask, beta)
+    loss, clipfrac, kl = grpo_loss(logp, batch.logp, batch.ref_logp, batch.advantages, batch.mask, beta)
     return loss, {"clipfrac": clipfrac.item(), "kl_term": kl.item()}
 
 
-# ----------------------------------------------------------------------------- a rollout, the run
+# ----------------------------------------------------------------------------- rollouts
+class Rollout(NamedTuple):
+    """The samples of one iteration and what the updates read of them, the same for PPO, RLOO and GRPO."""
+    idx: torch.Tensor  # (B, T) inputs: the beginning-of-text token, the prompt, the response
+    targets: torch.Tensor  # (B, T) the sequence shifted by one
+    mask: torch.Tensor  # (B, T) True at the response tokens
+    logp: torch.Tensor  # (B, T) log pi_old of each token, the policy's when it sampled
+    ref_logp: torch.Tensor  # (B, T) log pi_ref of each token
+    values: Optional[torch.Tensor]  # (B, T) PPO's value estimates V(s_t); None without a value head
+    advantages: Optional[torch.Tensor]  # (B, T) PPO's whitened GAE, (B,) RLOO's and GRPO's per sample
+    returns: Optional[torch.Tensor]  # (B, T) PPO's value targets; None without a value head
+
+    def rows(self, i):
+        """The rollout's rows i (a minibatch)."""
+        return Rollout(*(None if x is None else x[i.to(x.device)] for x in self))
+
+    def to(self, device):
+        return Rollout(*(None if x is None else x.to(device) for x in self))
+
+
 @torch.no_grad()
 def rollout(policy, ref, score_fn, prompts, seed, args, eos):
     """Sample one response per prompt (this rank's prompts) from the policy as it is now, score it, and take its
     per-token log-probs under pi and pi_ref, and the values if the policy has a value head, in one forward.
-    Returns the tensors (B, T) and scores (B,) of the update, and the rollout's mean score and exact KL over
+    Returns a Rollout without advantages, the scores (B,), and the rollout's mean score and exact KL over
     every rank."""
     policy.eval()
     responses = sample(policy, prompts, args.max_new_tokens, eos, seed, args.device)
@@ -246,103 +205,88 @@ def rollout(policy, ref, score_fn, prompts, seed, args, eos):
         out = logprobs(policy, ref, idx, targets, mask, args.impl, with_kl=True, hidden=h)
         values = None if policy.score_head is None else policy.score_head(h).squeeze(-1).float() * mask
     policy.train()
-    score_mean, kl = global_mean(s.mean().item(), out.kl.sum(-1).float().mean().item(), device=s.device)  # exact KL
-    data = dict(idx=idx, targets=targets, mask=mask, logp=out.token_pol.float(), ref_logp=out.token_ref.float(),
-                values=values, score=s)
-    return data, dict(score=score_mean, kl=kl)
+    exact_kl = out.kl.sum(-1).float().mean().item()
+    score_mean, kl = global_mean(s.mean().item(), exact_kl, device=s.device)
+    samples = Rollout(idx, targets, mask, out.token_pol.float(), out.token_ref.float(), values, None, None)
+    return samples, s, dict(score=score_mean, rollout_kl=kl)
 
 
 def ppo_rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
     """PPO's rollout: one response per prompt, GAE's advantages (whitened) and returns."""
-    d, stats = rollout(policy, ref, score_fn, prompts, seed, args, eos)
-    mask, values = d["mask"], d["values"]
-    adv = gae(token_rewards(d["logp"] - d["ref_logp"], d["score"], mask, kl_coef), values, mask)
-    return [d["idx"], d["targets"], mask, d["logp"], values, whiten(adv, mask), adv + values], stats
+    samples, scores, stats = rollout(policy, ref, score_fn, prompts, seed, args, eos)
+    mask, values = samples.mask, samples.values
+    rewards = token_rewards(samples.logp - samples.ref_logp, scores, mask, kl_coef)
+    adv = gae(rewards, values, mask)
+    return samples._replace(advantages=whiten(adv, mask), returns=adv + values), stats
 
 
 def group_rollout(policy, ref, score_fn, prompts, method, beta, seed, args, eos):
     """RLOO's and GRPO's rollout: args.group responses to each prompt, in consecutive rows, so that a group's
     advantages are computed where it was sampled (a prompt's group is never split across ranks)."""
     k = args.group
-    d, stats = rollout(policy, ref, score_fn, [p for p in prompts for _ in range(k)], seed, args, eos)
+    samples, scores, stats = rollout(policy, ref, score_fn, [p for p in prompts for _ in range(k)], seed, args,
+                                     eos)
     if method == "rloo":
-        adv = rloo_advantages(d["score"], ((d["logp"] - d["ref_logp"]) * d["mask"]).sum(1), k, beta)
+        seq_logratio = ((samples.logp - samples.ref_logp) * samples.mask).sum(1)
+        adv = rloo_advantages(scores, seq_logratio, k, beta)
     else:
-        adv = grpo_advantages(d["score"], k)
-    return [d["idx"], d["targets"], d["mask"], d["logp"], d["ref_logp"], adv], stats
+        adv = grpo_advantages(scores, k)
+    return samples._replace(advantages=adv), stats
 
 
-def rollout_batches(new_rollout, n_prompts, prompts, args):
-    """get_batch(step): a new rollout every epochs * minibatches steps, new_rollout(this rank's prompts, seed) ->
-    its tensors, on n_prompts training prompts drawn by (seed, iteration), sampled with the seed (seed, iteration,
-    rank), then its minibatches in a fresh order each epoch. Resume lands on a rollout boundary (train checkpoints
-    every ppo_eval_every iterations), so it draws the same rollouts again."""
-    updates = args.ppo_epochs * args.ppo_minibatches
-    cache = {}
-
-    def get_batch(step):
-        it, j = divmod(step, updates)
-        rank, world = rank_world()
-        if cache.get("it") != it:
-            rows = np.random.default_rng([args.seed + 6, it]).choice(len(prompts), n_prompts, replace=False)
-            seed = derive_seed(args.seed, "rollout", it, rank)
-            cache["it"], cache["data"] = it, new_rollout([prompts[i] for i in rows[rank::world]], seed)
-        epoch, mb = divmod(j, args.ppo_minibatches)
-        order = torch.from_numpy(np.random.default_rng([args.seed + 7, it, epoch]).permutation(len(cache["data"][0])))
-        return [x[order[mb::args.ppo_minibatches].to(x.device)] for x in cache["data"]]
-    return get_batch
-
-
-def run(method, param, sft_model, ref, score_fn, train_prompts, evaluator, args, eos):
+# ----------------------------------------------------------------------------- one run: the loop of PPO, RLOO, GRPO
+def run(method, param, sft_model, ref, score_fn, train_prompts, evaluate, at_start, args, eos):
     """One online run, the policy starting as the SFT model: PPO toward target KL param (with a zero-initialised
     value head), or RLOO or GRPO at KL coefficient param. score_fn is the normalised reward model (ppo, rloo,
-    grpo) or the normalised r* (ppo-gt); evaluator(model, step) is DPO's evaluation."""
+    grpo) or the normalised r* (ppo-gt); evaluate(policy) -> dict is DPO's evaluation, at_start pi_ref's."""
     n_prompts = rollout_prompts(method, args)
     if len(train_prompts) < n_prompts:
-        raise ValueError(f"--ppo-batch {args.ppo_batch}: a rollout of {method} draws {n_prompts} prompts, more than "
-                         f"the {len(train_prompts)} training prompts")
-    stats = {}
-    if method in ("ppo", "ppo-gt"):
-        policy = with_zero_head(sft_model, args.device).train()  # its scalar head is the value head V(s_t)
-        state = dict(kl_coef=KL_INIT)
-
-        def new_rollout(prompts, seed):
-            data, new = ppo_rollout(policy, ref, score_fn, prompts, state["kl_coef"], seed, args, eos)
-            stats.update(new, kl_coef=state["kl_coef"])
-            state["kl_coef"] = kl_update(state["kl_coef"], new["kl"], param, args.ppo_batch, args.kl_horizon)
-            return data
-
-        def loss_fn(model, batch):
-            loss, metrics = ppo_loss(model, batch, args.impl)
-            return loss, dict(score=stats["score"], rollout_kl=stats["kl"], beta_kl=stats["kl_coef"], **metrics)
-    else:
-        policy, state = copy.deepcopy(sft_model).train(), {}
-
-        def new_rollout(prompts, seed):
-            data, new = group_rollout(policy, ref, score_fn, prompts, method, param, seed, args, eos)
-            stats.update(new)
-            return data
-
-        def loss_fn(model, batch):
-            loss, metrics = critic_free_loss(model, batch, method, param, args.impl)
-            return loss, dict(score=stats["score"], rollout_kl=stats["kl"], **metrics)
-
-    updates = args.ppo_epochs * args.ppo_minibatches
-    return train(run_folder(method, param), policy, loss_fn, rollout_batches(new_rollout, n_prompts, train_prompts,
-                 args), args.ppo_iters * updates, args.ppo_lr, out=args.out, device=args.device, optimizer=args.optimizer,
-                 warmup=args.warmup, eval_every=args.ppo_eval_every * updates, evaluator=evaluator,
-                 log_every=args.log_every, state=state)
-
-
-def score_functions(sft_model, classifier, pairs, heldout, train_prompts, args, eos, scores):
-    """{'rm': the normalised reward model r_phi, 'gt': the normalised r*}, for the scores asked for (SCORE in
-    settings.py says which an online method trains on)."""
-    fns = {}
-    if "gt" in scores:
-        gt = lambda p, r: reward(classifier, p, r, eos, args.block_size, args.device)
-        fns["gt"] = normalised(gt, sft_model, train_prompts, args, eos, "gt")
-    if "rm" in scores:
-        rm = reward_model(sft_model, pairs, heldout, args, eos)
-        learned = lambda p, r: score(rm, p, r, eos, args.block_size, args.device)
-        fns["rm"] = normalised(learned, sft_model, train_prompts, args, eos, "rm")
-    return fns
+        raise ValueError(f"--ppo-batch {args.ppo_batch}: a rollout of {method} draws {n_prompts} prompts, "
+                         f"more than the {len(train_prompts)} training prompts")
+    name, value_head = run_folder(method, param), METHODS[method].value_head
+    policy = with_zero_head(sft_model, args.device) if value_head else copy.deepcopy(sft_model)
+    policy.train()  # PPO: its scalar head is the value head V(s_t)
+    opt = make_optimizer(policy, args.optimizer, args.ppo_lr)
+    start, state = resume(name, policy, opt, args.out, dict(kl_coef=KL_INIT) if value_head else {})
+    if start is None:
+        return policy
+    updates = args.ppo_epochs * args.ppo_minibatches  # optimizer steps per rollout
+    steps, kl_coef = args.ppo_iters * updates, state.get("kl_coef")  # kl_coef: PPO's beta_kl
+    model, clock, (rank, world) = distributed(policy), Clock(start, steps), rank_world()
+    for it in range(start // updates, args.ppo_iters):  # resume starts on a rollout boundary
+        if it % args.ppo_eval_every == 0:  # 6. evaluate
+            write_evaluation(name, it * updates, evaluate(policy) if it else at_start, args.out)
+        # 5b, 5c: a rollout of n_prompts training prompts drawn by (seed, it); this rank samples its share
+        rows = np.random.default_rng([args.seed + 6, it]).choice(len(train_prompts), n_prompts, replace=False)
+        prompts, seed = [train_prompts[i] for i in rows[rank::world]], derive_seed(args.seed, "rollout", it, rank)
+        if value_head:
+            samples, stats = ppo_rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos)
+            stats["beta_kl"] = kl_coef
+            kl_coef = kl_update(kl_coef, stats["rollout_kl"], param, args.ppo_batch, args.kl_horizon)  # 5e
+        else:
+            samples, stats = group_rollout(policy, ref, score_fn, prompts, method, param, seed, args, eos)
+        for epoch in range(args.ppo_epochs):  # 5d: epochs of minibatches over the rollout, a fresh order each
+            order = np.random.default_rng([args.seed + 7, it, epoch]).permutation(len(samples.idx))
+            for mb in range(args.ppo_minibatches):
+                step = it * updates + epoch * args.ppo_minibatches + mb
+                set_lr(opt, step, args.ppo_lr, args.warmup)
+                batch = samples.rows(torch.from_numpy(order[mb::args.ppo_minibatches]))
+                with amp(args.device):
+                    if value_head:
+                        loss, metrics = ppo_loss(model, batch, args.impl)
+                    else:
+                        loss, metrics = critic_free_loss(model, batch, method, param, args.impl)
+                check_finite(loss, name, step, args.out)
+                loss.backward()  # DDP averages the gradients over the ranks
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0).item()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                clock.tick(batch.idx.numel())
+                if step % args.log_every == 0 or step == steps - 1:
+                    line = dict(loss=loss.item(), **stats, **metrics, grad=grad_norm)
+                    log_step(name, step, line, clock, args.device)
+        state = dict(kl_coef=kl_coef) if value_head else {}
+        if (it + 1) % args.ppo_eval_every == 0 and it + 1 < args.ppo_iters:
+            save(name, (it + 1) * updates, policy, opt, args.out, state)
+    write_evaluation(name, steps, evaluate(policy), args.out)
+    return finish(name, policy, args.out, clock, state)

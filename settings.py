@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from common import log, rank_world
-from data.corpus import OneLineParser, UsageError, write_atomic
+from data.corpus import OneLineParser, write_atomic
+from errors import UsageError
+from methods import METHODS, ONLINE, parse_runs, rollout_prompts, run_folder
 from model import GPT
 
 # ----------------------------------------------------------------------------- settings
@@ -38,49 +40,6 @@ PRESETS = {
                       "ppo-gt:3,ppo-gt:6,ppo-gt:9,ppo-gt:12,rloo:0.05,rloo:0.2,grpo:0.05,grpo:0.2,simpo:2,orpo:0.1,"
                       "kto:0.1"),
 }
-# a run is "method:param": the parameter is beta (dpo, ipo, cdpo, simpo, kto; the KL coefficient of rloo, grpo),
-# lambda (orpo), alpha (ul), or the target KL (ppo, ppo-gt)
-METHODS = ("dpo", "ipo", "cdpo", "simpo", "orpo", "kto", "ft", "ul", "ppo", "ppo-gt", "rloo", "grpo")
-SCORE = {"ppo": "rm", "ppo-gt": "gt", "rloo": "rm", "grpo": "rm"}  # the online methods (ppo.py) and the score each
-# trains on: the reward model r_phi learned from the pairs, or the ground truth r*
-
-
-def parse_runs(spec):
-    """'dpo:0.1,ft,ppo:6' -> [('dpo', 0.1), ('ft', 0.0), ('ppo', 6.0)], or ValueError naming the bad run."""
-    runs = []
-    for run in spec.split(","):
-        method, _, param = run.partition(":")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r} in {run!r}; expected one of {', '.join(METHODS)}")
-        try:
-            value = float(param) if param else 0.0
-        except ValueError:
-            raise ValueError(f"{run!r}: the parameter {param!r} is not a number") from None
-        need = {"dpo": "beta > 0, e.g. dpo:0.1", "ipo": "beta > 0, e.g. ipo:0.1", "cdpo": "beta > 0, e.g. cdpo:0.1",
-                "simpo": "beta > 0, e.g. simpo:2", "kto": "beta > 0, e.g. kto:0.1",
-                "ul": "alpha > 0, e.g. ul:0.5 (ul:0 is Preferred-FT: ft)", "ppo": "a target KL > 0, e.g. ppo:6",
-                "ppo-gt": "a target KL > 0, e.g. ppo-gt:6", "rloo": "beta >= 0, e.g. rloo:0.05",
-                "grpo": "beta >= 0, e.g. grpo:0.05"}
-        if method in need and not (value > 0 or method in ("rloo", "grpo") and param and value == 0):
-            raise ValueError(f"{run!r}: {method} needs {need[method]}")
-        if method == "orpo" and not (param and value >= 0):
-            raise ValueError(f"{run!r}: orpo needs lambda >= 0, e.g. orpo:0.1")
-        if method == "ft" and param:
-            raise ValueError(f"{run!r}: ft takes no parameter")
-        runs.append((method, value))
-    return runs
-
-
-def rollout_prompts(method, args):
-    """Training prompts per rollout of an online run: --ppo-batch samples, one per prompt (ppo, ppo-gt) or --group."""
-    return args.ppo_batch // (1 if method in ("ppo", "ppo-gt") else args.group)
-
-
-def run_folder(method, param):
-    """Where a run writes, under the run folder: runs/dpo_0.1, runs/ppo-gt_6, runs/ft."""
-    return "runs/ft" if method == "ft" else f"runs/{method}_{param:g}"
-
-
 HELP = {  # one line per preset setting; --help adds its tiny and imdb defaults from PRESETS
     "init": "a GPT from scratch (--n-layer, --n-head, --n-embd), or pretrained GPT-2 (--model)",
     "model": "the pretrained weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face folder",
@@ -199,11 +158,12 @@ def check_args(p, args):
     except ValueError as e:
         p.error(f"--runs: {e}")
     methods, world = {m for m, _ in args.run_list}, int(os.environ.get("WORLD_SIZE", 1))
-    online, dpo_runs = methods & set(SCORE), methods - set(SCORE)
+    online, dpo_runs = methods & set(ONLINE), methods - set(ONLINE)
     for k in ["batch"] + ["dpo_batch"] * bool(dpo_runs) + ["ppo_batch"] * bool(online):
         if getattr(args, k) < world:  # under torchrun each rank takes every world-th row of a batch
             p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: fewer rows than the {world} torchrun processes")
-    if methods & {"rloo", "grpo"} and (args.group < 2 or args.ppo_batch % args.group):
+    grouped = {m for m in online if not METHODS[m].value_head}  # rloo, grpo
+    if grouped and (args.group < 2 or args.ppo_batch % args.group):
         p.error(f"--group {args.group}: rloo and grpo need at least 2 samples per prompt, and --ppo-batch "
                 f"{args.ppo_batch} a multiple of it")
     for m in online:  # a rollout draws its prompts from the training prompts; each rank samples every world-th one
@@ -229,22 +189,22 @@ def stage_plan(args, data_sha256):
     pick = lambda *keys: {k: getattr(args, k) for k in keys}
     sft = pick("data", "init", "n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps",
                "sft_lr") | {"model": args.model if args.init == "pretrained" else None, "data_sha256": data_sha256}
-    reward = sft | pick("rm_steps", "rm_lr", "max_new_tokens")  # its crops cover the scored length
-    pairs = reward | pick("n_prompts", "min_chars")
+    classifier = sft | pick("rm_steps", "rm_lr", "max_new_tokens")  # its crops cover the scored length
+    pairs = classifier | pick("n_prompts", "min_chars")
     prompts = pairs | pick("n_eval")  # the held-out prompts are drawn after the training prompts
-    plan = {"sft": sft, "reward": reward, "pairs.pt": pairs, "best_of_n.jsonl": prompts | pick("best_of")}
+    plan = {"sft": sft, "classifier": classifier, "pairs.pt": pairs, "best_of_n.jsonl": prompts | pick("best_of")}
     methods = {m for m, _ in args.run_list}
-    scores = {SCORE[m] for m in methods & set(SCORE)}
+    scores = {METHODS[m].score for m in methods & set(ONLINE)}
     if "rm" in scores:
         plan["pairs_heldout.pt"] = prompts
         plan["reward_model"] = prompts | pick("bt_steps", "bt_lr", "eval_every")
     for s in sorted(scores):
         plan[f"score_norm_{s}.json"] = plan["reward_model" if s == "rm" else "pairs.pt"]
     for method, param in args.run_list:
-        if method in SCORE:
-            plan[run_folder(method, param)] = prompts | plan[f"score_norm_{SCORE[method]}.json"] | pick(
+        if method in ONLINE:
+            plan[run_folder(method, param)] = prompts | plan[f"score_norm_{METHODS[method].score}.json"] | pick(
                 "optimizer", "ppo_iters", "ppo_batch", "ppo_epochs", "ppo_minibatches", "ppo_lr", "ppo_eval_every",
-                *(("kl_horizon",) if method in ("ppo", "ppo-gt") else ("group",)))
+                *(("kl_horizon",) if METHODS[method].value_head else ("group",)))
         else:
             extra = pick("label_smoothing") if method == "cdpo" else {}
             plan[run_folder(method, param)] = prompts | pick("dpo_steps", "dpo_lr", "dpo_batch", "optimizer",
@@ -347,9 +307,9 @@ def n_heldout(args):
 def check_data(args, data):
     """The sizes that depend on the data, checked before SFT: enough long reviews for the prompts asked for."""
     path = os.path.join(args.data_dir, f"{args.data}.npz")
-    online = {m for m, _ in args.run_list} & set(SCORE)
+    online = {m for m, _ in args.run_list} & set(ONLINE)
     usable = {s: int((data[s].chars > args.min_chars).sum()) for s in ("train", "test")}
-    heldout = n_heldout(args) if any(SCORE[m] == "rm" for m in online) else 0
+    heldout = n_heldout(args) if any(METHODS[m].score == "rm" for m in online) else 0
     if args.n_eval + heldout > usable["test"]:
         extra = f" + {heldout} held-out prompts of PPO's reward model" if heldout else ""
         raise UsageError(f"--n-eval {args.n_eval}{extra}: the test split of {path} has {usable['test']} reviews "

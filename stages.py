@@ -1,55 +1,86 @@
 """
-The stages around the algorithms (numbering of common.py), each trained by common.train:
-  2. the SFT reference pi_ref: a language model on the reviews              sft
-  3. the ground-truth reward r*: a sentiment classifier on the labels        classifier
-  4. preference pairs from pi_ref's samples, scored by r*                    make_pairs, pairs_from
-     and the Best-of-N baseline drawn on the frontier                        best_of_n
-  6. evaluation: samples of a policy, their mean r* and exact KL to pi_ref   evaluate
-and the sampling and scoring that 4, 5 and 6 share                          sample, score, reward
+The stages around the algorithms (the numbering of common.py):
+  1. data: the labelled reviews, and prompts cut from them                    load_data, make_prompts
+  2. the SFT reference pi_ref: a language model on the reviews                sft
+  3. the ground-truth reward r*: a sentiment classifier on the labels         classifier
+  4. preference pairs from pi_ref's samples, scored by r*                     make_pairs, pairs_from
+     and the Best-of-N baseline drawn on the frontier                         best_of_n
+  6. evaluation: samples of a policy, their mean r* and exact KL to pi_ref    evaluate
+and the sampling and scoring that 4, 5 and 6 share                           sample, score, Score
+SFT and the classifier train with common.fit, on ReviewBatches.
 """
 import json
 import math
 import os
+from functools import partial
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (accuracy, amp, barrier, derive_seed, layout, log, logprobs, make_model, masked_mean, pack,
-                    rank_world, real_lengths, sharded, train, unwrap)
-from data.corpus import load_checkpoint, save_checkpoint, write_atomic
+from common import (accuracy, amp, barrier, derive_seed, fit, is_main, layout, local_rank_first, log, logprobs,
+                    make_model, masked_mean, pack, rank_world, real_lengths, sharded, unwrap)
+from data.corpus import load_checkpoint, load_corpus, save_checkpoint, write_atomic
+from data.tiny.prepare import prepare as prepare_tiny
 from model import left_pad
 
 
+# ----------------------------------------------------------------------------- 1. data
+def load_data(data_dir, name):
+    path = os.path.join(data_dir, f"{name}.npz")
+    with local_rank_first():
+        if name == "tiny" and (not os.path.exists(path) or load_corpus(path)["tokenizer"] != "words"):
+            prepare_tiny(data_dir)  # made offline in seconds; also replaces an older nanoDPO's byte-level corpus
+    return load_corpus(path)
+
+
+def make_prompts(split, n, min_chars, rng):
+    """Prefixes of 2-8 tokens of reviews longer than min_chars characters (the paper's protocol)."""
+    ok = np.flatnonzero(split.chars > min_chars)
+    pick = rng.choice(ok, size=min(n, len(ok)), replace=False)
+    return [split.review(i)[: rng.integers(2, 9)].tolist() for i in pick]
+
+
 # ----------------------------------------------------------------------------- 2. SFT and 3. the classifier
-def review_batches(split, batch, block_size, eos, seed, scored_len=None):
-    """get_batch(step) over reviews, deterministic in (seed, step) so that a resumed run sees the same
-    batches. A review is laid out as common.layout([], review + [EOS]), cut at the block size. With
-    scored_len (the classifier) each review is cut to a random length of at least 8 tokens, half the
-    time at most scored_len: the classifier must judge the short texts it scores later (a prompt of up
-    to 8 tokens and a response) as well as whole reviews. The fourth tensor holds the labels."""
-    def get_batch(step):
-        rng, (rank, world) = np.random.default_rng([seed, step]), rank_world()
-        rows = rng.integers(len(split), size=batch)
-        lengths = [None] * batch  # drawn for the whole batch, so that a row's crop does not depend on the ranks
-        if scored_len is not None:
-            tops = np.where(rng.random(batch) < 0.5, block_size - 2, min(scored_len, block_size - 2))
+class ReviewBatches(NamedTuple):
+    """batches(step): this rank's share of `batch` reviews, deterministic in (seed, step) so that a resumed run
+    sees the same batches. A review is laid out as common.layout([], review + [EOS]), cut at the block size.
+    With scored_len (the classifier) each review is cut to a random length of at least 8 tokens, half the
+    time at most scored_len: the classifier must judge the short texts it scores later (a prompt of up to 8
+    tokens and a response) as well as whole reviews. Returns idx, targets, mask (B, T) and the labels (B,)."""
+    split: object
+    batch: int
+    block_size: int
+    eos: int
+    seed: int
+    scored_len: Optional[int] = None
+
+    def __call__(self, step):
+        rng, (rank, world) = np.random.default_rng([self.seed, step]), rank_world()
+        rows = rng.integers(len(self.split), size=self.batch)
+        lengths = [None] * self.batch  # drawn for the whole batch: a row's crop does not depend on the ranks
+        if self.scored_len is not None:
+            top = self.block_size - 2
+            tops = np.where(rng.random(self.batch) < 0.5, top, min(self.scored_len, top))
             lengths = rng.integers(8, tops + 1)
         rows, lengths = rows[rank::world], lengths[rank::world]
-        seqs = [split.review(i).tolist()[:n] + [eos] for i, n in zip(rows, lengths)]
-        idx, targets, mask = pack([[]] * len(seqs), seqs, block_size, eos)
-        return idx, targets, mask, torch.tensor(split.labels[rows], dtype=torch.float)
-    return get_batch
+        seqs = [self.split.review(i).tolist()[:n] + [self.eos] for i, n in zip(rows, lengths)]
+        idx, targets, mask = pack([[]] * len(seqs), seqs, self.block_size, self.eos)
+        return idx, targets, mask, torch.tensor(self.split.labels[rows], dtype=torch.float)
+
+
+def sft_loss(model, batch, impl="auto"):
+    """Next-token NLL of the reviews, per token."""
+    idx, targets, mask, _ = batch
+    return -masked_mean(logprobs(model, None, idx, targets, mask, impl).token_pol, mask), {}
 
 
 def sft(args, data, eos, vocab):
     """The reference pi_ref: next-token NLL on whole reviews (a pretrained GPT-2 fine-tuned, or from scratch)."""
-    def nll(model, batch):
-        idx, targets, mask, _ = batch
-        return -masked_mean(logprobs(model, None, idx, targets, mask, args.impl).token_pol, mask), {}
-    return train("sft", make_model(args, vocab), nll, review_batches(data["train"], args.batch, args.block_size, eos,
-                 args.seed), args.sft_steps, args.sft_lr, out=args.out, device=args.device,
-                 warmup=args.warmup, log_every=args.log_every, ckpt_every=args.eval_every)
+    batches = ReviewBatches(data["train"], args.batch, args.block_size, eos, args.seed)
+    return fit("sft", make_model(args, vocab), partial(sft_loss, impl=args.impl), batches, args.sft_steps,
+               args.sft_lr, args)
 
 
 def classifier_loss(model, batch):
@@ -62,14 +93,13 @@ def classifier_loss(model, batch):
 
 def classifier(args, data, eos, vocab, sft_model):
     """The ground truth r*: p(positive) of a GPT with a scalar head, trained on the labels."""
-    rm = make_model(args, vocab, score_head=True)
+    model = make_model(args, vocab, score_head=True)
     if args.init == "scratch":  # a classifier from scratch learns slowly: start from the SFT model's weights
-        rm.load_state_dict(sft_model.state_dict(), strict=False)
-    rm = train("reward", rm, classifier_loss, review_batches(data["train"], args.batch, args.block_size, eos,
-               args.seed + 1, scored_len=scored_len(args)), args.rm_steps, args.rm_lr, out=args.out, device=args.device,
-               warmup=args.warmup, log_every=args.log_every, ckpt_every=args.eval_every).eval()
-    classifier_accuracy(rm, data["test"], args, eos)
-    return rm
+        model.load_state_dict(sft_model.state_dict(), strict=False)
+    batches = ReviewBatches(data["train"], args.batch, args.block_size, eos, args.seed + 1, scored_len(args))
+    model = fit("classifier", model, classifier_loss, batches, args.rm_steps, args.rm_lr, args).eval()
+    classifier_accuracy(model, data["test"], args, eos)
+    return model
 
 
 def scored_len(args):
@@ -77,23 +107,29 @@ def scored_len(args):
     return 8 + args.max_new_tokens
 
 
+def classifier_scores(texts, start, classifier, args, eos):
+    """The classifier's logit on each text (a list of token lists), for sharded; start: the chunk's start."""
+    return score(classifier, [[]] * len(texts), texts, eos, args.block_size, args.device).tolist()
+
+
 @torch.no_grad()
-def classifier_accuracy(rm, split, args, eos):
+def classifier_accuracy(classifier, split, args, eos):
     """Accuracy of r* > 0.5 on every review of the split (r* = 0.5 counts half), read whole (as far as the block
-    size allows) and cut to the length r* judges in the pipeline; written to out/<preset>/reward/accuracy.json."""
-    path = os.path.join(args.out, "reward", "accuracy.json")
+    size allows) and cut to the length r* judges in the pipeline; written to out/<preset>/classifier/accuracy.json."""
+    path = os.path.join(args.out, "classifier", "accuracy.json")
     if not os.path.exists(path):
         reviews = [split.review(i).tolist() for i in range(len(split))]
         sign = 2 * torch.from_numpy(split.labels).float() - 1
-        acc_of = lambda texts: accuracy(sign * torch.tensor(sharded(
-            lambda rs, i: score(rm, [[]] * len(rs), rs, eos, args.block_size, args.device).tolist(), texts)))
-        acc = dict(whole=acc_of(reviews), scored=acc_of([r[:scored_len(args)] for r in reviews]),
-                   scored_len=scored_len(args), reviews=len(reviews))
-        if rank_world()[0] == 0:
+        logits = partial(classifier_scores, classifier=classifier, args=args, eos=eos)
+        whole = accuracy(sign * torch.tensor(sharded(logits, reviews)))
+        scored = accuracy(sign * torch.tensor(sharded(logits, [r[:scored_len(args)] for r in reviews])))
+        acc = dict(whole=whole, scored=scored, scored_len=scored_len(args), reviews=len(reviews))
+        if is_main():
             write_atomic(path, lambda f: f.write(json.dumps(acc).encode()))
         barrier()
-    acc = json.load(open(path))
-    log(f"[reward] classifier accuracy on all {acc['reviews']} test reviews: {acc['whole']:.3f} whole, "
+    with open(path) as f:
+        acc = json.load(f)
+    log(f"[classifier] accuracy on all {acc['reviews']} test reviews: {acc['whole']:.3f} whole, "
         f"{acc['scored']:.3f} cut to the scored {acc['scored_len']} tokens")
     return acc
 
@@ -134,9 +170,26 @@ def score(model, prompts, responses, eos, block_size, device):
     return torch.cat(out)
 
 
-def reward(rm, prompts, responses, eos, block_size, device):
+def reward(classifier, prompts, responses, eos, block_size, device):
     """r*(x, y) = p(positive) of the classifier."""
-    return torch.sigmoid(score(rm, prompts, responses, eos, block_size, device))
+    return torch.sigmoid(score(classifier, prompts, responses, eos, block_size, device))
+
+
+class Score(NamedTuple):
+    """A score of (prompts, responses) -> (B,): r*, the classifier's p(positive) (probability), or the head's
+    logit (PPO's reward model r_phi); then (s - mean) / std where PPO normalises it (ppo.normalised)."""
+    model: torch.nn.Module
+    eos: int
+    block_size: int
+    device: str
+    probability: bool = False
+    mean: Optional[float] = None
+    std: Optional[float] = None
+
+    def __call__(self, prompts, responses):
+        of = reward if self.probability else score
+        s = of(self.model, prompts, responses, self.eos, self.block_size, self.device)
+        return s if self.mean is None else (s - self.mean) / self.std
 
 
 # ----------------------------------------------------------------------------- 4. preference pairs
@@ -151,15 +204,15 @@ def sample_and_score(model, score_fn, prompts, args, eos, purpose):
     return list(samples), list(scores)
 
 
-def make_pairs(sft_model, rm, prompts, args, eos, name="pairs.pt"):
+def make_pairs(sft_model, classifier, prompts, args, eos, name="pairs.pt"):
     """4 samples per prompt from pi_ref, scored by r*; all 6 pairs, chosen = higher reward, ties dropped."""
     path = os.path.join(args.out, name)
     if not os.path.exists(path):  # under torchrun every rank samples a share, rank 0 writes, every rank reads
         sft_model.eval()
         repeated = [p for p in prompts for _ in range(4)]
-        r_star = lambda p, s: reward(rm, p, s, eos, args.block_size, args.device)
+        r_star = Score(classifier, eos, args.block_size, args.device, probability=True)
         samples, rewards = sample_and_score(sft_model, r_star, repeated, args, eos, name)
-        if rank_world()[0] == 0:
+        if is_main():
             pairs = pairs_from(prompts, samples, rewards)
             log(f"[pairs] {len(pairs['prompt'])} pairs from {len(prompts)} prompts ({name}); "
                 f"mean reward of pi_ref samples {np.mean(rewards):.3f}")
@@ -190,34 +243,36 @@ def best_of_n_kl(n):
 
 
 @torch.no_grad()
-def best_of_n(sft_model, rm, prompts, args, eos):
+def best_of_n(sft_model, classifier, prompts, args, eos):
     """The Best-of-N baseline: N samples of pi_ref per held-out prompt, keep the one r* likes best."""
     path = os.path.join(args.out, "best_of_n.jsonl")
     ns = sorted(int(n) for n in args.best_of.split(","))
     if os.path.exists(path):
         return
     many = [p for p in prompts for _ in range(ns[-1])]
-    r_star = lambda p, s: reward(rm, p, s, eos, args.block_size, args.device)
+    r_star = Score(classifier, eos, args.block_size, args.device, probability=True)
     _, rewards = sample_and_score(sft_model, r_star, many, args, eos, "best_of_n")  # every rank a share
     r = torch.tensor(rewards).view(len(prompts), ns[-1])
     records = [dict(n=n, reward=r[:, :n].max(1).values.mean().item(), kl_bound=best_of_n_kl(n)) for n in ns]
-    if rank_world()[0] == 0:
+    if is_main():
         write_atomic(path, lambda f: f.write("".join(json.dumps(x) + "\n" for x in records).encode()))
     log("[best-of-n] " + ", ".join(f"N={x['n']}: {x['reward']:.3f}" for x in records))
 
 
 # ----------------------------------------------------------------------------- 6. evaluation
 @torch.no_grad()
-def evaluate(policy, ref, rm, prompts, *, eos, seed, max_new_tokens, block_size, device, impl, decode=None,
+def evaluate(policy, ref, classifier, prompts, *, eos, seed, max_new_tokens, block_size, device, impl, decode=None,
              n_samples=4):
     """Mean r* of policy samples on held-out prompts, and KL(pi || pi_ref) on those samples: exact (the
     per-token KL over the whole vocabulary, summed over the response) and sampled (sum of log-ratios).
-    With decode (ids -> text), also the first n_samples (prompt, response, reward) for people to read."""
+    With decode (ids -> text), also the first n_samples (prompt, response, reward) for people to read.
+    The policy samples in eval mode and is handed back in the mode it came in."""
+    training = policy.training
     policy.eval()
     # the same seed at every evaluation of every run (common random numbers): differences between
     # steps and runs then come from the policies more than from the draw
     responses = sample(policy, prompts, max_new_tokens, eos, seed, device)
-    r = reward(rm, prompts, responses, eos, block_size, device)
+    r = reward(classifier, prompts, responses, eos, block_size, device)
     kl, kl_sampled = [], []
     for i in range(0, len(prompts), 64):
         resp = [x if x else [eos] for x in responses[i:i + 64]]  # an empty sample still has its EOS
@@ -226,7 +281,7 @@ def evaluate(policy, ref, rm, prompts, *, eos, seed, max_new_tokens, block_size,
             out = logprobs(policy, ref, idx, targets, mask, impl, with_kl=True)
         kl.append(out.kl.sum(-1).float().cpu())
         kl_sampled.append((out.seq_pol - out.seq_ref).float().cpu())
-    policy.train()
+    policy.train(training)
     record = dict(reward=r.mean().item(), kl=torch.cat(kl).mean().item(), kl_sampled=torch.cat(kl_sampled).mean().item(),
                   length=float(np.mean([len(x) for x in responses])))
     if decode is not None:

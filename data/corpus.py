@@ -22,9 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
-class UsageError(ValueError):
-    """A user's mistake (a bad file, a stale stage): the command line prints it as one line, no traceback."""
+from errors import UsageError
 
 
 class OneLineParser(argparse.ArgumentParser):

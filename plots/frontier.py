@@ -20,7 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.corpus import OneLineParser, UsageError, read_jsonl, write_atomic  # noqa: E402
+from data.corpus import OneLineParser, read_jsonl, write_atomic  # noqa: E402
+from errors import UsageError  # noqa: E402
 
 # hues far apart between methods (checked in tests/test_plots.py); shades of one hue within a method, darker for
 # a larger parameter

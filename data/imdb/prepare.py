@@ -20,7 +20,8 @@ import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from data.corpus import OneLineParser, UsageError, save_corpus  # noqa: E402
+from data.corpus import OneLineParser, save_corpus  # noqa: E402
+from errors import UsageError  # noqa: E402
 from model import download, get_tokenizer  # noqa: E402
 
 URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
