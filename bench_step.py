@@ -25,7 +25,7 @@ if not CUDA:
 from common import amp, pack  # noqa: E402
 from data.corpus import write_atomic  # noqa: E402
 from dpo import pair_loss  # noqa: E402
-from ppo import critic_free_loss, ppo_loss  # noqa: E402
+from ppo import Rollout, critic_free_loss, ppo_loss  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -51,12 +51,13 @@ def step_time(model_name, impl, pairs, algo="dpo", prompt=8, response=65, reps=8
     eos = cfg.vocab_size - 1
     batch = [x.to(DEVICE) for x in pack([ids(prompt)] * 2 * pairs, [ids(response - 1) + [eos] for _ in range(2 * pairs)],
                                         cfg.block_size, eos)]
-    if algo == "ppo":  # a rollout's tensors: old log-probs and values, advantages, returns
-        batch += [torch.randn(batch[0].shape, device=DEVICE) * s for s in (0.1, 0.1, 1.0, 1.0)]
-        batch[3] -= 3.0  # log-probs are negative
+    noise = lambda scale: torch.randn(batch[0].shape, device=DEVICE) * scale
+    if algo == "ppo":  # a rollout: old log-probs (negative) and values, advantages, returns
+        old_logp, values, adv, returns = noise(0.1) - 3.0, noise(0.1), noise(1.0), noise(1.0)
+        batch = Rollout(*batch, old_logp, None, values, adv, returns)
     if algo in ("rloo", "grpo"):  # old and reference log-probs, one advantage per sequence
-        batch += [torch.randn(batch[0].shape, device=DEVICE) * 0.1 - 3.0 for _ in range(2)]
-        batch.append(torch.randn(batch[0].size(0), device=DEVICE))
+        old_logp, ref_logp = noise(0.1) - 3.0, noise(0.1) - 3.0
+        batch = Rollout(*batch, old_logp, ref_logp, None, torch.randn(batch[0].size(0), device=DEVICE), None)
     loss_fn = {"dpo": lambda: pair_loss(policy, batch, ref, "dpo", 0.1, impl),
                "ppo": lambda: ppo_loss(policy, batch, impl),
                "rloo": lambda: critic_free_loss(policy, batch, "rloo", 0.05, impl),

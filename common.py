@@ -1,9 +1,9 @@
 """
-The machinery under every stage and algorithm: the helpers for torchrun, the one sequence layout and its
-batches, the log-prob call into the fused kernel, the model, and the small helpers each training loop calls
-(resume, the learning rate, the finite-loss check, a step's log line, evaluation records, checkpoints), with
-`fit`, the one loop of the stages that only learn from batches. Nothing here knows DPO or PPO: dpo.py and
-ppo.py write their own loops with these helpers.
+The machinery under every stage and algorithm: the helpers for torchrun, the one sequence layout and
+its batches, the log-prob call into the fused kernel, and the small helpers each training
+loop calls (resume, the learning rate, the finite-loss check, a step's log line, evaluation records,
+checkpoints), with `fit`, the one loop of the stages that only learn from batches. Nothing here
+knows DPO or PPO: dpo.py and ppo.py write their own loops with these helpers.
 
 The pipeline (one numbering, used by every file):
   1. data        labelled movie reviews, and prompts cut from them                   stages.py
@@ -12,7 +12,7 @@ The pipeline (one numbering, used by every file):
   4. pairs       4 samples of pi_ref per prompt, all 6 pairs, the higher r* chosen     stages.py
   5. training    DPO and its baselines on the pairs (dpo.py); PPO, RLOO, GRPO (ppo.py)
   6. evaluate    mean r* of policy samples and the exact KL(pi || pi_ref)              stages.py
-  7. figure      reward against KL                                                     plots/frontier.py
+  7. figure      reward against KL                                            plots/frontier.py
 experiment.py runs them all (python dpo.py).
 """
 import json
@@ -26,14 +26,13 @@ import torch
 
 from data.corpus import append_jsonl, load_checkpoint, read_jsonl, save_checkpoint, write_atomic
 from kernels import sequence_logprobs
-from model import GPT, GPTConfig
 
 
-# ----------------------------------------------------------------------------- torchrun, devices, logging
+# ------------------------------------------------------------ torchrun, devices, logging
 def setup_distributed(device):
-    """Under torchrun (WORLD_SIZE > 1): join the process group and return this rank's device; each rank
-    then takes every world-th example of a global batch and DDP averages the gradients. A CUDA device
-    becomes the current one, in one process too: Triton launches on the current device."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group and return this rank's device; each
+    rank then takes every world-th example of a global batch and DDP averages the gradients. A CUDA
+    device becomes the current one, in one process too: Triton launches on the current device."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
@@ -58,8 +57,8 @@ def barrier():
 
 
 def global_mean(*xs, device):
-    """Means of scalars over every rank (the plain values without torchrun). device: this rank's device,
-    where the all-reduce happens (NCCL takes CUDA tensors only)."""
+    """Means of scalars over every rank (the plain values without torchrun). device: this rank's
+    device, where the all-reduce happens (NCCL takes CUDA tensors only)."""
     t = torch.tensor(xs, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
@@ -69,8 +68,8 @@ def global_mean(*xs, device):
 
 @contextmanager
 def local_rank_first():
-    """Under torchrun, local rank 0 runs the block first (a download, a data preparation) and the other
-    ranks of its machine run it after, when they find its files; one process just runs it."""
+    """Under torchrun, local rank 0 runs the block first (a download, a data preparation) and the
+    other ranks of its machine run it after, when they find its files; one process just runs it."""
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if not first:
         barrier()
@@ -80,15 +79,16 @@ def local_rank_first():
 
 
 def derive_seed(seed, purpose, *keys):
-    """A seed for torch.Generator from the run's seed, what it is for ('pairs.pt', 'rollout', ...) and integers
-    (an iteration, a rank, an index): different purposes never share a random stream."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(purpose.encode()), *keys]).generate_state(1)[0])
+    """A seed for torch.Generator from the run's seed, what it is for ('pairs.pt', 'rollout', ...)
+    and integers (an iteration, a rank, an index): different purposes never share a stream."""
+    entropy = [seed, zlib.crc32(purpose.encode()), *keys]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def sharded(fn, items, chunk=256):
-    """[fn(items[i:i + chunk], i) for each chunk], flattened in order: fn returns a list per chunk. Under
-    torchrun the chunks are dealt round-robin over the ranks and every rank gets the whole result. fn
-    sees the chunk's start i (seed by it): the result then does not depend on the number of ranks."""
+    """[fn(items[i:i + chunk], i) for each chunk], flattened in order: fn returns a list per chunk.
+    Under torchrun the chunks are dealt round-robin over the ranks and every rank gets the whole
+    result. fn sees the chunk's start i (seed by it): the result does not depend on the ranks."""
     rank, world = rank_world()
     starts = range(0, len(items), chunk)
     done = {i: fn(items[i:i + chunk], i) for n, i in enumerate(starts) if n % world == rank}
@@ -106,7 +106,8 @@ def unwrap(model):
 
 def amp(device):
     """bf16 autocast on CUDA (the fused kernel then runs in bf16), nothing on a CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+    cuda = str(device).startswith("cuda")
+    return torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
 
 
 def is_main():
@@ -119,28 +120,30 @@ def log(*a):
         print(*a, flush=True)
 
 
-# ----------------------------------------------------------------------------- batching and log-probs
+# ------------------------------------------------------------ batching and log-probs
 def layout(prompt, response, bos):
-    """The one layout of every sequence in nanoDPO: a beginning-of-text token (the EOS id, as in GPT-2), the
-    prompt, the response. SFT trains pi_ref on layout([], review + [EOS]); sampling starts from
-    layout(prompt, []); every log-prob, KL and score reads layout(prompt, response). So pi_ref always sees
-    text where it learned it: the first word of a review right after the beginning-of-text token."""
+    """The one layout of every sequence in nanoDPO: a beginning-of-text token (the EOS id, as in
+    GPT-2), the prompt, the response. SFT trains pi_ref on layout([], review + [EOS]); sampling
+    starts from layout(prompt, []); every log-prob, KL and score reads layout(prompt, response). So
+    pi_ref always sees text where it learned it: the first word of a review right after the
+    beginning-of-text token."""
     return [bos] + list(prompt) + list(response)
 
 
 def pack(prompts, responses, block_size, bos):
     """Lay out each (prompt, response) (tokenised separately) and right-pad them into one batch.
     Returns idx (B, T) inputs, targets (B, T) = the sequence shifted by one, and mask (B, T): True
-    where the target is a response token. Prompt and padding never enter a sum; the mask is explicit,
-    not inferred from pad == EOS."""
+    where the target is a response token. Prompt and padding never enter a sum; the mask is
+    explicit, not inferred from pad == EOS."""
     rows = []
     for p, r in zip(prompts, responses):
         if len(r) == 0:
             raise ValueError("empty response: every response must hold at least one token")
         if len(p) + 1 >= block_size:
-            raise ValueError(f"prompt of {len(p)} tokens and its beginning-of-text token do not fit "
-                             f"block_size {block_size}")
-        rows.append((len(p) + 1, layout(p, r, bos)[: block_size + 1]))  # a too-long response is cut at the block size
+            raise ValueError(f"prompt of {len(p)} tokens and its beginning-of-text token do not "
+                             f"fit block_size {block_size}")
+        # a too-long response is cut at the block size
+        rows.append((len(p) + 1, layout(p, r, bos)[: block_size + 1]))
     T = max(len(seq) for _, seq in rows) - 1
     idx = torch.full((len(rows), T), bos, dtype=torch.long)
     targets = torch.full((len(rows), T), bos, dtype=torch.long)
@@ -155,23 +158,26 @@ def pack(prompts, responses, block_size, bos):
 def logprobs(policy, ref, idx, targets, mask, impl="auto", with_kl=False, hidden=None):
     """Per-token and summed log-probs of the response tokens under the policy (with grad) and the
     reference: the hidden states go to the fused kernel with lm_head's weight, so no logits exist.
-    hidden: the policy's hidden states when the caller has them already (PPO's value head reads them too)."""
+    hidden: the policy's hidden states when the caller has them already (PPO's value head reads them
+    too)."""
     h = policy(idx, lengths=real_lengths(mask)) if hidden is None else hidden
     h_ref = w_ref = None
     if ref is not None:
         with torch.no_grad():
             h_ref, w_ref = ref(idx, lengths=real_lengths(mask)), ref.lm_head.weight
-    return sequence_logprobs(h, unwrap(policy).lm_head.weight, h_ref, w_ref, targets, mask, with_kl=with_kl, impl=impl)
+    w = unwrap(policy).lm_head.weight
+    return sequence_logprobs(h, w, h_ref, w_ref, targets, mask, with_kl=with_kl, impl=impl)
 
 
 def real_lengths(mask):
-    """The real tokens of each row of a right-padded batch (pack's): up to its last masked position. (B, T) -> (B,).
-    The model skips the padding after them in its MLPs (GPT.forward)."""
+    """The real tokens of each row of a right-padded batch (pack's): up to its last masked position.
+    (B, T) -> (B,). The model skips the padding after them in its MLPs (GPT.forward)."""
     return mask.size(1) - mask.flip(1).int().argmax(1)
 
 
 def accuracy(margin):
-    """The fraction of margins above 0, a tie counting half: a scorer that tells nothing apart scores 0.5."""
+    """The fraction of margins above 0, a tie counting half: a scorer that tells nothing apart
+    scores 0.5."""
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
 
 
@@ -180,23 +186,12 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum()
 
 
-# ----------------------------------------------------------------------------- the model
-def make_model(args, vocab_size, score_head=False):
-    """pretrained GPT-2 (args.model), or a GPT of the preset's shape from scratch, seeded by args.seed."""
-    if args.init == "pretrained":
-        with local_rank_first():  # one download per machine
-            return GPT.from_pretrained(args.model, dropout=0.0, score_head=score_head).to(args.device)
-    cfg = GPTConfig(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer, n_head=args.n_head,
-                    n_embd=args.n_embd, score_head=score_head)
-    torch.manual_seed(args.seed)
-    return GPT(cfg).to(args.device)
-
-
-# ----------------------------------------------------------------------------- what every training loop calls
-# Each stage writes out/<name>/: ckpt.pt while it runs (resumed after an interruption), model.pt when done (a rerun
-# then skips it), eval.jsonl (one record per evaluation) and samples.jsonl (a few samples of each, to read).
+# ------------------------------------------------------------ what every training loop calls
+# Each stage writes out/<name>/: ckpt.pt while it runs (resumed after an interruption), model.pt
+# when done (a rerun skips it), eval.jsonl (a record per evaluation), samples.jsonl (some samples).
 def make_optimizer(model, name, lr):
-    """AdamW without weight decay, or RMSprop (--optimizer rmsprop, the paper's), on the parameters that train."""
+    """AdamW without weight decay, or RMSprop (--optimizer rmsprop, the paper's), on the parameters
+    that train."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr)
@@ -204,16 +199,18 @@ def make_optimizer(model, name, lr):
 
 
 def set_lr(opt, step, lr, warmup):
-    """The learning rate of a step: a linear warm-up over `warmup` steps, then constant (as in the paper)."""
+    """The learning rate of a step: a linear warm-up over `warmup` steps, then constant (as in the
+    paper)."""
     for group in opt.param_groups:
         group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
 
 
 def resume(name, model, opt, out, state=None):
-    """Where out/<name>'s loop starts, as (step, state). model.pt there: done, so (None, its state), the model
-    loaded. ckpt.pt there: (its step, its state), model and optimizer restored, and the evaluations after that
-    step dropped from the records, to be made again. Otherwise (0, state) and fresh records.
-    state: a dict of what a loop keeps besides the weights (PPO's KL coefficient), checkpointed with them."""
+    """Where out/<name>'s loop starts, as (step, state). model.pt there: done, so (None, its state),
+    the model loaded. ckpt.pt there: (its step, its state), model and optimizer restored, and the
+    evaluations after that step dropped from the records, to be made again. Otherwise (0, state) and
+    fresh records. state: a dict of what a loop keeps besides the weights (PPO's KL coefficient),
+    checkpointed with them."""
     folder, state = os.path.join(out, name), dict(state or {})
     final, ckpt = os.path.join(folder, "model.pt"), os.path.join(folder, "ckpt.pt")
     if os.path.exists(final):
@@ -230,21 +227,24 @@ def resume(name, model, opt, out, state=None):
         state |= saved["state"]
         start = saved["step"]
         log(f"[{name}] resumed at step {start} from {ckpt}")
-    for path in (os.path.join(folder, f) for f in ("eval.jsonl", "samples.jsonl")) if is_main() else ():
-        if os.path.exists(path):  # a fresh start begins fresh records; a resumed one keeps those before its step
+    records = [os.path.join(folder, f) for f in ("eval.jsonl", "samples.jsonl")]
+    records = records if is_main() else []
+    for path in records:  # a fresh start begins fresh records, a resumed one keeps the earlier ones
+        if os.path.exists(path):
             kept = "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] < start)
             write_atomic(path, lambda f: f.write(kept.encode()))
     return start, state
 
 
 def distributed(model):
-    """The model DDP trains under torchrun (it averages the gradients over the ranks in backward); the model
-    itself in one process. Sample, evaluate and checkpoint the model itself."""
+    """The model DDP trains under torchrun (it averages the gradients over the ranks in backward);
+    the model itself in one process. Sample, evaluate and checkpoint the model itself."""
     return torch.nn.parallel.DistributedDataParallel(model) if rank_world()[1] > 1 else model
 
 
 def check_finite(loss, name, step, out):
-    """Stop on a loss that is not finite: every rank raises, so none waits in DDP's all-reduce for another."""
+    """Stop on a loss that is not finite: every rank raises, so none waits in DDP's all-reduce for
+    another."""
     finite = bool(torch.isfinite(loss))
     if global_mean(float(finite), device=loss.device)[0] < 1:
         what = f"loss is {loss.item()}" if not finite else "loss is not finite on another rank"
@@ -263,12 +263,14 @@ class Clock:
 
     def speed(self, step):
         dt = time.time() - self.t0
-        return f"{self.tokens / dt:,.0f} tok/s, {dt / (step + 1 - self.start) * (self.steps - step - 1):.0f}s left"
+        left = dt / (step + 1 - self.start) * (self.steps - step - 1)
+        return f"{self.tokens / dt:,.0f} tok/s, {left:.0f}s left"
 
 
 def log_step(name, step, metrics, clock, device):
-    """A step's progress line: each metric by name, averaged over the ranks (every rank calls it; device: this
-    rank's, where the all-reduce happens), and the speed. Returns the averaged metrics."""
+    """A step's progress line: each metric by name, averaged over the ranks (every rank calls it;
+    device: this rank's, where the all-reduce happens), and the speed. Returns the averaged
+    metrics."""
     averaged = dict(zip(metrics, global_mean(*metrics.values(), device=device)))
     log(f"[{name}] step {step:5d} " + " ".join(f"{k} {v:.4g}" for k, v in averaged.items())
         + f" | {clock.speed(step)}")
@@ -276,39 +278,45 @@ def log_step(name, step, metrics, clock, device):
 
 
 def write_evaluation(name, step, record, out):
-    """Append an evaluation's numbers to out/<name>/eval.jsonl and its samples (if any) to samples.jsonl."""
+    """Append an evaluation's numbers to out/<name>/eval.jsonl and its samples (if any) to
+    samples.jsonl."""
     record = dict(step=step, **record)
     texts = record.pop("samples", [])  # a few samples to read, kept apart from the numbers
     if is_main():
         append_jsonl(os.path.join(out, name, "eval.jsonl"), [record])
-        append_jsonl(os.path.join(out, name, "samples.jsonl"), [dict(step=step, **x) for x in texts])
-    log(f"[{name}] eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
+        texts = [dict(step=step, **x) for x in texts]
+        append_jsonl(os.path.join(out, name, "samples.jsonl"), texts)
+    numbers = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
+    log(f"[{name}] eval step {step}: {numbers}")
 
 
 def save(name, step, model, opt, out, state=None):
-    """ckpt.pt: what resume needs to go on after `step` steps, written by rank 0 (to a file, then renamed)."""
+    """ckpt.pt: what resume needs to go on after `step` steps, written by rank 0 (to a file, then
+    renamed)."""
     if is_main():
         ckpt = dict(model=model.state_dict(), opt=opt.state_dict(), state=state or {}, step=step)
         save_checkpoint(ckpt, os.path.join(out, name, "ckpt.pt"))
 
 
 def finish(name, model, out, clock, state=None):
-    """model.pt, the stage's end (its checkpoint removed), once every rank is there. Returns the model."""
-    folder = os.path.join(out, name)
+    """model.pt, the stage's end (its checkpoint removed), once every rank is there. Returns the
+    model."""
+    final, ckpt = os.path.join(out, name, "model.pt"), os.path.join(out, name, "ckpt.pt")
     if is_main():
-        save_checkpoint(dict(model=model.state_dict(), state=state or {}), os.path.join(folder, "model.pt"))
-        if os.path.exists(os.path.join(folder, "ckpt.pt")):
-            os.remove(os.path.join(folder, "ckpt.pt"))
+        save_checkpoint(dict(model=model.state_dict(), state=state or {}), final)
+        if os.path.exists(ckpt):
+            os.remove(ckpt)
     barrier()  # every rank sees the finished stage before the next one starts
     log(f"[{name}] {clock.steps - clock.start} steps in {time.time() - clock.t0:.1f}s")
     return model
 
 
-# ----------------------------------------------------------------------------- one small loop: SFT, the classifier, r_phi
+# ------------------------------------------------------------ one small loop: SFT, r*, r_phi
 def fit(name, model, loss_fn, get_batch, steps, lr, args, evaluate=None):
-    """Train a model that only learns from batches: SFT (pi_ref), the classifier (r*) and PPO's reward model
-    (r_phi). loss_fn(model, batch) -> (loss, metrics by name) on get_batch(step) -> tensors, AdamW, a checkpoint
-    every args.eval_every steps, and evaluate(model) -> dict (if any) at the same steps and at the end."""
+    """Train a model that only learns from batches: SFT (pi_ref), the classifier (r*) and PPO's
+    reward model (r_phi). loss_fn(model, batch) -> (loss, metrics by name) on get_batch(step) ->
+    tensors, AdamW, a checkpoint every args.eval_every steps, and evaluate(model) -> dict (if any)
+    at the same steps and at the end."""
     opt = make_optimizer(model, "adamw", lr)
     start, _ = resume(name, model, opt, args.out)
     if start is None:
@@ -328,7 +336,8 @@ def fit(name, model, loss_fn, get_batch, steps, lr, args, evaluate=None):
         opt.zero_grad(set_to_none=True)
         clock.tick(batch[0].numel())
         if step % args.log_every == 0 or step == steps - 1:
-            log_step(name, step, dict(loss=loss.item(), **metrics, grad=grad_norm), clock, args.device)
+            metrics = dict(loss=loss.item(), **metrics, grad=grad_norm)
+            log_step(name, step, metrics, clock, args.device)
         if (step + 1) % args.eval_every == 0 and step + 1 < steps:
             save(name, step + 1, model, opt, args.out)
     if evaluate is not None:

@@ -1,8 +1,9 @@
 """
-The experiment, stage by stage (the numbering of common.py): the data, pi_ref, r*, the pairs and Best-of-N
-(stages.py), then every run of --runs on the same axes, DPO's family (dpo.py) and the online methods (ppo.py,
-on the scores of scores.py), then the figure (plots/frontier.py). `python dpo.py` runs it (cli). Every stage
-writes under --out with the settings it was made with (settings.py); a rerun skips what is complete.
+The experiment, stage by stage (the numbering of common.py): the data, pi_ref, r*, the pairs and
+Best-of-N (stages.py), then every run of --runs on the same axes, DPO's family (dpo.py) and the
+online methods (ppo.py, on the scores of scores.py), then the figure (plots/frontier.py). `python
+dpo.py` runs it (cli). Every stage writes under --out with the settings it was made with
+(settings.py); a rerun skips what is complete.
 """
 import copy
 import os
@@ -22,7 +23,8 @@ from methods import METHODS, run_folder
 from model import get_tokenizer
 from plots.frontier import plot_frontier
 from scores import score_functions
-from settings import check_data, check_settings, data_digest, get_args, locked, n_heldout, stage_plan
+from settings import (check_data, check_settings, data_digest, get_args, locked, n_heldout,
+                      stage_plan)
 
 
 def main(argv=None):
@@ -37,13 +39,15 @@ def main(argv=None):
 
 def experiment(args, data):
     """Stages 2-7 into args.out, which main holds locked."""
-    check_settings(args.out, stage_plan(args, data_digest(data)), args.redo)  # reused only if the settings match
+    # reused only if the settings match
+    check_settings(args.out, stage_plan(args, data_digest(data)), args.redo)
     t_start = time.time()
     enc = get_tokenizer(data["tokenizer"], data["words"])
     eos, vocab = enc.eot_token, enc.n_vocab
     rng = np.random.default_rng(args.seed)
     train_prompts = stages.make_prompts(data["train"], args.n_prompts, args.min_chars, rng)
-    test_prompts = stages.make_prompts(data["test"], args.n_eval + n_heldout(args), args.min_chars, rng)
+    n_test = args.n_eval + n_heldout(args)
+    test_prompts = stages.make_prompts(data["test"], n_test, args.min_chars, rng)
     eval_prompts, heldout_prompts = test_prompts[:args.n_eval], test_prompts[args.n_eval:]
 
     sft = stages.sft(args, data, eos, vocab)  # 2. the reference
@@ -51,19 +55,24 @@ def experiment(args, data):
     pairs = stages.make_pairs(sft, classifier, train_prompts, args, eos)  # 4. the preference pairs
     stages.best_of_n(sft, classifier, eval_prompts, args, eos)
     ref = copy.deepcopy(sft).eval().requires_grad_(False)
-    # 6. every run is evaluated the same way; each starts as pi_ref, so pi_ref's evaluation is every run's first
-    evaluate = partial(stages.evaluate, ref=ref, classifier=classifier, prompts=eval_prompts, eos=eos,
-                       seed=args.seed, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-                       device=args.device, impl=args.impl, decode=enc.decode)
-    todo = [run for run in args.run_list if not os.path.exists(os.path.join(args.out, run_folder(*run), "model.pt"))]
+    # 6. every run is evaluated the same way; each starts as pi_ref, whose evaluation is its first
+    evaluate = partial(stages.evaluate, ref=ref, classifier=classifier, prompts=eval_prompts,
+                       eos=eos, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                       block_size=args.block_size, device=args.device, impl=args.impl,
+                       decode=enc.decode)
+    todo = [run for run in args.run_list
+            if not os.path.exists(os.path.join(args.out, run_folder(*run), "model.pt"))]
     at_start = evaluate(ref) if todo else None
 
     scores = {METHODS[m].score for m, _ in args.run_list} - {None}  # what the online runs train on
-    if scores:  # the reward model learns from the same pairs, validated on pairs of held-out prompts
+    # the reward model learns from the same pairs, validated on pairs of held-out prompts
+    if scores:
         heldout = None
         if "rm" in scores:
-            heldout = stages.make_pairs(sft, classifier, heldout_prompts, args, eos, name="pairs_heldout.pt")
-        score_fns = score_functions(sft, classifier, pairs, heldout, train_prompts, args, eos, scores)
+            heldout = stages.make_pairs(sft, classifier, heldout_prompts, args, eos,
+                                        name="pairs_heldout.pt")
+        score_fns = score_functions(sft, classifier, pairs, heldout, train_prompts, args, eos,
+                                    scores)
     for method, param in args.run_list:  # 5. and 6. every run
         if METHODS[method].score:
             score_fn = score_fns[METHODS[method].score]
@@ -72,7 +81,8 @@ def experiment(args, data):
             dpo.run(method, param, sft, ref, pairs, evaluate, at_start, args, eos)
     if is_main():  # 7. the figure of this command's runs
         names = [os.path.basename(run_folder(m, p)) for m, p in args.run_list]
-        log(f"wrote {plot_frontier(args.out, args.figure or os.path.join(args.out, 'frontier.png'), names)}")
+        figure = args.figure or os.path.join(args.out, "frontier.png")
+        log(f"wrote {plot_frontier(args.out, figure, names)}")
     log(f"nanoDPO: done in {time.time() - t_start:.0f}s")
     barrier()
     if torch.distributed.is_initialized():

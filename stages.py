@@ -1,6 +1,6 @@
 """
 The stages around the algorithms (the numbering of common.py):
-  1. data: the labelled reviews, and prompts cut from them                    load_data, make_prompts
+  1. data: the labelled reviews, and prompts cut from them                  load_data, make_prompts
   2. the SFT reference pi_ref: a language model on the reviews                sft
   3. the ground-truth reward r*: a sentiment classifier on the labels         classifier
   4. preference pairs from pi_ref's samples, scored by r*                     make_pairs, pairs_from
@@ -19,19 +19,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (accuracy, amp, barrier, derive_seed, fit, is_main, layout, local_rank_first, log, logprobs,
-                    make_model, masked_mean, pack, rank_world, real_lengths, sharded, unwrap)
+from common import (accuracy, amp, barrier, derive_seed, fit, is_main, layout, local_rank_first,
+                    log, logprobs, masked_mean, pack, rank_world, real_lengths, sharded, unwrap)
 from data.corpus import load_checkpoint, load_corpus, save_checkpoint, write_atomic
 from data.tiny.prepare import prepare as prepare_tiny
-from model import left_pad
+from model import GPT, GPTConfig, left_pad
 
 
-# ----------------------------------------------------------------------------- 1. data
+# ------------------------------------------------------------ 1. data
 def load_data(data_dir, name):
     path = os.path.join(data_dir, f"{name}.npz")
     with local_rank_first():
-        if name == "tiny" and (not os.path.exists(path) or load_corpus(path)["tokenizer"] != "words"):
-            prepare_tiny(data_dir)  # made offline in seconds; also replaces an older nanoDPO's byte-level corpus
+        stale = not os.path.exists(path) or load_corpus(path)["tokenizer"] != "words"
+        if name == "tiny" and stale:
+            # made offline in seconds; also replaces an older nanoDPO's byte-level corpus
+            prepare_tiny(data_dir)
     return load_corpus(path)
 
 
@@ -42,13 +44,28 @@ def make_prompts(split, n, min_chars, rng):
     return [split.review(i)[: rng.integers(2, 9)].tolist() for i in pick]
 
 
-# ----------------------------------------------------------------------------- 2. SFT and 3. the classifier
+# ------------------------------------------------------------ the model
+def make_model(args, vocab_size, score_head=False):
+    """pretrained GPT-2 (args.model), or a GPT of the preset's shape from scratch, seeded by
+    args.seed."""
+    if args.init == "pretrained":
+        with local_rank_first():  # one download per machine
+            model = GPT.from_pretrained(args.model, dropout=0.0, score_head=score_head)
+            return model.to(args.device)
+    cfg = GPTConfig(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer,
+                    n_head=args.n_head, n_embd=args.n_embd, score_head=score_head)
+    torch.manual_seed(args.seed)
+    return GPT(cfg).to(args.device)
+
+
+# ------------------------------------------------------------ 2. SFT and 3. the classifier
 class ReviewBatches(NamedTuple):
-    """batches(step): this rank's share of `batch` reviews, deterministic in (seed, step) so that a resumed run
-    sees the same batches. A review is laid out as common.layout([], review + [EOS]), cut at the block size.
-    With scored_len (the classifier) each review is cut to a random length of at least 8 tokens, half the
-    time at most scored_len: the classifier must judge the short texts it scores later (a prompt of up to 8
-    tokens and a response) as well as whole reviews. Returns idx, targets, mask (B, T) and the labels (B,)."""
+    """batches(step): this rank's share of `batch` reviews, deterministic in (seed, step) so that a
+    resumed run sees the same batches. A review is laid out as common.layout([], review + [EOS]),
+    cut at the block size. With scored_len (the classifier) each review is cut to a random length of
+    at least 8 tokens, half the time at most scored_len: the classifier must judge the short texts
+    it scores later (a prompt of up to 8 tokens and a response) as well as whole reviews. Returns
+    idx, targets, mask (B, T) and the labels (B,)."""
     split: object
     batch: int
     block_size: int
@@ -59,7 +76,8 @@ class ReviewBatches(NamedTuple):
     def __call__(self, step):
         rng, (rank, world) = np.random.default_rng([self.seed, step]), rank_world()
         rows = rng.integers(len(self.split), size=self.batch)
-        lengths = [None] * self.batch  # drawn for the whole batch: a row's crop does not depend on the ranks
+        # drawn for the whole batch: a row's crop does not depend on the ranks
+        lengths = [None] * self.batch
         if self.scored_len is not None:
             top = self.block_size - 2
             tops = np.where(rng.random(self.batch) < 0.5, top, min(self.scored_len, top))
@@ -77,14 +95,16 @@ def sft_loss(model, batch, impl="auto"):
 
 
 def sft(args, data, eos, vocab):
-    """The reference pi_ref: next-token NLL on whole reviews (a pretrained GPT-2 fine-tuned, or from scratch)."""
+    """The reference pi_ref: next-token NLL on whole reviews (a pretrained GPT-2 fine-tuned, or from
+    scratch)."""
     batches = ReviewBatches(data["train"], args.batch, args.block_size, eos, args.seed)
-    return fit("sft", make_model(args, vocab), partial(sft_loss, impl=args.impl), batches, args.sft_steps,
-               args.sft_lr, args)
+    loss = partial(sft_loss, impl=args.impl)
+    return fit("sft", make_model(args, vocab), loss, batches, args.sft_steps, args.sft_lr, args)
 
 
 def classifier_loss(model, batch):
-    """Binary cross-entropy of the scalar head, read at the last input token (the text's last token)."""
+    """Binary cross-entropy of the scalar head, read at the last input token (the text's last
+    token)."""
     idx, targets, mask, labels = batch
     logit = unwrap(model).score(model(idx, lengths=real_lengths(mask)), mask)
     acc = accuracy(logit.float() * (2 * labels - 1))  # above 0: the side of the label
@@ -94,10 +114,13 @@ def classifier_loss(model, batch):
 def classifier(args, data, eos, vocab, sft_model):
     """The ground truth r*: p(positive) of a GPT with a scalar head, trained on the labels."""
     model = make_model(args, vocab, score_head=True)
-    if args.init == "scratch":  # a classifier from scratch learns slowly: start from the SFT model's weights
+    # a classifier from scratch learns slowly: start from the SFT model's weights
+    if args.init == "scratch":
         model.load_state_dict(sft_model.state_dict(), strict=False)
-    batches = ReviewBatches(data["train"], args.batch, args.block_size, eos, args.seed + 1, scored_len(args))
-    model = fit("classifier", model, classifier_loss, batches, args.rm_steps, args.rm_lr, args).eval()
+    batches = ReviewBatches(data["train"], args.batch, args.block_size, eos, args.seed + 1,
+                            scored_len(args))
+    model = fit("classifier", model, classifier_loss, batches, args.rm_steps, args.rm_lr, args)
+    model.eval()
     classifier_accuracy(model, data["test"], args, eos)
     return model
 
@@ -108,21 +131,24 @@ def scored_len(args):
 
 
 def classifier_scores(texts, start, classifier, args, eos):
-    """The classifier's logit on each text (a list of token lists), for sharded; start: the chunk's start."""
+    """The classifier's logit on each text (a list of token lists), for sharded; start: the chunk's
+    start."""
     return score(classifier, [[]] * len(texts), texts, eos, args.block_size, args.device).tolist()
 
 
 @torch.no_grad()
 def classifier_accuracy(classifier, split, args, eos):
-    """Accuracy of r* > 0.5 on every review of the split (r* = 0.5 counts half), read whole (as far as the block
-    size allows) and cut to the length r* judges in the pipeline; written to out/<preset>/classifier/accuracy.json."""
+    """Accuracy of r* > 0.5 on every review of the split (r* = 0.5 counts half), read whole (as far
+    as the block size allows) and cut to the length r* judges in the pipeline; written to
+    out/<preset>/classifier/accuracy.json."""
     path = os.path.join(args.out, "classifier", "accuracy.json")
     if not os.path.exists(path):
         reviews = [split.review(i).tolist() for i in range(len(split))]
         sign = 2 * torch.from_numpy(split.labels).float() - 1
         logits = partial(classifier_scores, classifier=classifier, args=args, eos=eos)
         whole = accuracy(sign * torch.tensor(sharded(logits, reviews)))
-        scored = accuracy(sign * torch.tensor(sharded(logits, [r[:scored_len(args)] for r in reviews])))
+        cut = [r[:scored_len(args)] for r in reviews]
+        scored = accuracy(sign * torch.tensor(sharded(logits, cut)))
         acc = dict(whole=whole, scored=scored, scored_len=scored_len(args), reviews=len(reviews))
         if is_main():
             write_atomic(path, lambda f: f.write(json.dumps(acc).encode()))
@@ -134,7 +160,7 @@ def classifier_accuracy(classifier, split, args, eos):
     return acc
 
 
-# ----------------------------------------------------------------------------- sampling and scoring (stages 4, 5 and 6)
+# ------------------------------------------------------------ sampling and scoring (4, 5 and 6)
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, eos, seed, device, temperature=1.0):
     """One completion per prompt (temperature 1, no top-k, in the pipeline; 0 is greedy), each from
@@ -144,16 +170,17 @@ def sample(model, prompts, max_new_tokens, eos, seed, device, temperature=1.0):
     for i in range(0, len(prompts), 256):
         idx, pmask = left_pad([layout(p, [], eos) for p in prompts[i:i + 256]], eos)
         with amp(device):
-            new, new_mask = model.generate(idx.to(device), pmask.to(device), max_new_tokens, temperature=temperature,
-                                           eos=eos, generator=g)
+            new, new_mask = model.generate(idx.to(device), pmask.to(device), max_new_tokens,
+                                           temperature=temperature, eos=eos, generator=g)
         out += [row[m].tolist() for row, m in zip(new.cpu(), new_mask.cpu())]
     return out
 
 
 def score_batch(prompts, responses, eos, block_size):
-    """What every scalar head reads (the classifier r* and PPO's reward model): the text prompt + response
-    (its EOS, if any, dropped) in the SFT's layout, common.layout([], text + [EOS]), right-padded. Returns
-    idx (B, T) and mask (B, T); the head reads the hidden state of the last True, the text's last token."""
+    """What every scalar head reads (the classifier r* and PPO's reward model): the text prompt +
+    response (its EOS, if any, dropped) in the SFT's layout, common.layout([], text + [EOS]),
+    right-padded. Returns idx (B, T) and mask (B, T); the head reads the hidden state of the last
+    True, the text's last token."""
     seqs = [p + [t for t in r if t != eos] + [eos] for p, r in zip(prompts, responses)]
     idx, _, mask = pack([[]] * len(seqs), seqs, block_size, eos)
     return idx, mask
@@ -164,7 +191,8 @@ def score(model, prompts, responses, eos, block_size, device):
     """The scalar head's logit on each (prompt, response), in chunks of 256."""
     out = []
     for i in range(0, len(prompts), 256):
-        idx, mask = (x.to(device) for x in score_batch(prompts[i:i + 256], responses[i:i + 256], eos, block_size))
+        batch = score_batch(prompts[i:i + 256], responses[i:i + 256], eos, block_size)
+        idx, mask = (x.to(device) for x in batch)
         with amp(device):
             out.append(model.score(model(idx, lengths=real_lengths(mask)), mask).float().cpu())
     return torch.cat(out)
@@ -176,38 +204,43 @@ def reward(classifier, prompts, responses, eos, block_size, device):
 
 
 class Score(NamedTuple):
-    """A score of (prompts, responses) -> (B,): r*, the classifier's p(positive) (probability), or the head's
-    logit (PPO's reward model r_phi); then (s - mean) / std where PPO normalises it (ppo.normalised)."""
+    """A score of (prompts, responses) -> (B,) from a scalar head: r*, the classifier's p(positive)
+    (probability), or the head's logit (PPO's reward model r_phi)."""
     model: torch.nn.Module
     eos: int
     block_size: int
     device: str
     probability: bool = False
-    mean: Optional[float] = None
-    std: Optional[float] = None
 
     def __call__(self, prompts, responses):
         of = reward if self.probability else score
-        s = of(self.model, prompts, responses, self.eos, self.block_size, self.device)
-        return s if self.mean is None else (s - self.mean) / self.std
+        return of(self.model, prompts, responses, self.eos, self.block_size, self.device)
 
 
-# ----------------------------------------------------------------------------- 4. preference pairs
+# ------------------------------------------------------------ 4. preference pairs
 def sample_and_score(model, score_fn, prompts, args, eos, purpose):
-    """One sample of model per prompt and score_fn(prompts, samples) of each (r*, or a score PPO normalises), as
-    lists. Under torchrun every rank draws its share of the chunks (each chunk seeded by (seed, purpose, its
-    start)) and every rank gets them all."""
-    def draw(chunk, i):
-        samples = sample(model, chunk, args.max_new_tokens, eos, derive_seed(args.seed, purpose, i), args.device)
-        return list(zip(samples, score_fn(chunk, samples).tolist()))
+    """One sample of model per prompt and score_fn(prompts, samples) of each (r*, or a score PPO
+    normalises), as lists. Under torchrun every rank draws its share of the chunks (each chunk
+    seeded by (seed, purpose, its start)) and every rank gets them all."""
+    draw = partial(draw_and_score, model=model, score_fn=score_fn, args=args, eos=eos,
+                   purpose=purpose)
     samples, scores = zip(*sharded(draw, prompts))
     return list(samples), list(scores)
 
 
+def draw_and_score(chunk, start, model, score_fn, args, eos, purpose):
+    """[(sample, score)] of a chunk of prompts that starts at `start` of the list (its seed)."""
+    seed = derive_seed(args.seed, purpose, start)
+    samples = sample(model, chunk, args.max_new_tokens, eos, seed, args.device)
+    return list(zip(samples, score_fn(chunk, samples).tolist()))
+
+
 def make_pairs(sft_model, classifier, prompts, args, eos, name="pairs.pt"):
-    """4 samples per prompt from pi_ref, scored by r*; all 6 pairs, chosen = higher reward, ties dropped."""
+    """4 samples per prompt from pi_ref, scored by r*; all 6 pairs, chosen = higher reward, ties
+    dropped."""
     path = os.path.join(args.out, name)
-    if not os.path.exists(path):  # under torchrun every rank samples a share, rank 0 writes, every rank reads
+    # under torchrun every rank samples a share, rank 0 writes, every rank reads
+    if not os.path.exists(path):
         sft_model.eval()
         repeated = [p for p in prompts for _ in range(4)]
         r_star = Score(classifier, eos, args.block_size, args.device, probability=True)
@@ -223,8 +256,9 @@ def make_pairs(sft_model, classifier, prompts, args, eos, name="pairs.pt"):
 
 def pairs_from(prompts, samples, rewards, k=4):
     """samples[k*i : k*(i+1)] answer prompts[i]; every pair of them with different rewards becomes
-    (prompt, chosen = the higher reward, rejected), each response as sampled: a response cut at
-    --max-new-tokens gets no EOS it never sampled (measured: results/tiny.md, "Truncated responses")."""
+    (prompt, chosen = the higher reward, rejected), each response as sampled: a response cut
+    at --max-new-tokens gets no EOS it never sampled (measured: results/tiny.md, "Truncated
+    responses")."""
     pairs = dict(prompt=[], chosen=[], rejected=[])
     for n, p in enumerate(prompts):
         for i in range(k * n, k * n + k):
@@ -244,29 +278,33 @@ def best_of_n_kl(n):
 
 @torch.no_grad()
 def best_of_n(sft_model, classifier, prompts, args, eos):
-    """The Best-of-N baseline: N samples of pi_ref per held-out prompt, keep the one r* likes best."""
+    """The Best-of-N baseline: N samples of pi_ref per held-out prompt, keep the one r* likes
+    best."""
     path = os.path.join(args.out, "best_of_n.jsonl")
     ns = sorted(int(n) for n in args.best_of.split(","))
     if os.path.exists(path):
         return
     many = [p for p in prompts for _ in range(ns[-1])]
     r_star = Score(classifier, eos, args.block_size, args.device, probability=True)
-    _, rewards = sample_and_score(sft_model, r_star, many, args, eos, "best_of_n")  # every rank a share
+    # every rank a share
+    _, rewards = sample_and_score(sft_model, r_star, many, args, eos, "best_of_n")
     r = torch.tensor(rewards).view(len(prompts), ns[-1])
-    records = [dict(n=n, reward=r[:, :n].max(1).values.mean().item(), kl_bound=best_of_n_kl(n)) for n in ns]
+    records = [dict(n=n, reward=r[:, :n].max(1).values.mean().item(), kl_bound=best_of_n_kl(n))
+               for n in ns]
     if is_main():
-        write_atomic(path, lambda f: f.write("".join(json.dumps(x) + "\n" for x in records).encode()))
+        lines = "".join(json.dumps(x) + "\n" for x in records)
+        write_atomic(path, lambda f: f.write(lines.encode()))
     log("[best-of-n] " + ", ".join(f"N={x['n']}: {x['reward']:.3f}" for x in records))
 
 
-# ----------------------------------------------------------------------------- 6. evaluation
+# ------------------------------------------------------------ 6. evaluation
 @torch.no_grad()
-def evaluate(policy, ref, classifier, prompts, *, eos, seed, max_new_tokens, block_size, device, impl, decode=None,
-             n_samples=4):
-    """Mean r* of policy samples on held-out prompts, and KL(pi || pi_ref) on those samples: exact (the
-    per-token KL over the whole vocabulary, summed over the response) and sampled (sum of log-ratios).
-    With decode (ids -> text), also the first n_samples (prompt, response, reward) for people to read.
-    The policy samples in eval mode and is handed back in the mode it came in."""
+def evaluate(policy, ref, classifier, prompts, *, eos, seed, max_new_tokens, block_size, device,
+             impl, decode=None, n_samples=4):
+    """Mean r* of policy samples on held-out prompts, and KL(pi || pi_ref) on those samples: exact
+    (the per-token KL over the whole vocabulary, summed over the response) and sampled (sum of
+    log-ratios). With decode (ids -> text), also the first n_samples (prompt, response, reward) for
+    people to read. The policy samples in eval mode and is handed back in the mode it came in."""
     training = policy.training
     policy.eval()
     # the same seed at every evaluation of every run (common random numbers): differences between
@@ -282,9 +320,11 @@ def evaluate(policy, ref, classifier, prompts, *, eos, seed, max_new_tokens, blo
         kl.append(out.kl.sum(-1).float().cpu())
         kl_sampled.append((out.seq_pol - out.seq_ref).float().cpu())
     policy.train(training)
-    record = dict(reward=r.mean().item(), kl=torch.cat(kl).mean().item(), kl_sampled=torch.cat(kl_sampled).mean().item(),
+    record = dict(reward=r.mean().item(), kl=torch.cat(kl).mean().item(),
+                  kl_sampled=torch.cat(kl_sampled).mean().item(),
                   length=float(np.mean([len(x) for x in responses])))
     if decode is not None:
-        record["samples"] = [dict(prompt=decode(p), response=decode(x), reward=r[i].item(), prompt_ids=p, response_ids=x)
+        record["samples"] = [dict(prompt=decode(p), response=decode(x), reward=r[i].item(),
+                                  prompt_ids=p, response_ids=x)
                              for i, (p, x) in enumerate(zip(prompts[:n_samples], responses))]
     return record

@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dpo  # noqa: E402
+import experiment  # noqa: E402
 import stages  # noqa: E402
 from model import get_tokenizer  # noqa: E402
 from data.corpus import load_corpus  # noqa: E402
@@ -32,7 +32,7 @@ def run(seed, out, copy, append_eos, eos, *flags):
         (shutil.copytree if os.path.isdir(f"out/seed_{seed}/{x}") else shutil.copy)(f"out/seed_{seed}/{x}", f"{out}/{x}")
     stages.pairs_from = (lambda prompts, samples, rewards, k=4: PLAIN(
         prompts, [x if x[-1:] == [eos] else x + [eos] for x in samples], rewards, k)) if append_eos else PLAIN
-    dpo.main(["--seed", str(seed), "--device", "cpu", "--out", out, "--runs", "dpo:0.1,ft", "--best-of", "1", *flags])
+    experiment.main(["--seed", str(seed), "--device", "cpu", "--out", out, "--runs", "dpo:0.1,ft", "--best-of", "1", *flags])
 
 
 def row(budget, seed, a, b, eos):
@@ -51,7 +51,7 @@ if __name__ == "__main__":
     eos = get_tokenizer(data["tokenizer"], data["words"]).eot_token
     rows = []
     for s in map(int, sys.argv[1:]):
-        run(s, f"out/trunc_eos_{s}", ("sft", "reward", "settings.json"), True, eos)
+        run(s, f"out/trunc_eos_{s}", ("sft", "classifier", "settings.json"), True, eos)
         rows.append(row("48 (default)", s, f"out/seed_{s}", f"out/trunc_eos_{s}", eos))
         for variant in ("noeos", "eos"):
             run(s, f"out/stress_{variant}_{s}", ("sft", "settings.json"), variant == "eos", eos, "--max-new-tokens", "16",

@@ -4,6 +4,7 @@ import copy
 import datetime
 import os
 import socket
+from contextlib import contextmanager
 
 # The Triton kernels run through Triton's interpreter when there is no GPU. It must be set
 # before triton is first imported, so it is set here, before any test module imports kernels/.
@@ -118,6 +119,23 @@ def interrupt_at(get_batch, step):
             raise Interrupted(f"killed at step {s}")
         return get_batch(s)
     return wrapped
+
+
+@contextmanager
+def killed_at(module, step):
+    """Inside the block, the training loops of module (dpo, ppo, common's fit) stop at `step` as a kill would stop
+    them there: module.set_lr, which every step calls first (after the step's evaluation), raises."""
+    set_lr = module.set_lr
+
+    def wrapped(opt, s, *args):
+        if s == step:
+            raise Interrupted(f"killed at step {s}")
+        return set_lr(opt, s, *args)
+    module.set_lr = wrapped
+    try:
+        yield
+    finally:
+        module.set_lr = set_lr
 
 
 def assert_fused_matches_reference(model, loss_of):

@@ -6,16 +6,19 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import EOS, Interrupted, free_port, interrupt_at, leave_process_group, random_pairs, tiny_gpt
+from conftest import (EOS, Interrupted, free_port, interrupt_at, killed_at, leave_process_group, random_pairs,
+                      tiny_gpt)
 
 import common
 import dpo
+import experiment
 import settings
 import stages
 from data.corpus import Split, UsageError, load_checkpoint, load_corpus, read_jsonl, save_checkpoint
@@ -95,7 +98,7 @@ def test_prompts_are_2_to_8_tokens_of_long_reviews():
     tokens = np.arange(lengths.sum()) % 256
     split = Split(tokens.astype(np.uint16), np.concatenate([[0], np.cumsum(lengths)]), np.zeros(5, np.uint8),
                   lengths.astype(np.int32))
-    prompts = common.make_prompts(split, 100, 200, np.random.default_rng(0))
+    prompts = stages.make_prompts(split, 100, 200, np.random.default_rng(0))
     assert len(prompts) == 3  # only the three reviews over 200 characters
     starts = {int(split.offsets[i]) % 256 for i in (1, 2, 4)}
     assert all(2 <= len(p) <= 8 and p[0] in starts for p in prompts)
@@ -177,7 +180,7 @@ def test_prompts_are_distinct_reviews_over_min_chars_and_every_length_2_to_8():
     reviews = [[1000 + i] + list(range(1, 12)) for i in range(300)]  # the first token says which review
     chars = np.array([100 + i % 2 for i in range(300)], np.int32)
     split = Split(np.array(sum(reviews, []), np.uint16), np.arange(0, 12 * 301, 12), np.zeros(300, np.uint8), chars)
-    prompts = common.make_prompts(split, 150, 100, np.random.default_rng(0))
+    prompts = stages.make_prompts(split, 150, 100, np.random.default_rng(0))
     firsts = sorted(p[0] - 1000 for p in prompts)
     assert firsts == list(range(1, 300, 2))  # the long reviews, each once
     assert all(p == reviews[p[0] - 1000][:len(p)] for p in prompts)
@@ -189,14 +192,14 @@ def test_make_model_from_scratch_has_the_settings_shape_and_seed():
     the same weights for the same --seed and others for another."""
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--n-layer", "3", "--n-head", "4", "--n-embd",
                               "48", "--block-size", "72", "--seed", "5"])
-    model = common.make_model(args, 123)
+    model = stages.make_model(args, 123)
     assert len(model.transformer.h) == 3 and model.transformer.h[0].attn.n_head == 4
     assert model.transformer.wte.weight.shape == (123, 48) and model.transformer.wpe.weight.shape == (72, 48)
-    assert model.score_head is None and common.make_model(args, 123, score_head=True).score_head.weight.shape == (1, 48)
-    again = common.make_model(args, 123).state_dict()
+    assert model.score_head is None and stages.make_model(args, 123, score_head=True).score_head.weight.shape == (1, 48)
+    again = stages.make_model(args, 123).state_dict()
     assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
     args.seed = 6
-    assert not torch.equal(common.make_model(args, 123).transformer.wte.weight, model.transformer.wte.weight)
+    assert not torch.equal(stages.make_model(args, 123).transformer.wte.weight, model.transformer.wte.weight)
 
 
 def test_a_pretrained_model_is_the_folder_s_weights_without_dropout(tmp_path):
@@ -213,7 +216,7 @@ def test_a_pretrained_model_is_the_folder_s_weights_without_dropout(tmp_path):
     args = SimpleNamespace(init="pretrained", model=str(tmp_path), device="cpu", seed=0)
     idx = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
     for score_head in (False, True):
-        model = common.make_model(args, 257, score_head=score_head).train()
+        model = stages.make_model(args, 257, score_head=score_head).train()
         assert (model.score_head is not None) == score_head and model.config.dropout == 0
         assert all(torch.equal(p, model.state_dict()[k]) for k, p in src.state_dict().items())
         with torch.no_grad():
@@ -222,31 +225,38 @@ def test_a_pretrained_model_is_the_folder_s_weights_without_dropout(tmp_path):
 
 # ---------------------------------------------------------------- the training loop: resume, NaN, DDP
 
-def small_dpo_run(out, name, interrupt=None):
-    """A DPO run on fixed pairs with a tiny model, evaluated every 2 steps (the evaluation samples)."""
-    policy, ref = tiny_gpt(1), tiny_gpt(1).requires_grad_(False)
+def loop_args(out, **settings_):
+    """The settings the loops read, for a model of the tests' own."""
+    return SimpleNamespace(**dict(out=str(out), device="cpu", warmup=0, eval_every=100, log_every=10, seed=0,
+                                  impl="auto", optimizer="adamw", dpo_lr=1e-3, dpo_steps=6, dpo_batch=4,
+                                  block_size=64, label_smoothing=0.0) | settings_)
+
+
+def small_dpo_run(out, interrupt=None):
+    """dpo.run on fixed pairs with a tiny model, evaluated every 2 steps (the evaluation samples)."""
+    sft_model, ref = tiny_gpt(1), tiny_gpt(1).requires_grad_(False)
     rm = tiny_gpt(2, score_head=True)
     pairs, rand = random_pairs()
     prompts = [rand(2) for _ in range(4)]
-    get_batch = dpo.pair_batches(pairs, 4, 64, EOS, seed=7)
-    evaluator = lambda m, step: stages.evaluate(m, ref, rm, prompts, eos=EOS, seed=0, max_new_tokens=6,
-                                                block_size=64, device="cpu", impl="auto")
-    common.train(name, policy, lambda m, b: dpo.pair_loss(m, b, ref, "dpo", 0.1), interrupt_at(get_batch, interrupt),
-                 6, 1e-3, out=out, device="cpu", eval_every=2, evaluator=evaluator)
-    return [json.loads(x) for x in open(os.path.join(out, name, "eval.jsonl"))], policy
+    evaluate = partial(stages.evaluate, ref=ref, classifier=rm, prompts=prompts, eos=EOS, seed=0, max_new_tokens=6,
+                       block_size=64, device="cpu", impl="auto")
+    args = loop_args(out, eval_every=2, seed=4)  # the pairs of seed 4 + 3
+    with killed_at(dpo, interrupt):
+        policy = dpo.run("dpo", 0.1, sft_model, ref, pairs, evaluate, evaluate(sft_model), args, EOS)
+    return [json.loads(x) for x in open(os.path.join(out, "runs", "dpo_0.1", "eval.jsonl"))], policy
 
 
 def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
-    out = str(tmp_path)
-    full, p_full = small_dpo_run(out, "full")
+    full, p_full = small_dpo_run(tmp_path / "full")
     with pytest.raises(Interrupted):
-        small_dpo_run(out, "resumed", interrupt=3)  # killed at step 3 (checkpoint after step 2)
-    assert [json.loads(x)["step"] for x in open(tmp_path / "resumed" / "eval.jsonl")] == [0, 2]
-    assert (tmp_path / "resumed" / "ckpt.pt").exists()
-    resumed, p_res = small_dpo_run(out, "resumed")
+        small_dpo_run(tmp_path / "resumed", interrupt=3)  # killed at step 3 (checkpoint after step 2)
+    run = tmp_path / "resumed" / "runs" / "dpo_0.1"
+    assert [json.loads(x)["step"] for x in open(run / "eval.jsonl")] == [0, 2]
+    assert (run / "ckpt.pt").exists()
+    resumed, p_res = small_dpo_run(tmp_path / "resumed")
     assert resumed == full
     assert all(torch.equal(a, b) for a, b in zip(p_full.state_dict().values(), p_res.state_dict().values()))
-    assert not (tmp_path / "resumed" / "ckpt.pt").exists()
+    assert not (run / "ckpt.pt").exists()
 
 
 def sft_args(tmp_path, out):
@@ -255,7 +265,7 @@ def sft_args(tmp_path, out):
                             "--n-head", "2", "--block-size", "64", "--max-new-tokens", "8"])
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "classifier"])
 def test_sft_and_the_classifier_resume_from_a_checkpoint_to_the_same_bytes(tmp_path, stage, monkeypatch, capsys):
     """An SFT or classifier killed mid-stage resumes from its last checkpoint, not from step 0, and ends with
     the model file of an uninterrupted one."""
@@ -263,16 +273,15 @@ def test_sft_and_the_classifier_resume_from_a_checkpoint_to_the_same_bytes(tmp_p
     data = load_corpus(str(tmp_path / "data" / "tiny.npz"))
 
     def make(out, interrupt=None):
-        batches = stages.review_batches
+        batches = stages.ReviewBatches
         if interrupt is not None:  # only this stage's batches are cut short (the classifier's are cropped)
-            monkeypatch.setattr(stages, "review_batches", lambda *a, scored_len=None: interrupt_at(
-                batches(*a, scored_len=scored_len), interrupt) if (scored_len is not None) == (stage == "reward")
-                else batches(*a, scored_len=scored_len))
+            cut = lambda b: interrupt_at(b, interrupt) if (b.scored_len is not None) == (stage == "classifier") else b
+            monkeypatch.setattr(stages, "ReviewBatches", lambda *a: cut(batches(*a)))
         try:
             args = sft_args(tmp_path, out)
             stages.classifier(args, data, EOS, 257, stages.sft(args, data, EOS, 257))
         finally:
-            monkeypatch.setattr(stages, "review_batches", batches)
+            monkeypatch.setattr(stages, "ReviewBatches", batches)
     make(tmp_path / "full")
     with pytest.raises(Interrupted):
         make(tmp_path / "cut", interrupt=5)  # killed at step 5: the checkpoint of step 4 is there
@@ -280,36 +289,40 @@ def test_sft_and_the_classifier_resume_from_a_checkpoint_to_the_same_bytes(tmp_p
     capsys.readouterr()
     make(tmp_path / "cut")
     assert f"[{stage}] resumed at step 4" in capsys.readouterr().out
-    for s in ("sft", "reward"):
+    for s in ("sft", "classifier"):
         assert (tmp_path / "cut" / s / "model.pt").read_bytes() == (tmp_path / "full" / s / "model.pt").read_bytes(), s
 
 
 def test_nan_loss_is_an_error(tmp_path):
     batch = lambda step: common.pack([[1, 2]], [[3, EOS]], 64, EOS)
     with pytest.raises(FloatingPointError, match=r"\[nan\] loss is nan at step 0"):
-        common.train("nan", tiny_gpt(), lambda m, b: (m(b[0]).sum() * float("nan"), {}), batch, 3, 1e-3,
-                     out=str(tmp_path), device="cpu")
+        common.fit("nan", tiny_gpt(), lambda m, b: (m(b[0]).sum() * float("nan"), {}), batch, 3, 1e-3,
+                   loop_args(tmp_path))
 
 
 def _ddp_worker(rank, world, port, out_dir, result):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     common.setup_distributed("cpu")
-    policy, ref = tiny_gpt(1), tiny_gpt(2).requires_grad_(False)
+    sft_model, ref = tiny_gpt(1), tiny_gpt(2).requires_grad_(False)
     pairs, _ = random_pairs()
-    get_batch = dpo.pair_batches(pairs, 4, 64, EOS, seed=3)
+    args = loop_args(out_dir, dpo_steps=1, dpo_lr=1e-2, eval_every=1)  # the pairs of seed 0 + 3
     # the gradient DDP averages: this rank's half of the batch, all-reduced in backward
     probe = tiny_gpt(1)
     wrapped = torch.nn.parallel.DistributedDataParallel(probe) if world > 1 else probe
-    dpo.pair_loss(wrapped, get_batch(0), ref, "dpo", 0.1)[0].backward()
+    dpo.pair_loss(wrapped, dpo.pair_batch(pairs, 0, 4, 64, EOS, 3), ref, "dpo", 0.1)[0].backward()
     grads = {n: p.grad.clone() for n, p in probe.named_parameters()}
-    losses = []
+    losses, pair_loss = [], dpo.pair_loss
 
-    def loss_fn(m, b):
-        loss, metrics = dpo.pair_loss(m, b, ref, "dpo", 0.1)
+    def recorded(*a, **kw):  # the loss of dpo.run's one step, on this rank
+        loss, metrics = pair_loss(*a, **kw)
         losses.append(loss.item())
         return loss, metrics
-    common.train("ddp", policy, loss_fn, get_batch, 1, 1e-2, out=out_dir, device="cpu")
+    dpo.pair_loss = recorded
+    try:
+        policy = dpo.run("dpo", 0.1, sft_model, ref, pairs, lambda m: {}, {}, args, EOS)
+    finally:
+        dpo.pair_loss = pair_loss
     torch.save(dict(loss=losses[0], params=policy.state_dict(), grads=grads), f"{result}.{rank}")
     if world > 1:
         leave_process_group()
@@ -317,7 +330,7 @@ def _ddp_worker(rank, world, port, out_dir, result):
 
 def test_ddp_two_processes_match_one(tmp_path):
     """Two processes with half of the batch each: their mean loss and the gradient DDP averages are those of one
-    process on the whole batch, and after a step of the loop both ranks hold the same parameters."""
+    process on the whole batch, and after a step of DPO's loop both ranks hold the same parameters."""
     _ddp_worker(0, 1, free_port(), str(tmp_path / "single"), str(tmp_path / "single.pt"))
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")), nprocs=2)
     single = torch.load(tmp_path / "single.pt.0", weights_only=True)
@@ -349,8 +362,8 @@ class Linear2(torch.nn.Module):
 
 
 @pytest.mark.parametrize("warmup", [0, 3])
-def test_train_steps_are_adamw_on_clipped_gradients_with_linear_warmup(tmp_path, warmup):
-    """common.train against AdamW written out in float64: gradients clipped to norm 1 (the first and third are
+def test_fit_steps_are_adamw_on_clipped_gradients_with_linear_warmup(tmp_path, warmup):
+    """common.fit against AdamW written out in float64: gradients clipped to norm 1 (the first and third are
     longer, the others not), learning rate lr * min(1, (step + 1) / warmup), no weight decay."""
     G = [[30.0, 40.0], [0.3, -0.1], [-3.0, 4.0], [0.5, 0.5], [1.0, -2.0]]
     model, seen = Linear2(), []
@@ -358,8 +371,8 @@ def test_train_steps_are_adamw_on_clipped_gradients_with_linear_warmup(tmp_path,
     def loss_fn(m, batch):
         seen.append(m.w.detach().double().clone())
         return m(batch[0]), {}
-    common.train("w", model, loss_fn, lambda step: [torch.tensor(G[step])], len(G), 0.1, out=str(tmp_path),
-                 device="cpu", warmup=warmup)
+    common.fit("w", model, loss_fn, lambda step: [torch.tensor(G[step])], len(G), 0.1,
+               loop_args(tmp_path, warmup=warmup))
     w, m, v = torch.tensor([0.5, -0.25], dtype=torch.float64), 0.0, 0.0
     want = []
     for t, g in enumerate(G, start=1):
@@ -375,13 +388,19 @@ def test_train_steps_are_adamw_on_clipped_gradients_with_linear_warmup(tmp_path,
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"after {t} steps")
 
 
-def test_train_steps_with_rmsprop_are_rmsprop_on_clipped_gradients(tmp_path):
-    """optimizer="rmsprop" (--optimizer, the paper's DPO optimizer) against RMSprop written out in float64:
-    v = 0.99 v + 0.01 g^2, w -= lr g / (sqrt(v) + 1e-8), on clipped gradients, with the linear warm-up."""
+def test_steps_with_rmsprop_are_rmsprop_on_clipped_gradients():
+    """make_optimizer("rmsprop") (--optimizer, the paper's DPO optimizer) and set_lr, stepped as dpo.run and
+    ppo.run step them, against RMSprop written out in float64: v = 0.99 v + 0.01 g^2, w -= lr g / (sqrt(v) + 1e-8),
+    on clipped gradients, with the linear warm-up."""
     G = [[30.0, 40.0], [0.3, -0.1], [-3.0, 4.0], [0.5, 0.5], [1.0, -2.0]]
     model = Linear2()
-    common.train("w", model, lambda m, batch: (m(batch[0]), {}), lambda step: [torch.tensor(G[step])], len(G), 0.01,
-                 out=str(tmp_path), device="cpu", optimizer="rmsprop", warmup=2)
+    opt = common.make_optimizer(model, "rmsprop", 0.01)
+    for step, g in enumerate(G):
+        common.set_lr(opt, step, 0.01, 2)
+        model(torch.tensor(g)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     w, v = torch.tensor([0.5, -0.25], dtype=torch.float64), 0.0
     for t, g in enumerate(G, start=1):
         g = torch.tensor(g, dtype=torch.float64)
@@ -391,40 +410,55 @@ def test_train_steps_with_rmsprop_are_rmsprop_on_clipped_gradients(tmp_path):
     torch.testing.assert_close(model.w.detach().double(), w, rtol=0, atol=1e-6)
 
 
-def test_evaluations_samples_and_state_of_a_resumed_run_are_those_of_an_uninterrupted_one(tmp_path):
-    """common.train, 7 steps, an evaluator every 2 and a checkpoint every 3, a state the loss counts its steps in.
-    eval.jsonl: the step and the evaluator's numbers at steps 0, 2, 4, 6 and 7; samples.jsonl its samples, each
-    with its step. Killed at step 5, the checkpoint is the one after step 3 (step 3, state 3) and the records of
-    steps 0 and 2 are kept; resumed, the files, weights and state equal those of an uninterrupted run; a finished
-    stage hands its state back to a new caller."""
+def test_evaluations_and_samples_of_a_resumed_fit_are_those_of_an_uninterrupted_one(tmp_path):
+    """common.fit, 7 steps, an evaluation (and a checkpoint) every 2. eval.jsonl: the step and the evaluation's
+    numbers at steps 0, 2, 4, 6 and 7; samples.jsonl its samples, each with its step. Killed at step 5, the
+    checkpoint is the one after step 3 (step 4) and the record of step 4 is dropped, to be made again; resumed,
+    the files and weights equal those of an uninterrupted run."""
     G = [[0.3, -0.1], [1.0, 2.0], [-0.5, 0.25], [0.5, 0.5], [1.0, -2.0], [0.1, 0.7], [-0.4, -0.2]]
+    evaluate = lambda m: dict(w0=m.w[0].item(), samples=[dict(text=f"w {m.w.tolist()}")])
 
     def run(name, interrupt=None):
-        model, state = Linear2(), {"n": 0}
-
-        def loss_fn(m, batch):
-            state["n"] += 1
-            return m(batch[0]), {}
-        evaluator = lambda m, step: dict(w0=m.w[0].item(), half=step / 2, samples=[dict(text=f"at {step}")])
-        common.train(name, model, loss_fn, interrupt_at(lambda s: [torch.tensor(G[s])], interrupt), 7, 0.1,
-                     out=str(tmp_path), device="cpu", eval_every=2, ckpt_every=3, evaluator=evaluator, state=state)
-        return model, state
+        model = Linear2()
+        batches = interrupt_at(lambda s: [torch.tensor(G[s])], interrupt)
+        common.fit(name, model, lambda m, b: (m(b[0]), {}), batches, 7, 0.1, loop_args(tmp_path, eval_every=2),
+                   evaluate=evaluate)
+        return model
     read = lambda name, f: [json.loads(x) for x in open(tmp_path / name / f)]
-    full, full_state = run("full")
-    records = read("full", "eval.jsonl")
-    assert [r["step"] for r in records] == [0, 2, 4, 6, 7] and full_state == {"n": 7}
-    assert all(set(r) == {"step", "w0", "half"} and r["half"] == r["step"] / 2 for r in records)
-    assert read("full", "samples.jsonl") == [dict(step=s, text=f"at {s}") for s in (0, 2, 4, 6, 7)]
+    full = run("full")
+    records, samples = read("full", "eval.jsonl"), read("full", "samples.jsonl")
+    assert [r["step"] for r in records] == [0, 2, 4, 6, 7] and all(set(r) == {"step", "w0"} for r in records)
+    assert [s["step"] for s in samples] == [0, 2, 4, 6, 7] and len({s["text"] for s in samples}) == 5
     with pytest.raises(Interrupted):
         run("resumed", interrupt=5)
-    saved = load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))
-    assert saved["step"] == 3 and saved["state"] == {"n": 3}
-    resumed, resumed_state = run("resumed")
-    assert read("resumed", "eval.jsonl") == records
-    assert read("resumed", "samples.jsonl") == read("full", "samples.jsonl")
-    assert torch.equal(resumed.w, full.w) and resumed_state == {"n": 7}
-    again, again_state = run("resumed")  # done already: model.pt's weights and state, no step taken
-    assert torch.equal(again.w, full.w) and again_state == {"n": 7}
+    assert load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))["step"] == 4
+    assert [r["step"] for r in read("resumed", "eval.jsonl")] == [0, 2, 4]
+    resumed = run("resumed")
+    assert read("resumed", "eval.jsonl") == records and read("resumed", "samples.jsonl") == samples
+    assert torch.equal(resumed.w, full.w)
+
+
+def test_a_checkpoint_resumes_its_step_optimizer_and_state_and_a_finished_stage_its_state(tmp_path):
+    """save, then resume into a fresh model and optimizer: the step, weights, optimizer state and the loop's
+    state (PPO keeps its KL coefficient there) come back; after finish, resume says done (None) with the
+    final state and weights, and the checkpoint is gone."""
+    model = Linear2()
+    opt = common.make_optimizer(model, "adamw", 0.1)
+    assert common.resume("s", model, opt, str(tmp_path), {"n": 0}) == (0, {"n": 0})
+    model(torch.tensor([1.0, 2.0])).backward()
+    opt.step()
+    common.save("s", 3, model, opt, str(tmp_path), {"n": 3})
+    fresh = Linear2()
+    fresh_opt = common.make_optimizer(fresh, "adamw", 0.1)
+    assert common.resume("s", fresh, fresh_opt, str(tmp_path), {"n": 0}) == (3, {"n": 3})
+    assert torch.equal(fresh.w, model.w)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    common.finish("s", fresh, str(tmp_path), common.Clock(3, 7), {"n": 7})
+    assert not (tmp_path / "s" / "ckpt.pt").exists()
+    again = Linear2()
+    assert common.resume("s", again, common.make_optimizer(again, "adamw", 0.1), str(tmp_path), {"n": 0}) == \
+        (None, {"n": 7})
+    assert torch.equal(again.w, model.w)
 
 
 # ---------------------------------------------------------------- the settings record
@@ -437,7 +471,7 @@ NEW = dict(n_layer=3, n_head=2, n_embd=64, block_size=60, batch=16, warmup=5, se
            label_smoothing=0.2)
 # each stage's own settings and the stages it is made from, as the pipeline uses them (README, common.py's numbering)
 OWN = {"sft": {"n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps", "sft_lr"},
-       "reward": {"rm_steps", "rm_lr", "max_new_tokens"},  # from the SFT model; its crops cover the scored length
+       "classifier": {"rm_steps", "rm_lr", "max_new_tokens"},  # from the SFT model; its crops cover the scored length
        "pairs.pt": {"n_prompts", "min_chars"}, "best_of_n.jsonl": {"n_eval", "best_of"}, "pairs_heldout.pt": {"n_eval"},
        "reward_model": {"bt_steps", "bt_lr", "eval_every"}, "score_norm_rm.json": set(), "score_norm_gt.json": set(),
        "runs/dpo_0.1": {"n_eval", "dpo_steps", "dpo_lr", "dpo_batch", "optimizer", "eval_every"},
@@ -446,7 +480,7 @@ OWN = {"sft": {"n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "
                       "ppo_eval_every", "kl_horizon"}}
 OWN["runs/ppo-gt_3"] = OWN["runs/ppo_3"]
 OWN["runs/rloo_0.1"] = OWN["runs/grpo_0.1"] = OWN["runs/ppo_3"] - {"kl_horizon"} | {"group"}
-PARENTS = {"sft": [], "reward": ["sft"], "pairs.pt": ["reward"], "best_of_n.jsonl": ["pairs.pt"],
+PARENTS = {"sft": [], "classifier": ["sft"], "pairs.pt": ["classifier"], "best_of_n.jsonl": ["pairs.pt"],
            "pairs_heldout.pt": ["pairs.pt"], "reward_model": ["pairs_heldout.pt"], "score_norm_rm.json": ["reward_model"],
            "score_norm_gt.json": ["pairs.pt"], "runs/dpo_0.1": ["pairs.pt"], "runs/cdpo_0.1": ["pairs.pt"],
            "runs/ppo_3": ["score_norm_rm.json"], "runs/ppo-gt_3": ["score_norm_gt.json"],
@@ -482,7 +516,7 @@ def test_truncated_data_file(tmp_path):
 
 
 def test_tiny_data_is_made_in_a_folder_that_does_not_exist_yet(tmp_path):
-    data = common.load_data(str(tmp_path / "new" / "folder"), "tiny")
+    data = stages.load_data(str(tmp_path / "new" / "folder"), "tiny")
     assert len(data["train"]) == 4000 and data["tokenizer"] == "words" and len(data["words"]) == 178
 
 
@@ -498,17 +532,16 @@ def test_corrupt_checkpoint(tmp_path):
 
 
 def test_a_torn_last_line_is_dropped_on_resume_and_a_bad_line_is_named(tmp_path, capsys):
-    out = str(tmp_path)
-    full, _ = small_dpo_run(out, "full")
+    full, _ = small_dpo_run(tmp_path / "full")
     with pytest.raises(Interrupted):
-        small_dpo_run(out, "torn", interrupt=3)
-    evals = tmp_path / "torn" / "eval.jsonl"
+        small_dpo_run(tmp_path / "torn", interrupt=3)
+    evals = tmp_path / "torn" / "runs" / "dpo_0.1" / "eval.jsonl"
     with open(evals, "a") as f:
         f.write('{"step": 4, "rew')  # killed in the middle of writing the step-4 evaluation
-    resumed, _ = small_dpo_run(out, "torn")
+    resumed, _ = small_dpo_run(tmp_path / "torn")
     assert resumed == full and "dropped its torn last line 3" in capsys.readouterr().err
     evals.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
-    with pytest.raises(UsageError, match=r"torn/eval.jsonl, line 2: not a JSON record"):
+    with pytest.raises(UsageError, match=r"dpo_0.1/eval.jsonl, line 2: not a JSON record"):
         read_jsonl(str(evals))
 
 
@@ -664,7 +697,7 @@ def test_a_run_folder_is_locked_while_a_command_uses_it(tmp_path):
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(UsageError, match=rf"{tmp_path}/out is in use by another command \(process {holder.pid}\)"):
-            dpo.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out"), "--data-dir",
+            experiment.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out"), "--data-dir",
                       str(tmp_path / "data"), "--runs", "ft"])
         assert sorted(os.listdir(tmp_path / "out")) == [".lock"]  # no stage started, no settings recorded
     finally:

@@ -14,6 +14,7 @@ from test_ppo import low_bytes, toy_args, toy_score
 
 import common
 import ppo
+import scores
 import settings
 import stages
 
@@ -154,7 +155,7 @@ def test_group_rollout_advantages_are_their_float64_values(tmp_path, monkeypatch
     float64 from unpadded sequences."""
     beta = 0.5
     policy, ref, data, stats, asked = group_rollout_case(tmp_path, monkeypatch, method, beta)
-    idx, targets, mask, logp, ref_logp, adv = data
+    idx, targets, mask, logp, ref_logp, adv = data[:5] + (data.advantages,)
     assert asked == [[1, 2, 3]] * 4 + [[4]] * 4
     scores, logratios, kls = [], [], []
     for i, (p, r) in enumerate(zip(asked, RAGGED)):
@@ -176,7 +177,7 @@ def test_group_rollout_advantages_are_their_float64_values(tmp_path, monkeypatch
             s = [scores[j] for j in group]
             want = (scores[i] - statistics.mean(s)) / (statistics.stdev(s) + 1e-4)
         assert adv[i].item() == pytest.approx(want, abs=1e-4)
-    assert stats["kl"] == pytest.approx(np.mean(kls), rel=1e-5) and stats["score"] == pytest.approx(np.mean(scores))
+    assert stats["rollout_kl"] == pytest.approx(np.mean(kls), rel=1e-5) and stats["score"] == pytest.approx(np.mean(scores))
 
 
 def test_the_reference_moves_rloo_advantages_and_grpo_kl_term_only(tmp_path, monkeypatch):
@@ -185,7 +186,7 @@ def test_the_reference_moves_rloo_advantages_and_grpo_kl_term_only(tmp_path, mon
     for method, beta in [("rloo", 0.5), ("rloo", 0.0), ("grpo", 0.5)]:
         for seed in (1, 2):
             _, _, data, _, _ = group_rollout_case(tmp_path, monkeypatch, method, beta, sharp_gpt(seed))
-            adv[method, beta, seed] = data[5]
+            adv[method, beta, seed] = data.advantages
     assert (adv["rloo", 0.5, 1] - adv["rloo", 0.5, 2]).abs().max() > 1e-2
     assert torch.equal(adv["rloo", 0.0, 1], adv["rloo", 0.0, 2]) and torch.equal(adv["grpo", 0.5, 1], adv["grpo", 0.5, 2])
 
@@ -200,7 +201,7 @@ def test_one_update_raises_the_log_probs_of_the_better_samples(tmp_path, monkeyp
     opt = torch.optim.SGD(policy.parameters(), lr=1e-3)
     ppo.critic_free_loss(policy, data, method, 0.0, "reference")[0].backward()
     opt.step()
-    change, adv = seq_logp() - before, data[5].double()
+    change, adv = seq_logp() - before, data.advantages.double()
     assert (adv * change).sum() > 0
     assert change[adv.argmax()] > 0 > change[adv.argmin()]
 
@@ -213,7 +214,7 @@ def test_rloo_and_grpo_raise_a_known_reward(tmp_path, method):
     train_prompts = [np.random.default_rng(i).integers(0, 256, 3).tolist() for i in range(32)]
     args = toy_args(tmp_path, "--runs", f"{method}:0.01", "--ppo-iters", "20")
     policy = ppo.run(method, 0.01, sft_model, tiny_gpt(3).requires_grad_(False), low_bytes, train_prompts,
-                     lambda m, step: dict(kl=0.0), args, EOS)
+                     lambda m: dict(kl=0.0), {}, args, EOS)
     before, after = mean_reward(sft_model), mean_reward(policy)
     assert 0.35 < before < 0.65 and after > before + 0.15, (before, after)
     assert policy.score_head is None  # no value head
@@ -223,7 +224,7 @@ def test_rloo_and_grpo_raise_a_known_reward(tmp_path, method):
 def test_fused_kernel_gives_the_reference_rloo_and_grpo_losses(tmp_path, monkeypatch, method):
     # near-uniform models, as PPO's test: the sharp ones' gradients (up to ~60) leave fp32 sums 1e-5 apart
     policy, _, data, _, _ = group_rollout_case(tmp_path, monkeypatch, method, 0.5, tiny_gpt(1), tiny_gpt(0))
-    data, policy = [x.to(DEVICE) for x in data], policy.to(DEVICE)
+    data, policy = data.to(DEVICE), policy.to(DEVICE)
     with torch.no_grad():  # move the policy away from the rollout's so that ratios, the clip and the KL term matter
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -17,6 +17,7 @@ from conftest import EOS, free_port, leave_process_group, tiny_gpt
 import common
 import dpo
 import ppo
+import scores
 import settings
 import stages
 from data.corpus import Split, write_atomic
@@ -63,10 +64,10 @@ def test_a_rows_batch_and_crop_do_not_depend_on_the_ranks(monkeypatch, world):
     each with the same crop (and SFT's too); and KTO's mismatched rows come from the whole batch."""
     lengths = np.arange(20, 80)
     split = data_split(lengths)
-    whole = stages.review_batches(split, 8, 64, EOS, 3, scored_len=20)(0)
+    whole = stages.ReviewBatches(split, 8, 64, EOS, 3, scored_len=20)(0)
     for rank in range(world):
         monkeypatch.setattr(stages, "rank_world", lambda: (rank, world))
-        share = stages.review_batches(split, 8, 64, EOS, 3, scored_len=20)(0)
+        share = stages.ReviewBatches(split, 8, 64, EOS, 3, scored_len=20)(0)
         for i, j in enumerate(range(rank, 8, world)):
             n = int(whole[2][j].sum())
             assert int(share[2][i].sum()) == n and torch.equal(share[1][i, :n], whole[1][j, :n]) \
@@ -74,11 +75,11 @@ def test_a_rows_batch_and_crop_do_not_depend_on_the_ranks(monkeypatch, world):
     pairs = dict(prompt=[[i] for i in range(10)], chosen=[[100 + i, EOS] for i in range(10)],
                  rejected=[[200 + i, EOS] for i in range(10)])
     monkeypatch.setattr(dpo, "rank_world", lambda: (0, 1))
-    idx, targets, mask = dpo.pair_batches(pairs, world, 64, EOS, 0, mismatched=True)(0)
+    idx, targets, mask = dpo.pair_batch(pairs, 0, world, 64, EOS, 0, mismatched=True)
     prompts = idx[:world, 1].tolist()
     for rank in range(world):  # one pair per rank: its mismatched row holds the next rank's chosen response
         monkeypatch.setattr(dpo, "rank_world", lambda: (rank, world))
-        idx, targets, mask = dpo.pair_batches(pairs, world, 64, EOS, 0, mismatched=True)(0)
+        idx, targets, mask = dpo.pair_batch(pairs, 0, world, 64, EOS, 0, mismatched=True)
         assert idx[2, 1] == prompts[rank] and targets[2][mask[2]].tolist() == [100 + prompts[(rank + 1) % world], EOS]
 
 
@@ -130,16 +131,16 @@ PROMPTS = [np.random.default_rng(i).integers(0, 256, 3).tolist() for i in range(
 def _cold_start_and_sampling(rank, tmp):
     """Every rank loads the tiny data from an empty folder, then makes the pairs and a score normalisation."""
     prepared = []
-    original = common.prepare_tiny
-    common.prepare_tiny = lambda folder: prepared.append(rank) or original(folder)
+    original = stages.prepare_tiny
+    stages.prepare_tiny = lambda folder: prepared.append(rank) or original(folder)
     torch.distributed.barrier()  # all at once, as torchrun starts them
-    data = common.load_data(os.path.join(tmp, "data"), "tiny")
+    data = stages.load_data(os.path.join(tmp, "data"), "tiny")
     draws = []
     sample = stages.sample
     stages.sample = ppo.sample = lambda *a: draws.append(len(a[1])) or sample(*a)
     args = sampling_args(os.path.join(tmp, "out"))
     pairs = stages.make_pairs(tiny_gpt(1), tiny_gpt(2, score_head=True), PROMPTS, args, EOS)
-    ppo.normalised(lambda p, r: torch.tensor([float(len(x)) for x in r]), tiny_gpt(1), PROMPTS * 4, args, EOS, "gt")
+    scores.normalised(lambda p, r: torch.tensor([float(len(x)) for x in r]), tiny_gpt(1), PROMPTS * 4, args, EOS, "gt")
     return dict(prepared=prepared, reviews=len(data["train"]), draws=draws, pairs=len(pairs["prompt"]))
 
 
@@ -161,7 +162,7 @@ def test_every_rank_samples_a_share_and_the_result_does_not_depend_on_the_ranks(
     assert [r["draws"] for r in ranks] == [[256, 256]] * 4  # one chunk of the pairs, one of the normalisation
     args = sampling_args(str(tmp_path))  # one process: the same pairs and normalisation
     stages.make_pairs(tiny_gpt(1), tiny_gpt(2, score_head=True), PROMPTS, args, EOS)
-    ppo.normalised(lambda p, r: torch.tensor([float(len(x)) for x in r]), tiny_gpt(1), PROMPTS * 4, args, EOS, "gt")
+    scores.normalised(lambda p, r: torch.tensor([float(len(x)) for x in r]), tiny_gpt(1), PROMPTS * 4, args, EOS, "gt")
     one, four = (torch.load(os.path.join(d, "pairs.pt"), weights_only=True) for d in (tmp_path, tmp / "out"))
     assert one == four and len(one["prompt"]) == ranks[0]["pairs"] > 0
     assert json.load(open(tmp_path / "score_norm_gt.json")) == json.load(open(tmp / "out" / "score_norm_gt.json"))
@@ -176,8 +177,8 @@ def _rollout_seeds_and_a_nan(rank, tmp):
                             "--block-size", "64", "--ppo-batch", "8", "--ppo-minibatches", "2"])
     score = lambda p, r: torch.zeros(len(r))
     policy, ref = tiny_gpt(1, score_head=True), tiny_gpt(2)
-    ppo.rollout_batches(lambda prompts, seed: ppo.ppo_rollout(policy, ref, score, prompts, 0.1, seed, args, EOS)[0],
-                        8, PROMPTS[:16], args)(0)
+    prompts, seed = ppo.draw_prompts(PROMPTS[:16], 8, 0, args.seed)  # ppo.run's first rollout
+    ppo.ppo_rollout(policy, ref, score, prompts, 0.1, seed, args, EOS)
     batch = lambda step: common.pack([[1, 2]], [[3, EOS]], 64, EOS)
     steps = []
 
@@ -186,7 +187,7 @@ def _rollout_seeds_and_a_nan(rank, tmp):
         value = m(b[0]).float().mean()
         return value * (float("nan") if rank == 1 and len(steps) == 2 else 1.0), {}
     try:
-        common.train("nan", tiny_gpt(), loss_fn, batch, 4, 1e-3, out=tmp, device="cpu")
+        common.fit("nan", tiny_gpt(), loss_fn, batch, 4, 1e-3, args)
         raised = "nothing"
     except FloatingPointError as e:
         raised = str(e)

@@ -17,6 +17,7 @@ from conftest import (DEVICE, EOS, assert_fused_matches_reference, f64_dists, f6
                       tiny_gpt)
 
 import dpo
+import experiment
 import model as model_module
 import stages
 from common import pack
@@ -31,8 +32,8 @@ def test_loss_is_ln2_when_policy_is_reference():
     idx, targets, mask = pack([[1, 2, 3], [4, 5]] * 2, [[6, 7, EOS], [8, EOS], [9, 9, 9, EOS], [10, EOS]], 64, EOS)
     for method in ("dpo", "cdpo"):
         loss, m = dpo.pair_loss(model, (idx, targets, mask), model, method, 0.1, label_smoothing=0.1)
-        assert abs(loss.item() - math.log(2)) < 1e-6 and m["margin"] == 0 and m["chosen"] == 0
-        assert m["acc"] == 0.5  # every pair a tie: half right, not all wrong
+        assert abs(loss.item() - math.log(2)) < 1e-6 and m["rewards/margins"] == 0 and m["rewards/chosen"] == 0
+        assert m["rewards/accuracies"] == 0.5  # every pair a tie: half right, not all wrong
 
 
 def test_losses_match_their_formulas():
@@ -60,7 +61,7 @@ def test_losses_match_their_formulas():
 
 def test_pair_batches_put_chosen_first():
     pairs = dict(prompt=[[1], [2]], chosen=[[10, EOS], [20, EOS]], rejected=[[11, 12, EOS], [21, EOS]])
-    idx, targets, mask = dpo.pair_batches(pairs, 4, 64, EOS, seed=0)(0)
+    idx, targets, mask = dpo.pair_batch(pairs, 0, 4, 64, EOS, seed=0)
     n = idx.size(0) // 2
     for i in range(n):  # row i and row n + i share the prompt; row i holds the chosen response
         k = idx[i, 1].item() - 1  # position 0 holds the beginning-of-text token, then the prompt
@@ -94,7 +95,7 @@ def smoke_argv(tmp_path, *extra):
 
 def test_smoke_whole_pipeline(tmp_path, capsys, monkeypatch):
     calls = recording(monkeypatch, stages, "evaluate")
-    dpo.main(smoke_argv(tmp_path))
+    experiment.main(smoke_argv(tmp_path))
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("nanoDPO: preset tiny on cpu")
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 10_000 and (tmp_path / "out" / "pairs.pt").exists()
@@ -116,27 +117,27 @@ def test_smoke_whole_pipeline(tmp_path, capsys, monkeypatch):
     assert [s["step"] for s in samples] == [0] * 4 + [2] * 4 + [4] * 4
     enc = WordTokenizer(vocabulary())  # the tiny corpus's words
     classifier = GPT(GPTConfig(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=32, score_head=True))
-    classifier.load_state_dict(torch.load(tmp_path / "out" / "reward" / "model.pt", weights_only=True)["model"])
+    classifier.load_state_dict(torch.load(tmp_path / "out" / "classifier" / "model.pt", weights_only=True)["model"])
     r = stages.reward(classifier, [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples],
                       enc.eot_token, 64, "cpu")
     assert r.tolist() == pytest.approx([s["reward"] for s in samples], abs=1e-6)
     assert all(s["prompt"] == enc.decode(s["prompt_ids"]) and s["response"] == enc.decode(s["response_ids"])
                for s in samples)
     # a rerun finds every stage complete and trains nothing
-    dpo.main(smoke_argv(tmp_path))
+    experiment.main(smoke_argv(tmp_path))
     assert "step     0 loss" not in capsys.readouterr().out
     # a run redone after deleting its model starts a fresh evaluation file
     os.remove(tmp_path / "out" / "runs" / "dpo_0.1" / "model.pt")
-    dpo.main(smoke_argv(tmp_path))
+    experiment.main(smoke_argv(tmp_path))
     assert [json.loads(x)["step"] for x in open(tmp_path / "out" / "runs" / "dpo_0.1" / "eval.jsonl")] == [0, 2, 4]
     assert "[runs/dpo_0.1] step     0" in capsys.readouterr().out
     # changed settings are refused before any work, or with --redo the stage and all after it are made again
-    with pytest.raises(UsageError, match=r"out/reward was made with other settings \(rm_steps 4 -> 5\): .*--redo"):
-        dpo.main(smoke_argv(tmp_path, "--rm-steps", "5"))
+    with pytest.raises(UsageError, match=r"out/classifier was made with other settings \(rm_steps 4 -> 5\): .*--redo"):
+        experiment.main(smoke_argv(tmp_path, "--rm-steps", "5"))
     assert "step" not in capsys.readouterr().out
-    dpo.main(smoke_argv(tmp_path, "--rm-steps", "5", "--redo"))
+    experiment.main(smoke_argv(tmp_path, "--rm-steps", "5", "--redo"))
     out = capsys.readouterr().out
-    assert "[sft] done already" in out and "[reward] step     0" in out and "[runs/ppo_2] step     0" in out
+    assert "[sft] done already" in out and "[classifier] step     0" in out and "[runs/ppo_2] step     0" in out
     assert "[redo]" in out and "runs/ft was made with other settings" in out
 
 
@@ -144,7 +145,7 @@ def test_stages_of_an_older_nanodpo_are_not_reused(tmp_path):
     (tmp_path / "out" / "sft").mkdir(parents=True)
     torch.save({}, tmp_path / "out" / "sft" / "model.pt")
     with pytest.raises(UsageError, match="out/sft has no record of its settings"):
-        dpo.main(smoke_argv(tmp_path))
+        experiment.main(smoke_argv(tmp_path))
 
 
 def test_a_run_from_another_directory_writes_only_under_its_out(tmp_path):
@@ -199,7 +200,7 @@ def test_missing_data_is_a_one_line_error(tmp_path):
 ])
 def test_sizes_the_data_cannot_serve_are_refused_before_sft(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
-        dpo.main(smoke_argv(tmp_path, *flags))
+        experiment.main(smoke_argv(tmp_path, *flags))
     assert not (tmp_path / "out").exists()
 
 
@@ -208,15 +209,15 @@ SHORT = ("--sft-steps", "2", "--rm-steps", "2", "--dpo-steps", "2", "--runs", "f
 
 def test_other_data_into_the_same_out_is_refused(tmp_path, capsys):
     """The settings record names the data by its content: another corpus under the same name is not reused."""
-    dpo.main(smoke_argv(tmp_path, *SHORT))
+    experiment.main(smoke_argv(tmp_path, *SHORT))
     data_b = tmp_path / "other"
     prepare_tiny(str(data_b), seed=7)  # another tiny.npz: the same name, the same sizes, other reviews
     capsys.readouterr()
     with pytest.raises(UsageError, match=r"out/sft was made with other settings \(data_sha256 [0-9a-f]{64} -> "):
-        dpo.main(smoke_argv(tmp_path, *SHORT, "--data-dir", str(data_b)))  # the last --data-dir counts
+        experiment.main(smoke_argv(tmp_path, *SHORT, "--data-dir", str(data_b)))  # the last --data-dir counts
     assert "step" not in capsys.readouterr().out
     prepare_tiny(str(tmp_path / "again"))  # the same data written again (other file times) is the same data
-    dpo.main(smoke_argv(tmp_path, *SHORT, "--data-dir", str(tmp_path / "again")))
+    experiment.main(smoke_argv(tmp_path, *SHORT, "--data-dir", str(tmp_path / "again")))
     assert "step     0" not in capsys.readouterr().out
 
 
@@ -225,12 +226,12 @@ def test_offline_gpt2_download_is_one_line(tmp_path, monkeypatch):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(model_module.urllib.request, "urlopen", offline)
     monkeypatch.setenv("NANODPO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(dpo, "get_tokenizer", lambda name, words: get_tokenizer("bytes"))  # GPT-2's BPE may be offline too
+    monkeypatch.setattr(experiment, "get_tokenizer", lambda name, words: get_tokenizer("bytes"))  # GPT-2's BPE may be offline too
     texts = ["A fine film with a cast.", "A dull film with no plot."] * 4  # an imdb.npz that says it holds GPT-2 tokens
     save_corpus(str(tmp_path / "imdb"), "imdb", {"train": (texts, [1, 0] * 4), "test": (texts, [1, 0] * 4)},
                 get_tokenizer("bytes"), tokenizer="gpt2")
     with pytest.raises(UsageError, match=r"could not download the gpt2 weights .* put it at"):  # main prints one line
-        dpo.main(["--preset", "imdb", "--device", "cpu", "--out", str(tmp_path / "out"), "--data-dir",
+        experiment.main(["--preset", "imdb", "--device", "cpu", "--out", str(tmp_path / "out"), "--data-dir",
                   str(tmp_path / "imdb"), "--runs", "dpo:0.1", "--n-eval", "2", "--n-prompts", "4", "--min-chars", "1"])
 
 
@@ -308,13 +309,13 @@ def test_reference_free_losses_do_not_read_the_reference():
 def test_one_step_of_each_successor_raises_the_chosen_over_the_rejected(method, param):
     policy, ref = tiny_gpt(), tiny_gpt().requires_grad_(False)
     pairs = dict(prompt=[[1, 2], [3, 4]], chosen=[[3, 4, EOS], [5, 5, EOS]], rejected=[[5, 6, EOS], [7, 8, 9, EOS]])
-    batch = dpo.pair_batches(pairs, 2, 64, EOS, seed=0, mismatched=method == "kto")(0)
+    batch = dpo.pair_batch(pairs, 0, 2, 64, EOS, seed=0, mismatched=method == "kto")
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     before, m0 = dpo.pair_loss(policy, batch, ref, method, param)
     before.backward()
     opt.step()
     after, m1 = dpo.pair_loss(policy, batch, ref, method, param)
-    gap = lambda m: m["logp_c"] - m["logp_r"]
+    gap = lambda m: m["logps/chosen"] - m["logps/rejected"]
     assert gap(m1) > gap(m0) and after < before
 
 
@@ -322,14 +323,14 @@ def test_one_step_of_each_successor_raises_the_chosen_over_the_rejected(method, 
 def test_fused_kernel_gives_the_reference_gradients_for_the_successors(method):
     policy, ref = tiny_gpt(seed=0).to(DEVICE), tiny_gpt(seed=1).to(DEVICE).requires_grad_(False)
     pairs = dict(prompt=[[1, 2, 3], [4]], chosen=[[5, 6, EOS], [7, 8, 9, EOS]], rejected=[[5, EOS], [9, 9, EOS]])
-    batch = [x.to(DEVICE) for x in dpo.pair_batches(pairs, 4, 64, EOS, seed=0, mismatched=method == "kto")(0)]
+    batch = [x.to(DEVICE) for x in dpo.pair_batch(pairs, 0, 4, 64, EOS, seed=0, mismatched=method == "kto")]
     param = {"simpo": 2.0, "orpo": 0.1, "kto": 0.5}[method]
     assert_fused_matches_reference(policy, lambda impl: dpo.pair_loss(policy, batch, ref, method, param, impl)[0])
 
 
 def test_kto_batches_add_mismatched_rows():
     pairs = dict(prompt=[[1], [2], [3]], chosen=[[10, EOS], [20, EOS], [30, EOS]], rejected=[[11, EOS], [21, EOS], [31, EOS]])
-    idx, targets, mask = dpo.pair_batches(pairs, 3, 64, EOS, seed=0, mismatched=True)(0)
+    idx, targets, mask = dpo.pair_batch(pairs, 0, 3, 64, EOS, seed=0, mismatched=True)
     n = idx.size(0) // 3
     for i in range(n):  # row 2n + i: the prompt of pair i with the chosen response of pair i + 1
         assert idx[2 * n + i, 1] == idx[i, 1] and targets[2 * n + i][mask[2 * n + i]].tolist() == \
@@ -348,7 +349,7 @@ def test_pretrained_gpt2_on_a_corpus_of_other_tokens_is_refused(tmp_path):
     (tmp_path / "hf").mkdir()
     with pytest.raises(UsageError, match=r"--init pretrained: GPT-2's weights read GPT-2's BPE tokens, but .*tiny.npz "
                                          r"holds words tokens"):
-        dpo.main(smoke_argv(tmp_path, "--init", "pretrained", "--model", str(tmp_path / "hf")))
+        experiment.main(smoke_argv(tmp_path, "--init", "pretrained", "--model", str(tmp_path / "hf")))
     assert not (tmp_path / "out" / "sft").exists()
 # ---------------------------------------------------------------- every loss against float64 log-probs
 
@@ -409,10 +410,10 @@ def test_pair_loss_of_every_method_is_its_formula_on_float64_logprobs():
         loss, metrics = dpo.pair_loss(policy, batch, ref, method, param, label_smoothing=0.1)
         assert loss.item() == pytest.approx(expected, rel=2e-5), method
         if method in ("dpo", "cdpo", "ipo", "kto"):  # the implicit rewards beta * log(pi / pi_ref), chosen and rejected
-            assert metrics["chosen"] == pytest.approx(mean([param * x for x in rw]), abs=2e-5)
-            assert metrics["rejected"] == pytest.approx(mean([param * x for x in rl]), abs=2e-5)
-            assert metrics["margin"] == pytest.approx(mean([param * x for x in u]), abs=4e-5)
-            assert metrics["acc"] == pytest.approx(mean([float(x > 0) for x in u])) and 0 < metrics["acc"] < 1
+            assert metrics["rewards/chosen"] == pytest.approx(mean([param * x for x in rw]), abs=2e-5)
+            assert metrics["rewards/rejected"] == pytest.approx(mean([param * x for x in rl]), abs=2e-5)
+            assert metrics["rewards/margins"] == pytest.approx(mean([param * x for x in u]), abs=4e-5)
+            assert metrics["rewards/accuracies"] == pytest.approx(mean([float(x > 0) for x in u])) and 0 < metrics["rewards/accuracies"] < 1
         if method == "kto":
             assert dpo.pair_loss(ref, batch, policy, "kto", 0.5)[0].item() == pytest.approx(kto_swapped, rel=2e-5)
     assert len({round(v, 6) for v in want.values()}) == len(want)  # the cases tell every loss apart
@@ -449,18 +450,20 @@ def test_evaluation_prompts_come_from_the_test_split(tmp_path, monkeypatch):
                      np.full(n, 500, np.int32))
     data = dict(tokenizer="words", words=words, train=split(0, 80), test=split(1, 80))
     seen = {}
-    monkeypatch.setattr(dpo, "load_data", lambda *a: data)
+    monkeypatch.setattr(stages, "load_data", lambda *a: data)
     monkeypatch.setattr(stages, "sft", lambda *a: tiny_gpt(0, vocab=len(words) + 1))
     monkeypatch.setattr(stages, "classifier", lambda *a: None)
     monkeypatch.setattr(stages, "make_pairs", lambda sft, rm, prompts, args, eos, name="pairs.pt":
                         seen.setdefault(name, prompts) and dict(prompt=[], chosen=[], rejected=[]))
     monkeypatch.setattr(stages, "best_of_n", lambda sft, rm, prompts, args, eos: seen.setdefault("best_of_n", prompts))
-    monkeypatch.setattr(stages, "evaluate", lambda policy, ref, rm, prompts, **kw: dict(p=seen.setdefault("evaluate", prompts)))
-    monkeypatch.setattr(dpo.ppo, "score_functions", lambda *a: {"rm": None})
-    monkeypatch.setattr(dpo.ppo, "run", lambda *a: None)
-    monkeypatch.setattr(dpo, "run", lambda method, param, sft, ref, pairs, evaluator, args, eos: evaluator(sft, 0))
-    monkeypatch.setattr(dpo, "plot_frontier", lambda out, png, names: png)
-    dpo.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-prompts", "20", "--n-eval", "12",
+    monkeypatch.setattr(stages, "evaluate",
+                        lambda policy, ref, classifier, prompts, **kw: dict(p=seen.setdefault("evaluate", prompts)))
+    monkeypatch.setattr(experiment, "score_functions", lambda *a: {"rm": None})
+    monkeypatch.setattr(experiment.ppo, "run", lambda *a: None)
+    monkeypatch.setattr(experiment.dpo, "run", lambda method, param, sft, ref, pairs, evaluate, at_start, args, eos:
+                        evaluate(sft))
+    monkeypatch.setattr(experiment, "plot_frontier", lambda out, png, names: png)
+    experiment.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-prompts", "20", "--n-eval", "12",
               "--ppo-batch", "16", "--runs", "dpo:0.1,ppo:3"])
     parity = lambda prompts: {t % 2 for p in prompts for t in p}
     assert len(seen["pairs.pt"]) == 20 and parity(seen["pairs.pt"]) == {0}

@@ -14,7 +14,7 @@ import tarfile
 import numpy as np
 import pytest
 
-import dpo
+import experiment
 import model as model_module
 from data.corpus import UsageError, load_corpus
 from data.imdb import prepare as imdb
@@ -98,7 +98,7 @@ def test_imdb_preset_end_to_end_at_toy_sizes(tmp_path, capsys):
     archive = str(tmp_path / "fake.tar.gz")
     imdb.prepare(archive, str(tmp_path), sha256=fabricate(archive), tokenizer="bytes")
     fig = tmp_path / "imdb_frontier.png"
-    dpo.main(["--preset", "imdb", "--init", "scratch", "--device", "cpu", "--data-dir", str(tmp_path),
+    experiment.main(["--preset", "imdb", "--init", "scratch", "--device", "cpu", "--data-dir", str(tmp_path),
               "--out", str(tmp_path / "out"), "--figure", str(fig), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
               "--block-size", "96", "--sft-steps", "3", "--rm-steps", "3", "--dpo-steps", "2", "--eval-every", "1",
               "--batch", "4", "--dpo-batch", "4", "--n-prompts", "4", "--n-eval", "3", "--max-new-tokens", "6",

@@ -1,6 +1,9 @@
-"""The project's imports run one way: no cycle, nothing below the algorithms imports them, kernels/
-imports nothing of the project outside it, and no project import is hidden inside a function. And the
-tests name their device: none leans on a default that changes with CUDA.
+"""The project's layout: imports run one way (no cycle; nothing imports the experiment, and only it the
+algorithms; the bottom files, model.py, data/corpus.py and errors.py, nothing above them; kernels/ nothing of
+the project outside it; no project import hidden inside a function), every file under 350 lines, and the
+algorithms' loops in plain sight (backward and the optimizer step in dpo.run and ppo.run, no lambda or nested
+function in dpo.py, ppo.py or stages.py). And the tests name their device: none leans on a default that
+changes with CUDA.
 
     python -m pytest tests/test_layout.py     (CPU; under a second)
 """
@@ -8,8 +11,11 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOP = {"dpo", "ppo"}  # the algorithms; dpo.py runs PPO's runs too, so it alone may import ppo
+DRIVER = "experiment"  # every stage and run; `python dpo.py` starts it, from dpo.py's __main__ block alone
+ALGORITHMS = {"dpo", "ppo"}  # imported by the driver alone
+BOTTOM = {"errors": set(), "model": {"errors"}, "data.corpus": {"errors"}}  # and what each may import
 ENTRY_POINTS = {"kernels.bench", "bench_step", "kernels.compile_check", "results.truncation"}  # scripts nothing imports
+MOST_LINES = 350
 
 
 def project_modules():
@@ -24,13 +30,25 @@ def project_modules():
     return mods
 
 
+def is_main_block(node):
+    """if __name__ == "__main__": the file run as a script, not imported."""
+    test = getattr(node, "test", None)
+    return (isinstance(node, ast.If) and isinstance(test, ast.Compare) and getattr(test.left, "id", "") == "__name__"
+            and any(getattr(c, "value", None) == "__main__" for c in test.comparators))
+
+
 def imports(path, mods, module):
-    """(imported project module, line, inside a function?) for every import in the file."""
+    """(imported project module, line, where) for every import in the file; where is "function" (inside one),
+    "script" (under if __name__ == "__main__") or "module"."""
     found = []
 
-    def visit(node, in_function):
+    def visit(node, where):
         for child in ast.iter_child_nodes(node):
-            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            inside = where
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                inside = "function"
+            elif is_main_block(child) and where == "module":
+                inside = "script"
             names = []
             if isinstance(child, ast.Import):
                 names = [a.name for a in child.names]
@@ -47,25 +65,31 @@ def imports(path, mods, module):
                     found.append((name, child.lineno, inside))
             visit(child, inside)
     packages = {m for m, p in mods.items() if p.endswith("__init__.py")}
-    visit(ast.parse(open(path).read()), False)
+    visit(ast.parse(open(path).read()), "module")
     return found
 
 
 def test_imports_form_no_cycle_and_run_one_way():
     mods = project_modules()
-    assert {"dpo", "ppo", "common", "stages", "model", "kernels", "kernels.logprobs"} <= set(mods)
+    assert {"dpo", "ppo", "experiment", "common", "stages", "model", "errors", "kernels", "kernels.logprobs"} <= set(mods)
     graph, problems = {}, []
     for m, path in mods.items():
         found = imports(path, mods, m)
-        graph[m] = {name for name, _, _ in found}
-        for name, line, inside in sorted(set(found)):
-            where = f"{os.path.relpath(path, ROOT)}:{line} imports {name}"
-            if inside:
-                problems.append(where + " inside a function")
-            if name in TOP and not (m == "dpo" and name == "ppo") and m not in ENTRY_POINTS:
-                problems.append(where + ", a file above it")
+        graph[m] = {name for name, _, where in found if where != "script"}  # a script's imports run last
+        for name, line, where in sorted(set(found)):
+            at = f"{os.path.relpath(path, ROOT)}:{line} imports {name}"
+            if where == "function":
+                problems.append(at + " inside a function")
+            if where == "script" and not (m == "dpo" and name == DRIVER):
+                problems.append(at + " under __main__ (only dpo.py starts the experiment there)")
+            if where != "script" and name == DRIVER and m not in ENTRY_POINTS:
+                problems.append(at + ", the driver above every file")
+            if name in ALGORITHMS and m != DRIVER and m not in ENTRY_POINTS:
+                problems.append(at + ", an algorithm above it (only the driver runs them)")
+            if m in BOTTOM and name not in BOTTOM[m]:
+                problems.append(at + ", a file above it (the bottom files import only errors.py)")
             if m.split(".")[0] == "kernels" and name.split(".")[0] != "kernels":
-                problems.append(where + ", outside kernels/ (the kernel and its benchmarks stand alone)")
+                problems.append(at + ", outside kernels/ (the kernel and its benchmarks stand alone)")
     assert not problems, "\n".join(problems)
     state = {}  # depth-first search: 1 = on the current path, 2 = done
 
@@ -81,13 +105,46 @@ def test_imports_form_no_cycle_and_run_one_way():
             visit(m, [m])
 
 
+def test_every_file_is_under_350_lines():
+    long = {os.path.relpath(p, ROOT): n for p in project_modules().values()
+            if (n := len(open(p).read().splitlines())) > MOST_LINES}
+    assert not long, long
+
+
+def test_the_algorithms_loops_are_in_plain_sight():
+    """dpo.run and ppo.run call backward() and the optimizer's step themselves (ppo.run inside its epoch and
+    minibatch loops, inside the iteration loop), and dpo.py, ppo.py and stages.py hand no lambda or nested
+    function around (stages.py's lambdas only write a file, as write_atomic's writer)."""
+    for name in ("dpo", "ppo", "stages"):
+        tree = ast.parse(open(os.path.join(ROOT, f"{name}.py")).read())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))):
+            nested = [n.name for n in ast.walk(fn) if isinstance(n, ast.FunctionDef) and n is not fn
+                      and not isinstance(fn, ast.ClassDef)]
+            assert not nested, f"{name}.py: {fn.name} defines {nested}"
+        for lam in (n for n in ast.walk(tree) if isinstance(n, ast.Lambda)):
+            call = next((c for c in ast.walk(tree) if isinstance(c, ast.Call) and lam in c.args), None)
+            assert name == "stages" and getattr(call.func, "id", "") == "write_atomic", f"{name}.py:{lam.lineno}"
+        if name == "stages":
+            continue
+        run = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run")
+        calls = {getattr(c.func, "attr", "") for c in ast.walk(run) if isinstance(c, ast.Call)}
+        assert {"backward", "step", "zero_grad", "clip_grad_norm_"} <= calls, name
+        if name == "ppo":  # for iteration: rollout; for epoch: for minibatch: loss, backward, step
+            loops = [n for n in ast.walk(run) if isinstance(n, ast.For)]
+            depth = max(sum(1 for outer in loops if inner in ast.walk(outer)) for inner in loops)
+            assert depth == 3
+
+
 def test_the_layout_test_sees_cycles_and_deferred_imports(tmp_path):
     """The checker itself: a made-up project with a cycle and a function-level import."""
     (tmp_path / "a.py").write_text("import b\n")
     (tmp_path / "b.py").write_text("def f():\n    import a\n")
     mods = {"a": str(tmp_path / "a.py"), "b": str(tmp_path / "b.py")}
-    assert imports(mods["a"], mods, "a") == [("b", 1, False)]
-    assert imports(mods["b"], mods, "b") == [("a", 2, True)]
+    (tmp_path / "c.py").write_text('if __name__ == "__main__":\n    import a\n')
+    mods["c"] = str(tmp_path / "c.py")
+    assert imports(mods["a"], mods, "a") == [("b", 1, "module")]
+    assert imports(mods["b"], mods, "b") == [("a", 2, "function")]
+    assert imports(mods["c"], mods, "c") == [("a", 2, "script")]
 
 
 def test_tests_name_their_device():

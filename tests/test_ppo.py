@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import (DEVICE, EOS, Interrupted, assert_fused_matches_reference, f64_dists, free_port, interrupt_at,
+from conftest import (DEVICE, EOS, Interrupted, assert_fused_matches_reference, f64_dists, free_port, killed_at,
                       leave_process_group, recording, sharp_gpt, tiny_gpt)
 
 import common
 import dpo
 import ppo
+import scores
 import settings
 import stages
 
@@ -142,15 +143,15 @@ def toy_pairs(n, seed):
 
 def test_bradley_terry_loss_and_reward_model_accuracy(tmp_path):
     rm = tiny_gpt(0, score_head=True)
-    batch = ppo.pair_score_batch(toy_pairs(4, 0), range(4), EOS, 64)
-    loss, metrics = ppo.bradley_terry_loss(rm, batch)
+    batch = scores.pair_score_batch(toy_pairs(4, 0), range(4), EOS, 64)
+    loss, metrics = scores.bradley_terry_loss(rm, batch)
     s = rm.score(rm(batch[0]), batch[1]).detach().double()
     assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(s[:4] - s[4:]).mean().item(), rel=1e-5)
     assert metrics["acc"] == (s[:4] > s[4:]).double().mean().item()
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--batch", "8",
                             "--bt-steps", "30", "--bt-lr", "3e-3", "--eval-every", "30", "--warmup", "1",
                             "--block-size", "64", "--max-new-tokens", "8"])
-    trained = ppo.reward_model(tiny_gpt(1), toy_pairs(32, 1), toy_pairs(16, 2), args, EOS)
+    trained = scores.reward_model(tiny_gpt(1), toy_pairs(32, 1), toy_pairs(16, 2), args, EOS)
     acc = [json.loads(x)["heldout_acc"] for x in open(tmp_path / "reward_model" / "eval.jsonl")]
     assert acc[0] == 0.5 and acc[-1] == 1.0  # a zero head ties every pair (each counts half), then all right
     assert trained.score_head.weight.abs().max() > 0
@@ -169,11 +170,11 @@ def toy_args(out, *extra):
                             "--ppo-eval-every", "2", "--ppo-lr", "3e-3", "--warmup", "1", "--runs", "ppo:4", *extra])
 
 
-def toy_run(args, sft_model, evaluator=None, name="ppo"):
+def toy_run(args, sft_model, evaluate=None, name="ppo"):
     ref = tiny_gpt(3).requires_grad_(False)
     prompts = [np.random.default_rng(i).integers(0, 256, 3).tolist() for i in range(32)]
-    evaluator = evaluator or (lambda m, step: dict(kl=0.0))
-    return ppo.run(name, 4.0, sft_model, ref, low_bytes, prompts, evaluator, args, EOS)
+    evaluate = evaluate or (lambda m: dict(kl=0.0))
+    return ppo.run(name, 4.0, sft_model, ref, low_bytes, prompts, evaluate, evaluate(sft_model), args, EOS)
 
 
 def test_ppo_raises_a_known_reward_within_20_iterations(tmp_path):
@@ -191,7 +192,7 @@ def test_fused_kernel_gives_the_reference_ppo_loss_and_gradients(tmp_path):
     policy, ref = tiny_gpt(0, score_head=True), tiny_gpt(1).requires_grad_(False)
     prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
     data, _ = ppo.ppo_rollout(policy, ref, low_bytes, prompts, 0.1, 0, args, EOS)  # on the CPU (args.device)
-    data, policy = [x.to(DEVICE) for x in data], policy.to(DEVICE)
+    data, policy = data.to(DEVICE), policy.to(DEVICE)
     with torch.no_grad():  # move the policy away from the rollout's so that ratios and the clip matter
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -201,14 +202,11 @@ def test_fused_kernel_gives_the_reference_ppo_loss_and_gradients(tmp_path):
 def test_interrupted_ppo_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     prompts = [[1, 2], [3, 4, 5]]
     fingerprint = lambda samples: float(sum(t * (k + 1) for k, t in enumerate(sum(samples, []))))  # of the tokens
-    evaluator = lambda m, step: dict(kl=0.0, fingerprint=fingerprint(stages.sample(m, prompts, 8, EOS, 0, "cpu")))
-    full = toy_run(toy_args(tmp_path / "a", "--ppo-iters", "4"), tiny_gpt(3), evaluator)
-    original = ppo.rollout_batches
-    monkeypatch.setattr(ppo, "rollout_batches", lambda *a: interrupt_at(original(*a), 10))  # in the 3rd iteration
-    with pytest.raises(Interrupted):
-        toy_run(toy_args(tmp_path / "b", "--ppo-iters", "4"), tiny_gpt(3), evaluator)
-    monkeypatch.setattr(ppo, "rollout_batches", original)
-    resumed = toy_run(toy_args(tmp_path / "b", "--ppo-iters", "4"), tiny_gpt(3), evaluator)
+    evaluate = lambda m: dict(kl=0.0, fingerprint=fingerprint(stages.sample(m, prompts, 8, EOS, 0, "cpu")))
+    full = toy_run(toy_args(tmp_path / "a", "--ppo-iters", "4"), tiny_gpt(3), evaluate)
+    with pytest.raises(Interrupted), killed_at(ppo, 10):  # in the 3rd iteration
+        toy_run(toy_args(tmp_path / "b", "--ppo-iters", "4"), tiny_gpt(3), evaluate)
+    resumed = toy_run(toy_args(tmp_path / "b", "--ppo-iters", "4"), tiny_gpt(3), evaluate)
     assert open(tmp_path / "a" / "runs/ppo_4/eval.jsonl").read() == open(tmp_path / "b" / "runs/ppo_4/eval.jsonl").read()
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
@@ -280,7 +278,7 @@ def test_ppo_under_ddp_global_statistics_are_those_of_one_process(tmp_path):
             scores.append(toy_score([prompt], [response]).item())
     assert len(kls) == 8 and abs(np.mean(kls[:4]) - np.mean(kls[4:])) > 0.1
     for r in (0, 1):
-        assert ranks[r]["stats"]["kl"] == pytest.approx(np.mean(kls), rel=1e-5)
+        assert ranks[r]["stats"]["rollout_kl"] == pytest.approx(np.mean(kls), rel=1e-5)
         assert ranks[r]["stats"]["score"] == pytest.approx(np.mean(scores), rel=1e-6)
     start = tiny_gpt(3).state_dict()
     assert any(not torch.equal(v, start[k]) for k, v in ranks[0]["params"].items() if k in start)
@@ -291,7 +289,7 @@ def test_ppo_under_ddp_global_statistics_are_those_of_one_process(tmp_path):
 
 def test_bad_ppo_input(tmp_path, capsys):
     with pytest.raises(ValueError, match="--ppo-batch 16: a rollout of ppo draws 16 prompts, more than the 4 training"):
-        ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3), low_bytes, [[1]] * 4, None, toy_args(tmp_path), EOS)
+        ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3), low_bytes, [[1]] * 4, None, None, toy_args(tmp_path), EOS)
     for flags, message in [(["--ppo-batch", "0"], "--ppo-batch"), (["--ppo-minibatches", "100"], "--ppo-minibatches 100 is more than --ppo-batch")]:
         with pytest.raises(SystemExit):
             settings.get_args(["--preset", "tiny", "--device", "cpu", "--runs", "ppo:6", *flags])
@@ -323,7 +321,7 @@ def f64_rollout_case(tmp_path, monkeypatch):
         v = values.tolist() + [0.0]
         deltas = [rewards[k].item() + ppo.GAMMA * v[k + 1] - v[k] for k in range(len(r))]
         adv = [sum(GL ** l * deltas[k + l] for l in range(len(r) - k)) for k in range(len(r))]
-        rows.append(dict(logp=logp, values=values, adv=torch.tensor(adv, dtype=torch.float64),
+        rows.append(dict(logp=logp, ref_logp=logq, values=values, adv=torch.tensor(adv, dtype=torch.float64),
                          kl=(lp.exp() * (lp - lq)).sum().item(), score=toy_score([p], [r]).item()))
     every = torch.cat([row["adv"] for row in rows])
     for row in rows:
@@ -333,15 +331,17 @@ def f64_rollout_case(tmp_path, monkeypatch):
 
 def test_rollout_tensors_are_their_float64_values(tmp_path, monkeypatch):
     _, data, stats, rows = f64_rollout_case(tmp_path, monkeypatch)
-    idx, targets, mask, logp, values, adv, returns = data
+    idx, targets, mask, logp, ref_logp, values, adv, returns = data  # the Rollout's fields, in order
     for i, row in enumerate(rows):
         on = mask[i]
         torch.testing.assert_close(logp[i][on].double(), row["logp"], rtol=0, atol=2e-5)
+        torch.testing.assert_close(ref_logp[i][on].double(), row["ref_logp"], rtol=0, atol=2e-5)
         torch.testing.assert_close(values[i][on].double(), row["values"], rtol=0, atol=2e-5)
         torch.testing.assert_close(adv[i][on].double(), row["white"], rtol=0, atol=2e-5)
         torch.testing.assert_close(returns[i][on].double(), row["adv"] + row["values"], rtol=0, atol=2e-5)
         assert adv[i][~on].abs().max() == 0
-    assert stats["kl"] == pytest.approx(np.mean([r["kl"] for r in rows]), rel=1e-5) and stats["kl"] > 0.1
+    kl = stats["rollout_kl"]
+    assert kl == pytest.approx(np.mean([r["kl"] for r in rows]), rel=1e-5) and kl > 0.1
     assert stats["score"] == pytest.approx(np.mean([r["score"] for r in rows]), rel=1e-6)
 
 
@@ -352,7 +352,7 @@ def test_ppo_loss_is_the_clipped_objective_plus_the_value_loss(tmp_path, monkeyp
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.02)
-    idx, targets, mask, old_logp, old_values, adv, returns = data
+    idx, targets, mask, old_logp, _, old_values, adv, returns = data
     loss, metrics = ppo.ppo_loss(policy, data, "reference")
     m = copy.deepcopy(policy).double()
     pg, vf, n = 0.0, 0.0, int(mask.sum())
@@ -371,36 +371,45 @@ def test_ppo_loss_is_the_clipped_objective_plus_the_value_loss(tmp_path, monkeyp
     assert loss.item() == pytest.approx(pg + ppo.VF_COEF * vf, rel=1e-4, abs=1e-5) and vf > 0.01
 
 
-def test_each_epoch_hands_out_every_row_of_the_rollout_once(tmp_path):
-    """rollout_batches with a rollout of labelled rows: a new rollout (of different prompts, another seed) every
-    epochs * minibatches steps; within each epoch the minibatches are disjoint and cover the rollout."""
-    args = toy_args(tmp_path, "--ppo-batch", "6", "--ppo-minibatches", "3", "--ppo-epochs", "2")
-    rollouts = []
+def labelled_rollouts(monkeypatch):
+    """ppo.run on rollouts of labelled rows (row k of the n-th rollout holds 100 n + k) and a loss that trains
+    nothing: returns the rollouts made (prompts, seed, kl_coef) and the rows of every minibatch, in order."""
+    rollouts, minibatches = [], []
 
-    def fake_rollout(prompts, seed):
-        rollouts.append((prompts, seed))
-        rows = torch.arange(len(prompts)) + 100 * len(rollouts)
-        return [rows[:, None].expand(-1, 3).clone() for _ in range(7)]
-    get_batch = ppo.rollout_batches(fake_rollout, 6, [[i] for i in range(10)], args)
+    def fake_rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
+        rollouts.append((prompts, seed, kl_coef))
+        rows = (torch.arange(len(prompts)) + 100 * len(rollouts))[:, None].expand(-1, 3).clone()
+        return ppo.Rollout(*[rows] * 8), dict(score=0.0, rollout_kl=12.0)
+
+    def fake_loss(model, batch, impl):
+        minibatches.append(batch.idx[:, 0].tolist())
+        return sum(p.sum() for p in model.parameters()) * 0.0, {}
+    monkeypatch.setattr(ppo, "ppo_rollout", fake_rollout)
+    monkeypatch.setattr(ppo, "ppo_loss", fake_loss)
+    return rollouts, minibatches
+
+
+def test_each_epoch_hands_out_every_row_of_the_rollout_once(tmp_path, monkeypatch):
+    """ppo.run's loops: a new rollout (of different prompts, another seed) every epochs * minibatches steps;
+    within each epoch the minibatches are disjoint and cover the rollout."""
+    args = toy_args(tmp_path, "--ppo-batch", "6", "--ppo-minibatches", "3", "--ppo-epochs", "2", "--ppo-iters", "2")
+    rollouts, minibatches = labelled_rollouts(monkeypatch)
+    ppo.run("ppo", 6.0, tiny_gpt(3), None, None, [[i] for i in range(10)], lambda m: {}, {}, args, EOS)
+    assert len(minibatches) == 2 * 2 * 3
     for it in range(2):
         for epoch in range(2):
-            seen = [get_batch(it * 6 + epoch * 3 + mb)[0][:, 0].tolist() for mb in range(3)]
+            seen = minibatches[it * 6 + epoch * 3:][:3]
             assert sorted(sum(seen, [])) == [100 * (it + 1) + k for k in range(6)] and all(len(x) == 2 for x in seen)
     assert len(rollouts) == 2 and rollouts[0][1] != rollouts[1][1] and rollouts[0][0] != rollouts[1][0]
-    assert all(len(p) == 6 and len({tuple(x) for x in p}) == 6 for p, _ in rollouts)
+    assert all(len(p) == 6 and len({tuple(x) for x in p}) == 6 for p, _, _ in rollouts)
 
 
 def test_the_kl_controller_reads_each_rollout_and_sets_the_next_ones_beta(tmp_path, monkeypatch):
     """PPO's run: the first rollout is made at KL_INIT, and the next at kl_update(KL_INIT, the first's KL)."""
-    args = toy_args(tmp_path, "--ppo-batch", "6", "--ppo-minibatches", "3", "--ppo-epochs", "2")
-    made = []
-
-    def fake_rollout(policy, ref, score_fn, prompts, kl_coef, seed, args, eos):
-        made.append(kl_coef)
-        return [torch.zeros(len(prompts), 3)] * 7, dict(score=0.0, kl=12.0)
-    monkeypatch.setattr(ppo, "ppo_rollout", fake_rollout)
-    monkeypatch.setattr(ppo, "train", lambda name, policy, loss_fn, get_batch, *a, **k: [get_batch(s) for s in (0, 6)])
-    ppo.run("ppo", 6.0, tiny_gpt(3), None, None, [[i] for i in range(10)], None, args, EOS)
+    args = toy_args(tmp_path, "--ppo-batch", "6", "--ppo-minibatches", "3", "--ppo-epochs", "2", "--ppo-iters", "2")
+    rollouts, _ = labelled_rollouts(monkeypatch)
+    ppo.run("ppo", 6.0, tiny_gpt(3), None, None, [[i] for i in range(10)], lambda m: {}, {}, args, EOS)
+    made = [kl_coef for _, _, kl_coef in rollouts]
     assert made[0] == ppo.KL_INIT and made[1] == pytest.approx(ppo.kl_update(ppo.KL_INIT, 12.0, 6.0, 6, args.kl_horizon))
     assert made[1] != made[0]
 
@@ -409,10 +418,15 @@ def test_the_kl_controller_reads_each_rollout_and_sets_the_next_ones_beta(tmp_pa
 def test_online_runs_train_with_the_optimizer_asked_for(tmp_path, monkeypatch, method):
     """--optimizer reaches every online run (the imdb preset's RMSprop; they trained with AdamW whatever it said)."""
     got = {}
-    monkeypatch.setattr(ppo, "train", lambda *a, **k: got.update(k))
+
+    def make_optimizer(model, name, lr):
+        got.update(name=name)
+        raise Interrupted("stop before any work")
+    monkeypatch.setattr(ppo, "make_optimizer", make_optimizer)
     args = toy_args(tmp_path, "--optimizer", "rmsprop", "--runs", f"{method}:3")
-    ppo.run(method, 3.0, tiny_gpt(3), None, None, [[i] for i in range(40)], None, args, EOS)
-    assert got["optimizer"] == "rmsprop"
+    with pytest.raises(Interrupted):
+        ppo.run(method, 3.0, tiny_gpt(3), None, None, [[i] for i in range(40)], None, None, args, EOS)
+    assert got["name"] == "rmsprop"
 
 
 def test_score_normalisation_gives_sft_samples_mean_0_std_1(tmp_path, monkeypatch):
@@ -423,7 +437,7 @@ def test_score_normalisation_gives_sft_samples_mean_0_std_1(tmp_path, monkeypatc
     score_fn = lambda p, r: torch.tensor([50.0 * np.mean(x) / 256 + len(q) for q, x in zip(p, r)])
     prompts = [p[: 1 + i % 2] for i, p in enumerate(prompts)]  # the score reads the prompt too
     calls = recording(monkeypatch, stages)
-    f = ppo.normalised(score_fn, sft, prompts, toy_args(tmp_path), EOS, "test")
+    f = scores.normalised(score_fn, sft, prompts, toy_args(tmp_path), EOS, "test")
     (args, _, samples), = calls
     raw = score_fn(args[1], samples)
     z = f(args[1], samples)
@@ -439,7 +453,7 @@ def test_with_zero_head_is_a_copy_with_its_own_weights():
     (pi_ref) as it was; the copy's head is zero, the original keeps none."""
     model = tiny_gpt(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    copied = ppo.with_zero_head(model, "cpu")
+    copied = scores.with_zero_head(model, "cpu")
     assert all(torch.equal(v, copied.state_dict()[k]) for k, v in before.items())
     with torch.no_grad():
         for p in copied.parameters():
@@ -472,13 +486,13 @@ def test_the_reward_model_steps_at_its_warmup_rate_evaluates_every_eval_every_an
     flags = ["--preset", "tiny", "--batch", "8", "--bt-lr", "1e-2", "--block-size", "64", "--max-new-tokens", "8"]
     args = settings.get_args(["--device", "cpu", *flags, "--out", str(tmp_path / "one"), "--bt-steps", "1",
                               "--warmup", "4"])
-    rm = ppo.reward_model(tiny_gpt(1), pairs, heldout, args, EOS)
+    rm = scores.reward_model(tiny_gpt(1), pairs, heldout, args, EOS)
     assert rm.score_head.weight.abs().max().item() == pytest.approx(1e-2 / 4, rel=1e-3)
     models = []
     for out in ("a", "b"):
         args = settings.get_args(["--device", "cpu", *flags, "--out", str(tmp_path / out), "--bt-steps", "3",
                                   "--eval-every", "2", "--warmup", "1"])
-        models.append(ppo.reward_model(tiny_gpt(1), pairs, heldout, args, EOS))
+        models.append(scores.reward_model(tiny_gpt(1), pairs, heldout, args, EOS))
         steps = [json.loads(x)["step"] for x in open(tmp_path / out / "reward_model" / "eval.jsonl")]
         assert steps == [0, 2, 3]
     assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
@@ -490,15 +504,15 @@ def test_a_ppo_run_on_exactly_ppo_batch_prompts(tmp_path, monkeypatch):
     zero value head's bias, which the value loss moves, moves by the learning rate on AdamW's first step)."""
     prompts = [[i + 1, 2 * i + 3] for i in range(8)]
     rollouts = recording(monkeypatch, ppo, "rollout")
-    evaluator = lambda m, step: dict(kl=0.0)
+    evaluate = lambda m: dict(kl=0.0)
     flags = ["--ppo-batch", "8", "--ppo-minibatches", "1", "--ppo-epochs", "1", "--ppo-lr", "1e-2"]
     args = toy_args(tmp_path / "a", *flags, "--ppo-iters", "3", "--ppo-eval-every", "2")
-    ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3).requires_grad_(False), low_bytes, prompts, evaluator, args, EOS)
+    ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3).requires_grad_(False), low_bytes, prompts, evaluate, {}, args, EOS)
     assert [json.loads(x)["step"] for x in open(tmp_path / "a" / "runs/ppo_4/eval.jsonl")] == [0, 2, 3]
     assert len(rollouts) == 3 and all(sorted(call[0][3]) == sorted(prompts) for call in rollouts)
     args = toy_args(tmp_path / "b", *flags, "--ppo-iters", "1", "--warmup", "4")
-    policy = ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3).requires_grad_(False), low_bytes, prompts, evaluator,
-                     args, EOS)
+    policy = ppo.run("ppo", 4.0, tiny_gpt(3), tiny_gpt(3).requires_grad_(False), low_bytes, prompts, evaluate,
+                     {}, args, EOS)
     assert abs(policy.score_head.bias.item()) == pytest.approx(1e-2 / 4, rel=1e-3)
 
 
@@ -512,14 +526,14 @@ def test_rollout_runs_the_policy_in_eval_mode_and_hands_it_back_in_train_mode(tm
                            dropout=0.5)).train()
     prompts = [[1, 2, 3], [4], [5, 6]]
     calls = recording(monkeypatch, ppo)
-    data, _ = ppo.rollout(policy, sharp_gpt(1), toy_score, prompts, 0, toy_args(tmp_path), EOS)
+    data, _, _ = ppo.rollout(policy, sharp_gpt(1), toy_score, prompts, 0, toy_args(tmp_path), EOS)
     (_, _, responses), = calls
     assert policy.training
     m = copy.deepcopy(policy).double().eval()
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        on = data["mask"][i]
+        on = data.mask[i]
         want = f64_dists(policy, p, r, EOS)[torch.arange(len(r)), torch.tensor(r)]
-        torch.testing.assert_close(data["logp"][i][on].double(), want, rtol=0, atol=2e-5)
+        torch.testing.assert_close(data.logp[i][on].double(), want, rtol=0, atol=2e-5)
         with torch.no_grad():
             v = m.score_head(m(torch.tensor([[EOS] + p + r]))[0, len(p):len(p) + len(r)]).squeeze(-1)
-        torch.testing.assert_close(data["values"][i][on].double(), v, rtol=0, atol=2e-5)
+        torch.testing.assert_close(data.values[i][on].double(), v, rtol=0, atol=2e-5)

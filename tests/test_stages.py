@@ -13,7 +13,7 @@ import torch
 from conftest import EOS, f64_dists, f64_score, recording, sharp_gpt, tiny_gpt
 
 import common
-import ppo
+import scores
 import settings
 import stages
 from data.corpus import Split
@@ -41,7 +41,7 @@ def test_scores_read_the_text_as_the_classifier_was_trained_on_it():
     """score() of (prompt, response) equals the head on review_batches' layout of the same text."""
     tokens = np.array([5, 6, 7, 8, 9, 10, 11], np.uint16)
     split = Split(tokens, np.array([0, 7]), np.array([1], np.uint8), np.array([7], np.int32))
-    idx, _, mask, labels = stages.review_batches(split, 1, 64, EOS, 0)(0)
+    idx, _, mask, labels = stages.ReviewBatches(split, 1, 64, EOS, 0)(0)
     rm = tiny_gpt(0, score_head=True)
     want = rm.score(rm(idx), mask)
     got = stages.score(rm, [[5, 6, 7]], [[8, 9, 10, 11, EOS]], EOS, 64, "cpu")
@@ -64,15 +64,15 @@ def test_evaluation_of_the_reference_itself_has_zero_kl():
 
 def test_ties_count_half_in_accuracies(tmp_path):
     """A head that scores everything 0 tells nothing apart: 0.5 in every accuracy, not 0 (nor the share of one label)."""
-    zero = ppo.with_zero_head(tiny_gpt(0), "cpu")
+    zero = scores.with_zero_head(tiny_gpt(0), "cpu")
     lengths = np.array([20, 30, 25])
     split = Split((np.arange(lengths.sum()) % 256).astype(np.uint16), np.concatenate([[0], np.cumsum(lengths)]),
                   np.ones(3, np.uint8), lengths.astype(np.int32))  # every review positive
-    assert stages.classifier_loss(zero, stages.review_batches(split, 4, 64, EOS, 0, scored_len=20)(0))[1]["acc"] == 0.5
+    assert stages.classifier_loss(zero, stages.ReviewBatches(split, 4, 64, EOS, 0, scored_len=20)(0))[1]["acc"] == 0.5
     args = SimpleNamespace(block_size=64, device="cpu", out=str(tmp_path), max_new_tokens=12)
     assert stages.classifier_accuracy(zero, split, args, EOS) == dict(whole=0.5, scored=0.5, scored_len=20, reviews=3)
     pairs = dict(prompt=[[1], [2]], chosen=[[3, EOS], [4, 5, EOS]], rejected=[[6, EOS], [7, EOS]])
-    assert ppo.bradley_terry_loss(zero, ppo.pair_score_batch(pairs, [0, 1], EOS, 64))[1]["acc"] == 0.5
+    assert scores.bradley_terry_loss(zero, scores.pair_score_batch(pairs, [0, 1], EOS, 64))[1]["acc"] == 0.5
 
 
 # ---------------------------------------------------------------- one layout from SFT to every later stage
@@ -81,11 +81,11 @@ def test_ties_count_half_in_accuracies(tmp_path):
 def sft_and_cuts(tmp_path_factory):
     """A small SFT model (60 steps on the tiny corpus's training reviews, in the SFT's own batches), the EOS id,
     and held-out reviews cut at a prompt length: (prompt, continuation + EOS)."""
-    data = common.load_data(str(tmp_path_factory.mktemp("data")), "tiny")
+    data = stages.load_data(str(tmp_path_factory.mktemp("data")), "tiny")
     eos = WordTokenizer(data["words"]).eot_token
     model = tiny_gpt(0, vocab=eos + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    get_batch = stages.review_batches(data["train"], 16, 64, eos, 0)
+    get_batch = stages.ReviewBatches(data["train"], 16, 64, eos, 0)
     for step in range(60):
         idx, targets, mask, _ = get_batch(step)
         (-common.masked_mean(common.logprobs(model, None, idx, targets, mask, "reference").token_pol, mask)).backward()
@@ -106,7 +106,7 @@ def test_pipeline_logprobs_of_a_continuation_are_those_of_the_sft_layout(sft_and
     for prompt, cont in cuts:
         split = Split(np.array(prompt + cont[:-1], np.uint16), np.array([0, len(prompt) + len(cont) - 1]),
                       np.array([1], np.uint8), np.array([100], np.int32))
-        idx, targets, mask, _ = stages.review_batches(split, 1, 64, eos, 0)(0)  # SFT: the whole review
+        idx, targets, mask, _ = stages.ReviewBatches(split, 1, 64, eos, 0)(0)  # SFT: the whole review
         sft = common.logprobs(model, None, idx, targets, mask, "reference").token_pol[0, len(prompt):]
         idx, targets, mask = common.pack([prompt], [cont], 64, eos)  # the pipeline: prompt, then response
         got = common.logprobs(model, None, idx, targets, mask, "reference").token_pol[0][mask[0]]
@@ -141,7 +141,7 @@ def test_classifier_crops_cover_the_scored_length_and_whole_reviews():
     time at most scored_len; the labels are those of the reviews drawn; the same (seed, step), the same batch."""
     reviews = [[i] + list(range(100, 199)) for i in range(50)]  # the first token says which review it is
     labels = [i % 2 for i in range(50)]
-    get_batch = stages.review_batches(make_split(reviews, labels), 2000, 64, EOS, 5, scored_len=16)
+    get_batch = stages.ReviewBatches(make_split(reviews, labels), 2000, 64, EOS, 5, scored_len=16)
     idx, targets, mask, y = get_batch(0)
     lengths = mask.sum(1) - 1  # the text's tokens (the mask covers the EOS too)
     assert lengths.min() == 8 and lengths.max() == 62
@@ -253,7 +253,7 @@ def test_samples_keep_the_eos_they_drew():
 
 def test_a_trained_classifier_rewards_the_positive_label(tmp_path):
     """stages.classifier on reviews whose label is their vocabulary (positive: words 1-9, negative: 10-19):
-    after 40 steps r* > 0.5 on positive texts and < 0.5 on negative ones, and reward/accuracy.json says so."""
+    after 40 steps r* > 0.5 on positive texts and < 0.5 on negative ones, and classifier/accuracy.json says so."""
     rng = np.random.default_rng(0)
     eos = 20
     reviews = lambda n, lo, hi: [rng.integers(lo, hi, int(rng.integers(14, 24))).tolist() for _ in range(n)]
@@ -263,11 +263,11 @@ def test_a_trained_classifier_rewards_the_positive_label(tmp_path):
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-layer", "1",
                             "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--max-new-tokens", "8",
                             "--rm-steps", "40", "--rm-lr", "3e-3", "--batch", "16", "--warmup", "1"])
-    rm = stages.classifier(args, data, eos, eos + 1, common.make_model(args, eos + 1))
+    rm = stages.classifier(args, data, eos, eos + 1, stages.make_model(args, eos + 1))
     r = torch.sigmoid(torch.tensor([f64_score(rm, [], t, eos) for t in test]))
     assert (r[:10] > 0.5).all() and (r[10:] < 0.5).all()
-    acc = json.load(open(tmp_path / "reward" / "accuracy.json"))
-    assert (tmp_path / "reward" / "model.pt").exists()  # the stage's folder, as the settings record names it
+    acc = json.load(open(tmp_path / "classifier" / "accuracy.json"))
+    assert (tmp_path / "classifier" / "model.pt").exists()  # the stage's folder, as the settings record names it
     assert acc["whole"] == 1.0 and acc["scored"] == 1.0 and acc["scored_len"] == 16 and acc["reviews"] == 20
 
 
@@ -278,7 +278,7 @@ def test_classifier_loss_is_the_binary_cross_entropy_of_the_head():
     rng = np.random.default_rng(4)
     reviews = [rng.integers(0, 256, int(rng.integers(5, 20))).tolist() for _ in range(8)]
     labels = [1, 0, 0, 1, 1, 1, 0, 1]
-    batch = stages.review_batches(make_split(reviews, labels), 8, 64, EOS, 0)(0)
+    batch = stages.ReviewBatches(make_split(reviews, labels), 8, 64, EOS, 0)(0)
     loss, metrics = stages.classifier_loss(rm, batch)
     rows = [reviews.index(batch[0][i][batch[2][i]][1:].tolist()) for i in range(8)]  # BOS, the review, then EOS
     z = [f64_score(rm, [], reviews[k], EOS) for k in rows]
@@ -305,7 +305,7 @@ def test_classifier_accuracy_on_a_hand_labelled_split(tmp_path):
     assert acc["whole"] == pytest.approx(4 / 6)
     assert acc["scored"] == pytest.approx(np.mean([c == bool(y) for c, y in zip(cut, labels)]))
     assert acc["scored_len"] == 12 and acc["reviews"] == 6
-    assert json.load(open(tmp_path / "reward" / "accuracy.json")) == acc
+    assert json.load(open(tmp_path / "classifier" / "accuracy.json")) == acc
 
 
 def test_classifier_crops_stop_at_the_block_when_the_scored_length_exceeds_it():
@@ -313,7 +313,7 @@ def test_classifier_crops_stop_at_the_block_when_the_scored_length_exceeds_it():
     tokens (laid out with BOS and EOS in block_size tokens, block_size - 1 inputs), uniformly; each row keeps
     its EOS."""
     reviews = [[i] + list(range(100, 149)) for i in range(50)]  # 50 tokens each, longer than the block
-    get_batch = stages.review_batches(make_split(reviews, [i % 2 for i in range(50)]), 2000, 16, EOS, 3,
+    get_batch = stages.ReviewBatches(make_split(reviews, [i % 2 for i in range(50)]), 2000, 16, EOS, 3,
                                       scored_len=40)
     idx, targets, mask, _ = get_batch(0)
     lengths = mask.sum(1) - 1
@@ -327,11 +327,11 @@ def test_classifier_loss_and_accuracy_of_a_constant_head_hand_worked():
     with p the share of positive labels in the batch, and the accuracy is p for c > 0 and 1 - p for c < 0, at
     |c| below and above 1."""
     reviews = [[i, i + 1, i + 2, i + 3] for i in range(10)]
-    batch = stages.review_batches(make_split(reviews, [1, 1, 1, 0, 1, 0, 1, 1, 0, 1]), 12, 64, EOS, 0)(0)
+    batch = stages.ReviewBatches(make_split(reviews, [1, 1, 1, 0, 1, 0, 1, 1, 0, 1]), 12, 64, EOS, 0)(0)
     p = batch[3].double().mean().item()
     assert 0 < p < 1
     for c in (0.5, -0.5, 2.0, -3.0):
-        model = ppo.with_zero_head(tiny_gpt(0), "cpu")
+        model = scores.with_zero_head(tiny_gpt(0), "cpu")
         with torch.no_grad():
             model.score_head.bias.fill_(c)
         loss, metrics = stages.classifier_loss(model, batch)
@@ -352,7 +352,7 @@ def test_the_classifier_trains_on_crops_at_the_warmup_learning_rate(tmp_path, mo
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-layer", "1",
                             "--n-head", "2", "--n-embd", "32", "--block-size", "48", "--max-new-tokens", "8",
                             "--rm-steps", "1", "--rm-lr", "1e-2", "--batch", "32", "--warmup", "4"])
-    sft_model = common.make_model(args, eos + 1)
+    sft_model = stages.make_model(args, eos + 1)
     before = {k: v.clone() for k, v in sft_model.state_dict().items()}
     batches = recording(monkeypatch, stages, "classifier_loss")
     rm = stages.classifier(args, data, eos, eos + 1, sft_model)
@@ -370,13 +370,13 @@ def test_sft_steps_down_the_nll_of_its_batch_at_the_warmup_learning_rate(tmp_pat
     """stages.sft's one step: the next-token NLL of the batch it trained on goes down (a step up it would be a sign
     error), and at --sft-lr / --warmup: AdamW's first step moves each weight by the learning rate, so the largest
     move from the seeded initial weights is 1e-3 / 4."""
-    data = common.load_data(str(tmp_path / "data"), "tiny")
+    data = stages.load_data(str(tmp_path / "data"), "tiny")
     eos = WordTokenizer(data["words"]).eot_token
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out"), "--n-layer",
                               "1", "--n-head", "2", "--n-embd", "32", "--batch", "8", "--sft-steps", "1",
                               "--sft-lr", "1e-3", "--warmup", "4"])
-    before = common.make_model(args, eos + 1)  # seeded by --seed, as sft makes it
-    idx, targets, mask, _ = stages.review_batches(data["train"], 8, args.block_size, eos, args.seed)(0)
+    before = stages.make_model(args, eos + 1)  # seeded by --seed, as sft makes it
+    idx, targets, mask, _ = stages.ReviewBatches(data["train"], 8, args.block_size, eos, args.seed)(0)
     nll = lambda m: -common.masked_mean(common.logprobs(m, None, idx, targets, mask, "reference").token_pol, mask).item()
     model = stages.sft(args, data, eos, eos + 1)
     assert nll(model) < nll(before) - 1e-3
