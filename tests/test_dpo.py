@@ -59,7 +59,7 @@ def test_losses_match_their_formulas():
     assert torch.isclose(dpo.unlikelihood_loss(tok_c, mask_c, tok_r, mask_r, 0.3), torch.tensor(want))
 
 
-def test_pair_batches_put_chosen_first():
+def test_pair_batch_puts_chosen_first():
     pairs = dict(prompt=[[1], [2]], chosen=[[10, EOS], [20, EOS]], rejected=[[11, 12, EOS], [21, EOS]])
     idx, targets, mask = dpo.pair_batch(pairs, 0, 4, 64, EOS, seed=0)
     n = idx.size(0) // 2

@@ -150,7 +150,7 @@ def test_the_layout_test_sees_cycles_and_deferred_imports(tmp_path):
 
 def test_tests_name_their_device():
     """--device defaults to cuda where there is one, and the preset to imdb there: every command line a test
-    hands to get_args or dpo.main names --device (followed through the helpers and lists of its file).
+    hands to get_args or experiment.main names --device (followed through the helpers and lists of its file).
     Every test of the fused kernel against the reference builds its model on DEVICE (conftest): on CUDA the
     kernel runs on the GPU, not the interpreter, and takes CUDA tensors only."""
     problems = []
