@@ -6,12 +6,12 @@ nanoDPO: Direct Preference Optimization (Rafailov et al., 2023), read top to bot
     python dpo.py --runs dpo:0.1,ppo:6,rloo:0.05    # any subset of the runs, the online ones too
     torchrun --nproc_per_node=8 dpo.py --preset imdb
 
-The controlled sentiment experiment of the paper (Sec. 6.1, App. C.1). This file is DPO itself: 5.
-the pairs it trains on and its loss, its successors (SimPO, ORPO, KTO), and one run, its loop in
-plain sight. The stages around it (1-4: data, the SFT reference pi_ref, the ground-truth reward r*,
-the preference pairs; 6: evaluation) are in stages.py, the helpers every loop calls in common.py,
-PPO, RLOO and GRPO in ppo.py, and the experiment that runs them all (every run on one axis, then 7.
-the figure) in experiment.py, which `python dpo.py` starts.
+The controlled sentiment experiment of the paper (Sec. 6.1, App. C.1). This file is DPO itself
+(stage 5): the pairs it trains on and its loss, its successors (SimPO, ORPO, KTO), and one run, its
+loop in plain sight. The stages around it (1-4: data, the SFT reference pi_ref, the ground-truth
+reward r*, the preference pairs; 6: evaluation) are in stages.py, the helpers every loop calls in
+common.py, PPO, RLOO and GRPO in ppo.py, and the experiment that runs them all (every run on one
+axis, then the figure) in experiment.py, which `python dpo.py` starts.
 """
 import copy
 
