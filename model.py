@@ -442,8 +442,9 @@ def write_safetensors(path, tensors, metadata=None):
 
 
 def hf_config(config, tokenizer, words=()):
-    """config.json of a GPT2LMHeadModel of this shape; the tokenizer nanoDPO trained with is named under
-    "nanodpo" (transformers keeps unknown keys). Every tokenizer here has <|endoftext|> last."""
+    """config.json of a GPT2LMHeadModel of this shape; the tokenizer nanoDPO trained with is named
+    under "nanodpo" (transformers keeps unknown keys). Every tokenizer here has <|endoftext|>
+    last."""
     return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=config.vocab_size,
                 n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
                 n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0,
@@ -462,10 +463,10 @@ TOKENIZER_NOTES = {
 def save_hf(model, folder, tokenizer, words=()):
     """Write model as a Hugging Face GPT-2 folder, config.json + model.safetensors, that
     transformers.GPT2LMHeadModel.from_pretrained loads (and GPT.from_pretrained): the names prefixed
-    "transformer.", the four Conv1D weights transposed to (in, out) as load_hf_state_dict undoes them,
-    lm_head left out (tied to wte). A scalar head is not written: a language-model folder has no place for
-    it. The folder is written whole beside its path, then renamed; an earlier export there is replaced,
-    anything else refused. Returns the folder."""
+    "transformer.", the four Conv1D weights transposed to (in, out) as load_hf_state_dict undoes
+    them, lm_head left out (tied to wte). A scalar head is not written: a language-model folder has
+    no place for it. The folder is written whole beside its path, then renamed; an earlier export
+    there is replaced, anything else refused. Returns the folder."""
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     sd = {"transformer." + k.removeprefix("transformer."): (v.t() if k.endswith(conv1d) else v)
           for k, v in model.state_dict().items() if not k.startswith(("lm_head", "score_head"))}

@@ -1,12 +1,12 @@
-"""A run's training curves: every logged step in runs/<run>/metrics.jsonl (MetricsLog writes it during
-training), drawn beside the frontier as runs/<run>/curves.png.
+"""A run's training curves: every logged step in runs/<run>/metrics.jsonl (MetricsLog writes it
+during training), drawn beside the frontier as runs/<run>/curves.png.
 
     python plots/curves.py out/tiny/runs/dpo_0.1     # that run's figure
     python plots/curves.py out/tiny                  # every run of the folder that logged its steps
 
-metrics.jsonl holds one JSON object a line: step, lr, loss, and for the pair losses the names TRL users know
-(NAMES), each the mean over the step's batch and over every rank. docs/design.md ("The training curves")
-says what they mean, and why the chosen reward can fall while the margin rises.
+metrics.jsonl holds one JSON object a line: step, lr, loss, and for the pair losses the names TRL
+users know (NAMES), each the mean over the step's batch and over every rank. docs/design.md ("The
+training curves") says what they mean, and why the chosen reward can fall while the margin rises.
 """
 import json
 import os
@@ -35,11 +35,12 @@ PANELS = [("implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/m
 
 
 class MetricsLog:
-    """Appends one line per logged step to a metrics.jsonl. Every rank calls write with its own values at the
-    same steps; they are averaged over the ranks and rank 0 writes the mean. Safe under resume: a run resumed
-    at step `start` (its checkpoint's) keeps the lines before it and drops those after, which the killed
-    run wrote past its last checkpoint and the resumed one writes again; start 0 begins a fresh file.
-    device: this rank's device, where the all-reduce runs (NCCL takes CUDA tensors only)."""
+    """Appends one line per logged step to a metrics.jsonl. Every rank calls write with its own
+    values at the same steps; they are averaged over the ranks and rank 0 writes the mean. Safe
+    under resume: a run resumed at step `start` (its checkpoint's) keeps the lines before it and
+    drops those after, which the killed run wrote past its last checkpoint and the resumed one
+    writes again; start 0 begins a fresh file. device: this rank's device, where the all-reduce runs
+    (NCCL takes CUDA tensors only)."""
 
     def __init__(self, path, start=0, device="cpu"):
         self.path, self.device = path, device
@@ -50,7 +51,8 @@ class MetricsLog:
             write_atomic(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
     def write(self, step, **values):
-        """values: name -> number (a float, a 0-dim tensor) of this rank; written as their mean over the ranks."""
+        """values: name -> number (a float, a 0-dim tensor) of this rank; written as their mean over
+        the ranks."""
         names = sorted(values)  # one order on every rank
         t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=self.device)
         if self.world > 1:
@@ -69,7 +71,8 @@ def read_metrics(run_dir):
 
 
 def curves_figure(run_dir):
-    """The figure, not yet saved: a panel per group of PANELS against the step, a line per name logged."""
+    """The figure, not yet saved: a panel per group of PANELS against the step, a line per name
+    logged."""
     records = read_metrics(run_dir)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4), layout="constrained")
     for ax, (title, names) in zip(axes, PANELS):
@@ -102,7 +105,8 @@ def plot_curves(run_dir, png_path=None):
 
 
 def run_dirs(path):
-    """The run folders a path names: itself (it holds metrics.jsonl), or those of a folder's runs/."""
+    """The run folders a path names: itself (it holds metrics.jsonl), or those of a folder's
+    runs/."""
     if os.path.exists(os.path.join(path, "metrics.jsonl")):
         return [path]
     runs = os.path.join(path, "runs")

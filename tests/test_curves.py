@@ -1,4 +1,5 @@
-"""plots/curves.py: MetricsLog's metrics.jsonl under a resume and over gloo ranks, and the figure drawn from it.
+"""plots/curves.py: MetricsLog's metrics.jsonl under a resume and over gloo ranks, and the figure
+drawn from it.
 
     python -m pytest tests/test_curves.py      (CPU; about 20 s: two gloo processes)
 """
@@ -22,8 +23,8 @@ def lines(path):
 
 
 def fake_steps(log, steps):
-    """What a DPO run logs where both log-probs fall and the rejected faster: the chosen reward falls too,
-    the margin rises."""
+    """What a DPO run logs where both log-probs fall and the rejected faster: the chosen reward
+    falls too, the margin rises."""
     for s in steps:
         c, r = -0.01 * s, -0.03 * s
         log.write(s, lr=1e-4, loss=0.69 - 0.01 * s, **{"rewards/chosen": c, "rewards/rejected": r,

@@ -1,5 +1,6 @@
-"""The way out: model.save_hf (a Hugging Face GPT-2 folder) loaded by transformers and by GPT.from_pretrained,
-the safetensors writer, checkpoints that carry their config (model_record), and export.py.
+"""The way out: model.save_hf (a Hugging Face GPT-2 folder) loaded by transformers and by
+GPT.from_pretrained, the safetensors writer, checkpoints that carry their config (model_record), and
+export.py.
 
     python -m pytest tests/test_export.py      (CPU; a few seconds)
 """
@@ -20,8 +21,8 @@ ODD = dict(block_size=64, vocab_size=317, n_layer=3, n_head=3, n_embd=48)  # an 
 
 
 def trained_like(seed=0, **kw):
-    """A GPT whose every weight is random, biases and LayerNorms included (a fresh one's are 0 and 1, which
-    would hide a bias or a LayerNorm written to the wrong name)."""
+    """A GPT whose every weight is random, biases and LayerNorms included (a fresh one's are 0 and
+    1, which would hide a bias or a LayerNorm written to the wrong name)."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**(ODD | kw)))
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""data/pairs.py: a pairs file in either style, every kind of bad record, the cut to the block size, the split.
+"""data/pairs.py: a pairs file in either style, every kind of bad record, the cut to the block size,
+the split.
 
     python -m pytest tests/test_pairs.py      (CPU; a second)
 """

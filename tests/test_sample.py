@@ -1,5 +1,6 @@
-"""sample.py and export.py on fabricated run folders: a run's policy, pi_ref, a checkpoint of the old kind
-(weights only) and a Hugging Face folder; rewards where the run has its classifier; mistakes in one line.
+"""sample.py and export.py on fabricated run folders: a run's policy, pi_ref, a checkpoint of the
+old kind (weights only) and a Hugging Face folder; rewards where the run has its classifier;
+mistakes in one line.
 
     python -m pytest tests/test_sample.py      (CPU; a few seconds)
 """
@@ -25,8 +26,9 @@ ENC = get_tokenizer("words", WORDS)  # <|endoftext|> = 6
 
 
 def fake_run(root, legacy=False):
-    """A run folder: settings.json, sft/ (pi_ref), runs/dpo_0.1/ (the policy, other weights), reward/ (r*).
-    legacy: checkpoints of weights only, as nanoDPO wrote them before model_record, in the bytes tokenizer."""
+    """A run folder: settings.json, sft/ (pi_ref), runs/dpo_0.1/ (the policy, other weights),
+    reward/ (r*). legacy: checkpoints of weights only, as nanoDPO wrote them before model_record, in
+    the bytes tokenizer."""
     vocab, tok, words = (257, "bytes", []) if legacy else (len(WORDS) + 1, "words", WORDS)
     gpt = lambda seed, head=False: sharp_gpt(seed, vocab=vocab, block=32, score_head=head, scale=2.0)
     models = dict(sft=gpt(0), policy=gpt(1), rm=gpt(2, head=True))
@@ -39,7 +41,8 @@ def fake_run(root, legacy=False):
 
 
 def greedy(model, prompt, eos, n):
-    """The argmax continuation, one full float64 forward per token: a second path to generate's KV cache."""
+    """The argmax continuation, one full float64 forward per token: a second path to generate's KV
+    cache."""
     m, seq = copy.deepcopy(model).double(), [eos] + prompt
     for _ in range(n):
         with torch.no_grad():
@@ -51,8 +54,8 @@ def greedy(model, prompt, eos, n):
 
 def test_a_runs_policy_greedy_with_rewards_of_its_classifier(tmp_path, capsys):
     models = fake_run(tmp_path)
-    records = sample.main([str(tmp_path / "runs" / "dpo_0.1"), "--prompt", "it was", "--prompt", "good",
-                           "--n", "2", "--temperature", "0", "--out", str(tmp_path / "s.jsonl")])
+    records = sample.main([str(tmp_path / "runs" / "dpo_0.1"), "--device", "cpu", "--prompt", "it was",
+                           "--prompt", "good", "--n", "2", "--temperature", "0", "--out", str(tmp_path / "s.jsonl")])
     assert [r["prompt"] for r in records] == ["it was", "it was", "good", "good"]
     for r in records:
         prompt = ENC.encode_ordinary(r["prompt"])
@@ -67,10 +70,11 @@ def test_a_runs_policy_greedy_with_rewards_of_its_classifier(tmp_path, capsys):
 def test_pi_ref_and_temperature_draws_are_seeded(tmp_path):
     models = fake_run(tmp_path)
     draw = lambda seed: [r["completion"] for r in sample.main(
-        [str(tmp_path / "sft"), "--prompt", "it is", "--n", "8", "--seed", str(seed)])]
+        [str(tmp_path / "sft"), "--device", "cpu", "--prompt", "it is", "--n", "8", "--seed", str(seed)])]
     a = draw(1)
     assert a == draw(1) and a != draw(2) and len(set(a)) > 1
-    greedy_ref = sample.main([str(tmp_path / "sft"), "--prompt", "it is", "--n", "1", "--temperature", "0"])
+    greedy_ref = sample.main([str(tmp_path / "sft"), "--device", "cpu", "--prompt", "it is", "--n", "1",
+                              "--temperature", "0"])
     want = greedy(models["sft"], ENC.encode_ordinary("it is"), 6, 5)
     assert greedy_ref[0]["completion"] == ENC.decode([t for t in want if t != 6])
 
@@ -85,12 +89,14 @@ def test_a_checkpoint_of_weights_only_takes_its_heads_from_settings_and_its_toke
     assert rm.score_head is not None and torch.equal(rm.score_head.weight, models["rm"].score_head.weight)
 
 
+THREE = ["--device", "cpu", "--prompt", "it was", "--n", "3", "--max-new-tokens", "5"]
+
+
 def test_a_hugging_face_export_samples_the_same_and_has_no_reward(tmp_path, capsys):
     fake_run(tmp_path)
-    export.main([str(tmp_path / "runs" / "dpo_0.1"), str(tmp_path / "hf")])
-    argv = ["--prompt", "it was", "--n", "3", "--max-new-tokens", "5"]
-    from_hf = sample.main([str(tmp_path / "hf")] + argv)
-    from_run = sample.main([str(tmp_path / "runs" / "dpo_0.1")] + argv)
+    export.export(str(tmp_path / "runs" / "dpo_0.1"), str(tmp_path / "hf"))
+    from_hf = sample.main([str(tmp_path / "hf")] + THREE)
+    from_run = sample.main([str(tmp_path / "runs" / "dpo_0.1")] + THREE)
     assert [r["completion"] for r in from_hf] == [r["completion"] for r in from_run]
     assert "reward" not in from_hf[0] and "reward" in from_run[0]
     assert "no classifier r*" in capsys.readouterr().err
