@@ -1,7 +1,7 @@
 """
 A trained model out as a Hugging Face GPT-2 folder (config.json + model.safetensors):
 
-    python export.py out/tiny/runs/dpo_0.1 out/dpo_0.1_hf       # a run's final policy (or out/tiny/sft: pi_ref)
+    python export.py out/tiny/runs/dpo_0.1 out/dpo_0.1_hf   # a run's policy (out/tiny/sft: pi_ref)
     python -c "from transformers import GPT2LMHeadModel as M; M.from_pretrained('out/dpo_0.1_hf')"
 
 It takes what sample.py takes (a stage folder, a checkpoint .pt, a Hugging Face folder) and writes

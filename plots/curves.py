@@ -45,10 +45,12 @@ class MetricsLog:
     def __init__(self, path, start=0, device="cpu"):
         self.path, self.device = path, device
         dist = torch.distributed.is_initialized()
-        self.rank, self.world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+        self.rank, self.world = (0, 1) if not dist else (torch.distributed.get_rank(),
+                                                         torch.distributed.get_world_size())
         if self.rank == 0 and os.path.exists(path):
             kept = [r for r in read_jsonl(path) if r["step"] < start]
-            write_atomic(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            write_atomic(path, lambda f: f.write(text.encode()))
 
     def write(self, step, **values):
         """values: name -> number (a float, a 0-dim tensor) of this rank; written as their mean over
@@ -66,7 +68,7 @@ class MetricsLog:
 def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        raise UsageError(f"{run_dir}: no metrics.jsonl there; expected a run folder of dpo.py (runs/<run>)")
+        raise UsageError(f"{run_dir}: no metrics.jsonl there; expected a run of dpo.py (runs/<run>)")
     return read_jsonl(path)
 
 
@@ -83,7 +85,7 @@ def curves_figure(run_dir):
                 ax.plot(*zip(*pts), label=name, lw=1.4)
                 drawn = True
         if title == "implicit rewards":
-            ax.axhline(0.0, color="grey", lw=0.6, label="_zero")  # where pi = pi_ref: every reward and margin 0
+            ax.axhline(0.0, color="grey", lw=0.6, label="_zero")  # pi = pi_ref: every reward 0
         if title == "preference accuracy":
             ax.axhline(0.5, color="grey", lw=0.6, ls=":", label="_chance")  # chance
         ax.set_title(title)
@@ -91,7 +93,8 @@ def curves_figure(run_dir):
         if drawn:
             ax.legend(fontsize=8)
         else:
-            ax.text(0.5, 0.5, "not logged by this method", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "not logged by this method", ha="center", va="center",
+                    transform=ax.transAxes)
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)))
     return fig
 
@@ -113,13 +116,14 @@ def run_dirs(path):
     found = sorted(os.path.join(runs, d) for d in (os.listdir(runs) if os.path.isdir(runs) else ())
                    if os.path.exists(os.path.join(runs, d, "metrics.jsonl")))
     if not found:
-        raise UsageError(f"{path}: no metrics.jsonl there nor in runs/<run>/; expected a run or a run folder")
+        raise UsageError(f"{path}: no metrics.jsonl there nor in runs/<run>/; "
+                         f"expected a run or a run folder")
     return found
 
 
 def main(argv=None):
     p = OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="+", help="a run (out/tiny/runs/dpo_0.1) or a run folder (out/tiny)")
+    p.add_argument("paths", nargs="+", help="a run (out/tiny/runs/dpo_0.1) or run folder (out/tiny)")
     for path in p.parse_args(argv).paths:
         for run in run_dirs(path):
             print(f"wrote {plot_curves(run)}")

@@ -27,9 +27,10 @@ def fake_steps(log, steps):
     falls too, the margin rises."""
     for s in steps:
         c, r = -0.01 * s, -0.03 * s
-        log.write(s, lr=1e-4, loss=0.69 - 0.01 * s, **{"rewards/chosen": c, "rewards/rejected": r,
-                                                       "rewards/margins": c - r, "rewards/accuracies": 0.5 + 0.04 * s,
-                                                       "logps/chosen": -20 + c * 10, "logps/rejected": -22 + r * 10})
+        log.write(s, lr=1e-4, loss=0.69 - 0.01 * s, **{
+            "rewards/chosen": c, "rewards/rejected": r, "rewards/margins": c - r,
+            "rewards/accuracies": 0.5 + 0.04 * s, "logps/chosen": -20 + c * 10,
+            "logps/rejected": -22 + r * 10})
 
 
 def test_one_line_per_step_in_the_order_given(tmp_path):
@@ -64,15 +65,16 @@ def _rank(rank, world, port, tmp):
 
 def test_ranks_write_their_mean_once(tmp_path):
     mp.spawn(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
-    assert lines(tmp_path / "metrics.jsonl") == [dict(step=s, loss=0.5 + s, **{"rewards/accuracies": 0.5}, lr=0.1)
-                                                 for s in range(3)]
+    want = [dict(step=s, loss=0.5 + s, **{"rewards/accuracies": 0.5}, lr=0.1) for s in range(3)]
+    assert lines(tmp_path / "metrics.jsonl") == want
 
 
 def test_the_figure_draws_each_name_against_the_step(tmp_path):
     fake_steps(MetricsLog(str(tmp_path / "metrics.jsonl")), range(0, 50, 10))
     fig = curves_figure(str(tmp_path))
     assert [ax.get_title() for ax in fig.axes] == [t for t, _ in PANELS]
-    drawn = {line.get_label(): line for ax in fig.axes for line in ax.lines if not line.get_label().startswith("_")}
+    drawn = {line.get_label(): line for ax in fig.axes for line in ax.lines
+             if not line.get_label().startswith("_")}  # not the reference lines at 0 and 0.5
     assert set(drawn) == set(NAMES) | {"loss"}
     assert drawn["rewards/chosen"].get_xdata().tolist() == [0, 10, 20, 30, 40]
     assert drawn["rewards/chosen"].get_ydata().tolist() == pytest.approx([0, -0.1, -0.2, -0.3, -0.4])
@@ -94,12 +96,15 @@ def test_the_command_draws_every_run_of_a_folder_and_mistakes_are_one_line(tmp_p
         fake_steps(MetricsLog(str(tmp_path / "runs" / run / "metrics.jsonl")), range(3))
     (tmp_path / "runs" / "sft_only").mkdir()  # no metrics: left out
     script = os.path.join(REPO, "plots", "curves.py")
-    res = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stderr
     for run in ("dpo_0.1", "ipo_0.5"):
         assert (tmp_path / "runs" / run / "curves.png").stat().st_size > 10_000
     assert not (tmp_path / "runs" / "sft_only" / "curves.png").exists()
-    assert plot_curves(str(tmp_path / "runs" / "dpo_0.1"), str(tmp_path / "x.png")) == str(tmp_path / "x.png")
-    res = subprocess.run([sys.executable, script, str(tmp_path / "runs" / "sft_only")], capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1 and "no metrics.jsonl" in res.stderr
+    png = str(tmp_path / "x.png")
+    assert plot_curves(str(tmp_path / "runs" / "dpo_0.1"), png) == png
+    res = subprocess.run([sys.executable, script, str(tmp_path / "runs" / "sft_only")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "no metrics.jsonl" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

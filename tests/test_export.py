@@ -32,12 +32,13 @@ def trained_like(seed=0, **kw):
 
 
 def test_transformers_loads_the_export_with_the_same_logits(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="test-only dependency (requirements-test.txt)")
+    transformers = pytest.importorskip("transformers", reason="test-only (requirements-test.txt)")
     ours = trained_like()
     folder = save_hf(ours, str(tmp_path / "hf"), "gpt2")
     hf, info = transformers.GPT2LMHeadModel.from_pretrained(folder, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    idx = torch.randint(ODD["vocab_size"], (3, 64), generator=torch.Generator().manual_seed(1))  # device: cpu
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(ODD["vocab_size"], (3, 64), generator=g)  # device: cpu
     with torch.no_grad():
         expected = ours.lm_head(ours(idx))
         got = hf.eval()(idx).logits
@@ -60,9 +61,10 @@ def test_a_scalar_head_is_not_exported_and_the_tokenizer_is_recorded(tmp_path):
     folder = save_hf(rm, str(tmp_path / "hf"), "words", words=["good", "bad"])
     names = set(read_safetensors(os.path.join(folder, "model.safetensors")))
     assert not any("score_head" in n or "lm_head" in n for n in names)
-    assert "transformer.h.2.attn.c_attn.weight" in names and len(names) == 4 + 12 * 3  # wte, wpe, ln_f; 12 a block
-    assert read_safetensors(os.path.join(folder, "model.safetensors"))["transformer.h.0.mlp.c_fc.weight"].shape \
-        == (48, 192)  # Conv1D: (in, out)
+    assert "transformer.h.2.attn.c_attn.weight" in names
+    assert len(names) == 4 + 12 * 3  # wte, wpe, ln_f's two; 12 a block
+    weights = read_safetensors(os.path.join(folder, "model.safetensors"))
+    assert weights["transformer.h.0.mlp.c_fc.weight"].shape == (48, 192)  # Conv1D: (in, out)
     config = json.load(open(os.path.join(folder, "config.json")))
     assert config["nanodpo"]["tokenizer"] == "words" and config["nanodpo"]["words"] == ["good", "bad"]
     assert config["n_positions"] == 64 and config["tie_word_embeddings"]
@@ -86,15 +88,18 @@ def test_safetensors_written_by_hand_read_back_by_the_library(tmp_path):
     sd = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 3).bfloat16(),
           "d": torch.arange(6).view(2, 3).t(), "e": torch.zeros(0, 4)}  # d is not contiguous
     write_safetensors(str(tmp_path / "x.safetensors"), sd)
-    for back in (load_file(str(tmp_path / "x.safetensors")), read_safetensors(str(tmp_path / "x.safetensors"))):
+    path = str(tmp_path / "x.safetensors")
+    for back in (load_file(path), read_safetensors(path)):
         assert set(back) == set(sd) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype
                                             for k, v in sd.items())
 
 
 def test_a_checkpoint_carries_its_config_and_tokenizer(tmp_path):
     model = trained_like(score_head=True)
-    save_checkpoint(model_record(model, "words", ["good", "bad"]) | dict(step=7), str(tmp_path / "m.pt"))
+    record = model_record(model, "words", ["good", "bad"]) | dict(step=7)
+    save_checkpoint(record, str(tmp_path / "m.pt"))
     saved = load_checkpoint(str(tmp_path / "m.pt"))  # weights_only: no code unpickled
     back, tokenizer, words = model_from_record(saved)
-    assert back.config == model.config and (tokenizer, words, saved["step"]) == ("words", ["good", "bad"], 7)
+    assert back.config == model.config
+    assert (tokenizer, words, saved["step"]) == ("words", ["good", "bad"], 7)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())

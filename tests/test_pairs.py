@@ -21,7 +21,8 @@ EOS = BYTES.eot_token
 
 
 def write(path, records):
-    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in records))
+    raw = [r if isinstance(r, bytes) else json.dumps(r).encode() for r in records]
+    path.write_bytes(b"".join(r + b"\n" for r in raw))
     return str(path)
 
 
@@ -40,12 +41,12 @@ def test_both_styles_give_the_same_pairs(tmp_path):
     a = read_pairs(write(tmp_path / "a.jsonl", explicit))
     b = read_pairs(write(tmp_path / "b.jsonl", joined))
     assert a == ([(1, hh, " Yes, it is.", " Yes, no.")], "prompt")
-    assert b == ([(1, hh, " Yes, it is.", " Yes, no.")], "joined")  # cut at the marker, not after " Yes,"
+    assert b == ([(1, hh, " Yes, it is.", " Yes, no.")], "joined")  # at the marker, not after "Yes,"
 
 
 def test_the_prompt_of_joined_texts_ends_at_a_boundary(tmp_path):
     two_turns = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: The"
-    assert two_turns[:cut_prompt(two_turns)] == two_turns[:-4]  # after the last marker, " The" is the answers'"
+    assert two_turns[:cut_prompt(two_turns)] == two_turns[:-4]  # the last marker's; " The" is answer
     assert cut_prompt("The movie was ") == 13  # before the space: " great" is one BPE token
     assert cut_prompt("Th") == 0  # no boundary: the whole texts are the responses
     records, style = read_pairs(write(tmp_path / "p.jsonl", [dict(chosen="The movie was great",
@@ -63,7 +64,7 @@ BAD = [  # (line 2, what the one-line error must say)
     (dict(prompt="Hi", chosen=" a", rejected=3), "line 2: 'rejected' is a int; expected a string"),
     (dict(prompt=None, chosen=" a", rejected=" b"), "line 2: 'prompt' is a NoneType"),
     (dict(prompt="Hi", chosen="", rejected=" b"), "line 2: 'chosen' is empty"),
-    (dict(prompt="Hi", chosen=" same", rejected=" same"), "line 2: chosen and rejected are the same text"),
+    (dict(prompt="Hi", chosen=" same", rejected=" same"), "line 2: chosen and rejected are the same"),
 ]
 
 
@@ -77,7 +78,7 @@ def test_each_bad_record_is_one_line_naming_the_file_and_line(tmp_path, bad, mes
 
 def test_joined_records_that_leave_an_empty_response_or_mix_styles_are_refused(tmp_path):
     hh = "\n\nHuman: q\n\nAssistant:"
-    with pytest.raises(UsageError, match=r"line 1: the chosen response is empty once the common prompt"):
+    with pytest.raises(UsageError, match=r"line 1: the chosen response is empty once the common"):
         read_pairs(write(tmp_path / "a.jsonl", [dict(chosen=hh, rejected=hh + " b")]))
     with pytest.raises(UsageError, match=r"line 2: a \"prompt\" key, but line 1 has none"):
         read_pairs(write(tmp_path / "b.jsonl", [dict(chosen=hh + " a", rejected=hh + " b"), GOOD]))
@@ -89,8 +90,8 @@ def test_joined_records_that_leave_an_empty_response_or_mix_styles_are_refused(t
 
 def test_the_command_checks_a_file_in_one_line(tmp_path):
     path = write(tmp_path / "p.jsonl", [GOOD, dict(prompt="Hi", chosen=" a", rejected=" a")])
-    res = subprocess.run([sys.executable, os.path.join(REPO, "data", "pairs.py"), path], capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run([sys.executable, os.path.join(REPO, "data", "pairs.py"), path],
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [
         f"nanoDPO: error: {path}, line 2: chosen and rejected are the same text: a pair must differ"]
 
@@ -102,11 +103,11 @@ def test_tokens_are_prompt_then_response_tokenised_apart_and_a_finished_response
 
 
 def test_the_block_size_cuts_the_prompts_beginning_first_then_the_responses_end():
-    # room after the BOS: 9. A 3-token answer (2 + EOS) leaves 6 for the prompt: its last 6 of 8 are kept
+    # room after the BOS: 9. A 3-token answer (2 + EOS) leaves 6 for the prompt: its last 6 of 8
     pairs, cuts = tokenize([(1, "abcdefgh", "xy", "z")], BYTES, block_size=10)
     assert pairs["prompt"] == [list(b"cdefgh")] and pairs["chosen"] == [[120, 121, EOS]]
     assert cuts == dict(cut_prompts=1, cut_responses=0)
-    # long answers: the prompt keeps half the room (4 of 9), the responses their first 5 tokens and no EOS
+    # long answers: the prompt keeps half the room (4 of 9), the responses their first 5, no EOS
     pairs, cuts = tokenize([(1, "abcdefgh", "0123456789", "xyz")], BYTES, block_size=10)
     assert pairs["prompt"] == [list(b"efgh")] and pairs["chosen"] == [list(b"01234")]
     assert pairs["rejected"] == [list(b"xyz") + [EOS]]  # it fits whole: its EOS kept
@@ -120,7 +121,7 @@ def test_the_block_size_cuts_the_prompts_beginning_first_then_the_responses_end(
 
 def test_a_word_outside_the_vocabulary_names_its_line():
     words = get_tokenizer("words", ["good", "bad", "it", "is"])
-    with pytest.raises(UsageError, match=r"p.jsonl, line 2: 'great' is not in the tokenizer's vocabulary"):
+    with pytest.raises(UsageError, match=r"p.jsonl, line 2: 'great' is not in the tokenizer's"):
         tokenize([(1, "it is", " good", " bad"), (2, "it is", " great", " bad")], words, 16, "p.jsonl")
 
 
@@ -130,7 +131,7 @@ def test_the_held_out_share_is_by_prompt_seeded_and_the_same_each_time():
     train, held = split_heldout(pairs, 0.2, seed=3)
     assert len(held["prompt"]) == 8 and len(train["prompt"]) == 32  # 2 of 10 prompts, 4 pairs each
     assert not {tuple(p) for p in held["prompt"]} & {tuple(p) for p in train["prompt"]}
-    assert sorted(train["chosen"] + held["chosen"]) == sorted(pairs["chosen"])  # nothing lost or doubled
+    assert sorted(train["chosen"] + held["chosen"]) == sorted(pairs["chosen"])  # none lost, doubled
     for i, c in enumerate(held["chosen"]):  # each pair kept whole
         assert held["rejected"][i] == [100 + c[0]] and held["prompt"][i] == [c[0] % 10]
     assert split_heldout(pairs, 0.2, seed=3) == (train, held)
@@ -148,5 +149,5 @@ def test_gpt2_bpe_pairs_from_hh_records(tmp_path, monkeypatch):
     lines = []
     train, held, info = load_pairs(path, enc, 1024, heldout=0.0, log=lines.append)
     assert info["style"] == "joined" and train["prompt"][0] == enc.encode_ordinary(hh)
-    assert train["chosen"][0] == enc.encode_ordinary(" A comedy.") + [enc.eot_token] and enc.eot_token == 50256
-    assert len(lines) == 1 and "2 pairs" in lines[0] and "HH style" in lines[0] and "0 prompts" in lines[0]
+    assert train["chosen"][0] == enc.encode_ordinary(" A comedy.") + [50256]  # GPT-2's <|endoftext|>
+    assert len(lines) == 1 and all(w in lines[0] for w in ("2 pairs", "HH style", "0 prompts"))
