@@ -164,13 +164,13 @@ def main(argv=None):
     if rm is not None:
         rewards = stages.reward(rm, many, completions, eos, rm.config.block_size, args.device).tolist()
     records = []
-    for i, (x, y) in enumerate(zip(many, completions)):
+    for i, y in enumerate(completions):
         text = enc.decode([t for t in y if t != eos])
         records.append(dict(prompt=prompts[i // args.n], completion=text, ended=y[-1:] == [eos],
-                            **({"reward": rewards[i]} if rm else {})))
+                            **({"reward": rewards[i]} if rm is not None else {})))
         if i % args.n == 0:
             print(f"--- {prompts[i // args.n]!r}")
-        print((f"[r* {rewards[i]:.3f}] " if rm else "") + text)
+        print((f"[r* {rewards[i]:.3f}] " if rm is not None else "") + text)
     if rm is None:
         print("(no classifier r* in this folder's run: no rewards)", file=sys.stderr)
     if args.out:

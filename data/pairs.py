@@ -117,7 +117,8 @@ def tokenize(records, enc, block_size, path="pairs"):
     rule of results/tiny.md ("Truncated responses") for samples cut at --max-new-tokens. So that
     [BOS] + prompt + response fits block_size, the prompt gives up its beginning first (its end,
     next to the response, is kept), down to half the room; then both responses keep their starts in
-    what is left."""
+    what is left. A pair whose two responses are the same once cut teaches nothing: it is dropped
+    and counted."""
     room = block_size - 1  # after the BOS
     if room < 2:
         raise UsageError(f"block size {block_size}: too small for a BOS, a prompt token and a "
@@ -134,7 +135,7 @@ def tokenize(records, enc, block_size, path="pairs"):
                 except ValueError as e:
                     raise UsageError(f"{path}, line {n}: {e}") from None
         raise
-    pairs, cut_prompts, cut_responses = dict(prompt=[], chosen=[], rejected=[]), 0, 0
+    pairs, cut_prompts, cut_responses, dropped = dict(prompt=[], chosen=[], rejected=[]), 0, 0, 0
     for i in range(len(records)):
         p, c, r = ids[3 * i], ids[3 * i + 1] + [eos], ids[3 * i + 2] + [eos]
         longest = max(len(c), len(r))
@@ -142,10 +143,14 @@ def tokenize(records, enc, block_size, path="pairs"):
         cut_prompts += keep < len(p)
         p = p[len(p) - keep:]
         cut_responses += (len(c) > room - keep) + (len(r) > room - keep)
+        c, r = c[:room - keep], r[:room - keep]
+        if c == r:
+            dropped += 1
+            continue
         pairs["prompt"].append(p)
-        pairs["chosen"].append(c[:room - keep])
-        pairs["rejected"].append(r[:room - keep])
-    return pairs, dict(cut_prompts=cut_prompts, cut_responses=cut_responses)
+        pairs["chosen"].append(c)
+        pairs["rejected"].append(r)
+    return pairs, dict(cut_prompts=cut_prompts, cut_responses=cut_responses, dropped=dropped)
 
 
 def split_heldout(pairs, share, seed):
@@ -182,7 +187,8 @@ def load_pairs(path, enc, block_size, heldout=0.1, seed=0, log=print):
     what = "a \"prompt\" key" if style == "prompt" else "the prompt inside both (HH style)"
     log(f"[pairs] {path}: {len(records)} pairs, {what}; {info['train']} to train on, "
         f"{info['heldout']} held out; cut to block size {block_size}: {cuts['cut_prompts']} prompts "
-        f"(their beginning), {cuts['cut_responses']} responses (their end)")
+        f"(their beginning), {cuts['cut_responses']} responses (their end), "
+        f"{cuts['dropped']} pairs dropped (the same once cut)")
     return train, held, info
 
 

@@ -99,24 +99,27 @@ def test_the_command_checks_a_file_in_one_line(tmp_path):
 def test_tokens_are_prompt_then_response_tokenised_apart_and_a_finished_response_ends_with_eos():
     pairs, cuts = tokenize([(1, "ab", "cd", "e")], BYTES, block_size=16)
     assert pairs == dict(prompt=[[97, 98]], chosen=[[99, 100, EOS]], rejected=[[101, EOS]])
-    assert cuts == dict(cut_prompts=0, cut_responses=0)
+    assert cuts == dict(cut_prompts=0, cut_responses=0, dropped=0)
 
 
 def test_the_block_size_cuts_the_prompts_beginning_first_then_the_responses_end():
     # room after the BOS: 9. A 3-token answer (2 + EOS) leaves 6 for the prompt: its last 6 of 8
     pairs, cuts = tokenize([(1, "abcdefgh", "xy", "z")], BYTES, block_size=10)
     assert pairs["prompt"] == [list(b"cdefgh")] and pairs["chosen"] == [[120, 121, EOS]]
-    assert cuts == dict(cut_prompts=1, cut_responses=0)
+    assert cuts == dict(cut_prompts=1, cut_responses=0, dropped=0)
     # long answers: the prompt keeps half the room (4 of 9), the responses their first 5, no EOS
     pairs, cuts = tokenize([(1, "abcdefgh", "0123456789", "xyz")], BYTES, block_size=10)
     assert pairs["prompt"] == [list(b"efgh")] and pairs["chosen"] == [list(b"01234")]
     assert pairs["rejected"] == [list(b"xyz") + [EOS]]  # it fits whole: its EOS kept
-    assert cuts == dict(cut_prompts=1, cut_responses=1)
+    assert cuts == dict(cut_prompts=1, cut_responses=1, dropped=0)
     for p, c, r in zip(*pairs.values()):
         assert 1 + len(p) + max(len(c), len(r)) <= 10
     # an answer one token too long loses only its EOS: it has not ended where the model sees it
     pairs, cuts = tokenize([(1, "", "012345678", "x")], BYTES, block_size=10)
     assert pairs["chosen"] == [list(b"012345678")] and cuts["cut_responses"] == 1
+    # two answers that differ only past the cut are one answer: the pair is dropped, the others kept
+    pairs, cuts = tokenize([(1, "", "0123456789", "012345678x"), (2, "a", "b", "c")], BYTES, 10)
+    assert pairs["chosen"] == [[98, EOS]] and cuts == dict(cut_prompts=0, cut_responses=2, dropped=1)
 
 
 def test_a_word_outside_the_vocabulary_names_its_line():
