@@ -9,12 +9,15 @@ GPT-2, written out plainly (after nanoGPT), plus the tokenizers nanoDPO uses.
 - `generate` samples a batch of prompts of different lengths with a KV cache.
 - An optional scalar head reads the hidden state of the last real token (the sentiment
   classifier that serves as the ground-truth reward).
+- `save_hf` writes a model as a Hugging Face GPT-2 folder (the reverse of `from_pretrained`);
+  `model_record` is what a checkpoint holds to rebuild its model alone (its config, its tokenizer).
 """
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import struct
 import sys
 import urllib.request
@@ -400,3 +403,96 @@ def get_tokenizer(name, words=None):
     if name == "words" and words is not None:
         return WordTokenizer(words)
     raise ValueError(f"unknown tokenizer {name!r}: expected 'gpt2', 'bytes', or 'words' with its word list")
+
+
+# ------------------------------------------------------------ a Hugging Face folder out; checkpoints
+
+def model_record(model, tokenizer, words=()):
+    """What a checkpoint holds so that the model is rebuilt from it alone: the weights, the
+    GPTConfig and the tokenizer's name (and a words tokenizer's list), for
+    data.corpus.save_checkpoint. A loop adds its own entries (the optimizer, the step) beside
+    these."""
+    return dict(model=model.state_dict(), config=vars(model.config).copy(),
+                tokenizer=dict(name=tokenizer, words=list(words)))
+
+
+def model_from_record(record, **overrides):
+    """The GPT of a model_record (a dict from data.corpus.load_checkpoint), its weights loaded;
+    overrides: dropout. Returns (model, tokenizer name, words)."""
+    config = GPTConfig(**(record["config"] | overrides))
+    model = GPT(config)
+    model.load_state_dict(record["model"])
+    return model, record["tokenizer"]["name"], record["tokenizer"]["words"]
+
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """The reverse of read_safetensors: 8-byte little-endian header size, the JSON header (names,
+    dtypes, shapes, byte offsets; padded with spaces to 8 bytes, as the format recommends), the raw
+    bytes."""
+    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = dict(dtype=SAFETENSORS_NAMES[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + n])
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():  # the bytes as in memory: little-endian where torch runs
+            f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def hf_config(config, tokenizer, words=()):
+    """config.json of a GPT2LMHeadModel of this shape; the tokenizer nanoDPO trained with is named
+    under "nanodpo" (transformers keeps unknown keys). Every tokenizer here has <|endoftext|>
+    last."""
+    eot = config.vocab_size - 1
+    return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=config.vocab_size,
+                n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
+                n_head=config.n_head, n_inner=None, activation_function="gelu_new",
+                layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True,
+                nanodpo=dict(tokenizer=tokenizer, words=list(words),
+                             note=TOKENIZER_NOTES.get(tokenizer, "")))
+
+
+TOKENIZER_NOTES = {
+    "gpt2": "GPT-2's BPE: Hugging Face's AutoTokenizer.from_pretrained('gpt2'), tiktoken's 'gpt2'",
+    "bytes": "a token per UTF-8 byte, <|endoftext|> 256 (nanoDPO's model.get_tokenizer('bytes'))",
+    "words": "the words below as ids 0.., <|endoftext|> last (nanoDPO's model.WordTokenizer)",
+}
+
+
+def save_hf(model, folder, tokenizer, words=()):
+    """Write model as a Hugging Face GPT-2 folder, config.json + model.safetensors, that
+    transformers.GPT2LMHeadModel.from_pretrained loads (and GPT.from_pretrained): the names prefixed
+    "transformer.", the four Conv1D weights transposed to (in, out) as load_hf_state_dict undoes
+    them, lm_head left out (tied to wte). A scalar head is not written: a language-model folder has
+    no place for it. The folder is written whole beside its path, then renamed; an earlier export
+    there is replaced, anything else refused. Returns the folder."""
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    sd = {"transformer." + k.removeprefix("transformer."): (v.t() if k.endswith(conv1d) else v)
+          for k, v in model.state_dict().items() if not k.startswith(("lm_head", "score_head"))}
+    folder = os.path.abspath(folder)
+    old = os.path.join(folder, "config.json")
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder) and not (
+            os.path.exists(old) and "nanodpo" in json.load(open(old)))):
+        raise UsageError(f"{folder} exists and is not a nanoDPO export: give a new folder")
+    tmp = f"{folder}.{os.getpid()}.tmp"
+    os.makedirs(tmp)
+    try:
+        write_safetensors(os.path.join(tmp, "model.safetensors"), sd)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(model.config, tokenizer, words), f, indent=1)
+        if os.path.exists(folder):  # aside, then the new one in, then the old one gone
+            os.replace(folder, tmp + ".old")
+        os.replace(tmp, folder)
+    finally:
+        for t in (tmp, tmp + ".old"):
+            if os.path.exists(t):
+                shutil.rmtree(t)
+    return folder

@@ -1,0 +1,209 @@
+"""
+Your own preference pairs: a JSONL file, one record a line, in either of the two styles people write
+them.
+
+    {"prompt": "...", "chosen": "...", "rejected": "..."}   the prompt apart (TRL's style)
+    {"chosen": "<prompt>...", "rejected": "<prompt>..."}    the prompt inside both (Anthropic's HH)
+
+In the second style the prompt is the texts' common beginning, cut at a boundary (cut_prompt). Every
+line is checked before any work, and the first bad one stops it in one line naming the file and the
+line. The records are then tokenised into the structure stages.make_pairs makes, dict(prompt=[ids],
+chosen=[ids], rejected=[ids]), in common.layout: [BOS] + prompt + response, prompt and response
+tokenised apart.
+
+    python data/pairs.py FILE.jsonl    # check a file: its style, its pairs, the block size's cuts
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.corpus import OneLineParser, UsageError  # noqa: E402
+from model import get_tokenizer  # noqa: E402
+
+ASSISTANT = "\n\nAssistant:"  # HH's turn marker: its last one in the common prefix ends the prompt
+
+
+def read_pairs(path):
+    """[(line number, prompt, chosen response, rejected response)] of the text records of a pairs
+    file, and the style found: 'prompt' (a "prompt" key) or 'joined' (the prompt inside chosen and
+    rejected). A file holds one style. UsageError on the first bad line: not UTF-8, not a JSON
+    object, a key missing, a value not a non-empty string, chosen identical to rejected, or an empty
+    response once the prompt is taken off."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file; expected a JSONL file of "
+                         f"{{prompt, chosen, rejected}} records")
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records, style = [], None
+    for n, raw in enumerate(lines, 1):
+        where = f"{path}, line {n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{where}: not UTF-8 (byte {e.start + 1} of the line); "
+                             f"save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: not a JSON record ({e.msg}, column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise UsageError(f"{where}: expected a JSON object with chosen and rejected, "
+                             f"got {type(rec).__name__}")
+        this = "prompt" if "prompt" in rec else "joined"
+        style = style or this
+        if this != style:  # a record without its prompt in a file of prompts is a key missing
+            no, has = ("no", "has one") if style == "prompt" else ("a", "has none")
+            raise UsageError(f"{where}: {no} \"prompt\" key, but line {records[0][0]} {has}: "
+                             f"one file holds one style of record")
+        keys = ("prompt", "chosen", "rejected") if style == "prompt" else ("chosen", "rejected")
+        for k in keys:
+            if k not in rec:
+                raise UsageError(f"{where}: no {k!r} key; expected {', '.join(keys)}")
+            if not isinstance(rec[k], str):
+                raise UsageError(f"{where}: {k!r} is a {type(rec[k]).__name__}; expected a string")
+            if k != "prompt" and not rec[k]:  # an empty prompt is allowed: the response starts the text
+                raise UsageError(f"{where}: {k!r} is empty")
+        if rec["chosen"] == rec["rejected"]:
+            raise UsageError(f"{where}: chosen and rejected are the same text: a pair must differ")
+        if style == "prompt":
+            prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
+        else:
+            prompt, chosen, rejected = split_joined(rec["chosen"], rec["rejected"])
+        for k, response in (("chosen", chosen), ("rejected", rejected)):
+            if not response:
+                raise UsageError(f"{where}: the {k} response is empty once the common prompt "
+                                 f"{prompt[-40:]!r} is taken off")
+        records.append((n, prompt, chosen, rejected))
+    if not records:
+        raise UsageError(f"{path}: no records; expected one JSON object a line")
+    return records, style
+
+
+def split_joined(chosen, rejected):
+    """(prompt, chosen response, rejected response) of two texts that share their beginning
+    (cut_prompt)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = cut_prompt(chosen[:n])
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def cut_prompt(common):
+    """Where the prompt ends in the common beginning of two texts: after its last HH turn marker
+    "\\n\\nAssistant:" where there is one (both answers may start with the same words: those belong
+    to the answers); else before its last whitespace, so that a response starts with its space, as
+    GPT-2's BPE tokens do ("The movie was" + " great"); else at 0 (the whole texts are the
+    responses)."""
+    i = common.rfind(ASSISTANT)
+    if i >= 0:
+        return i + len(ASSISTANT)
+    spaces = [j for j, c in enumerate(common) if c.isspace()]
+    return spaces[-1] if spaces else 0
+
+
+def tokenize(records, enc, block_size, path="pairs"):
+    """The records as token ids, dict(prompt=[ids], chosen=[ids], rejected=[ids]), and the cut
+    counts.
+
+    A response here is a finished text (a person or a model wrote it to the end), so it ends with
+    EOS: the policy learns where an answer stops, as SFT learns review + [EOS]. Only a response cut
+    at the block size has not ended where the model sees it, and it gets no EOS it never had: the
+    rule of results/tiny.md ("Truncated responses") for samples cut at --max-new-tokens. So that
+    [BOS] + prompt + response fits block_size, the prompt gives up its beginning first (its end,
+    next to the response, is kept), down to half the room; then both responses keep their starts in
+    what is left. A pair whose two responses are the same once cut teaches nothing: it is dropped
+    and counted."""
+    room = block_size - 1  # after the BOS
+    if room < 2:
+        raise UsageError(f"block size {block_size}: too small for a BOS, a prompt token and a "
+                         f"response token")
+    eos = enc.eot_token
+    texts = [t for _, *rec in records for t in rec]
+    try:
+        ids = enc.encode_ordinary_batch(texts)
+    except ValueError:  # a words tokenizer names the word; find its record
+        for n, *rec in records:
+            for t in rec:
+                try:
+                    enc.encode_ordinary(t)
+                except ValueError as e:
+                    raise UsageError(f"{path}, line {n}: {e}") from None
+        raise
+    pairs, cut_prompts, cut_responses, dropped = dict(prompt=[], chosen=[], rejected=[]), 0, 0, 0
+    for i in range(len(records)):
+        p, c, r = ids[3 * i], ids[3 * i + 1] + [eos], ids[3 * i + 2] + [eos]
+        longest = max(len(c), len(r))
+        keep = min(len(p), max(room // 2, room - longest))
+        cut_prompts += keep < len(p)
+        p = p[len(p) - keep:]
+        cut_responses += (len(c) > room - keep) + (len(r) > room - keep)
+        c, r = c[:room - keep], r[:room - keep]
+        if c == r:
+            dropped += 1
+            continue
+        pairs["prompt"].append(p)
+        pairs["chosen"].append(c)
+        pairs["rejected"].append(r)
+    return pairs, dict(cut_prompts=cut_prompts, cut_responses=cut_responses, dropped=dropped)
+
+
+def split_heldout(pairs, share, seed):
+    """(train, held-out) pairs: a share of the distinct prompts, drawn with seed, and every pair of
+    theirs held out, so that no held-out prompt is seen in training. The same file, share and seed
+    give the same split."""
+    if not 0 <= share < 1:
+        raise UsageError(f"held-out share {share}: expected a fraction in [0, 1)")
+    prompts = list(dict.fromkeys(map(tuple, pairs["prompt"])))  # distinct, in order of appearance
+    n_held = int(round(share * len(prompts)))
+    if share > 0 and not 1 <= n_held < len(prompts):
+        raise UsageError(f"held-out share {share} of {len(prompts)} distinct prompts leaves "
+                         f"{'no held-out' if n_held < 1 else 'no training'} prompt; "
+                         f"give more pairs or another share")
+    held = {prompts[i] for i in np.random.default_rng(seed).permutation(len(prompts))[:n_held]}
+    out = [dict(prompt=[], chosen=[], rejected=[]) for _ in range(2)]
+    for i, p in enumerate(pairs["prompt"]):
+        side = out[tuple(p) in held]
+        for k in side:
+            side[k].append(pairs[k][i])
+    return out[0], out[1]
+
+
+def load_pairs(path, enc, block_size, heldout=0.1, seed=0, log=print):
+    """A pairs file checked, tokenised with enc and split: (train pairs, held-out pairs, info), both
+    pairs in stages.make_pairs's structure; info holds the style, the counts and the cuts, also
+    logged in a line. A command calls read_pairs(path) first, before any long work (a download, a
+    model), to stop early on a bad record."""
+    records, style = read_pairs(path)
+    pairs, cuts = tokenize(records, enc, block_size, path)
+    train, held = split_heldout(pairs, heldout, seed)
+    info = dict(style=style, pairs=len(records), train=len(train["prompt"]),
+                heldout=len(held["prompt"]), **cuts)
+    what = "a \"prompt\" key" if style == "prompt" else "the prompt inside both (HH style)"
+    log(f"[pairs] {path}: {len(records)} pairs, {what}; {info['train']} to train on, "
+        f"{info['heldout']} held out; cut to block size {block_size}: {cuts['cut_prompts']} prompts "
+        f"(their beginning), {cuts['cut_responses']} responses (their end), "
+        f"{cuts['dropped']} pairs dropped (the same once cut)")
+    return train, held, info
+
+
+def main(argv=None):
+    p = OneLineParser(description="Check a pairs file: its style, its pairs, the block size's cuts")
+    p.add_argument("path", help="JSONL of {prompt, chosen, rejected}, or HH's {chosen, rejected}")
+    p.add_argument("--block-size", type=int, default=1024, help="longest sequence (default 1024)")
+    p.add_argument("--heldout", type=float, default=0.1, help="prompts held out (default 0.1)")
+    args = p.parse_args(argv)
+    read_pairs(args.path)  # the file's mistakes first, before fetching the tokenizer
+    load_pairs(args.path, get_tokenizer("gpt2"), args.block_size, args.heldout)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        sys.exit(f"nanoDPO: error: {e}")
