@@ -52,14 +52,16 @@ def experiment(args, data):
 
     sft = stages.sft(args, data, eos, vocab)  # 2. the reference
     classifier = stages.classifier(args, data, eos, vocab, sft)  # 3. the ground-truth reward r*
-    pairs = stages.make_pairs(sft, classifier, train_prompts, args, eos)  # 4. the preference pairs
+    truth = stages.exact_truth(data)  # tiny's exact P(label | text), to check r* by (None: imdb)
+    # 4. the preference pairs
+    pairs = stages.make_pairs(sft, classifier, train_prompts, args, eos, truth=truth)
     stages.best_of_n(sft, classifier, eval_prompts, args, eos)
     ref = copy.deepcopy(sft).eval().requires_grad_(False)
     # 6. every run is evaluated the same way; each starts as pi_ref, whose evaluation is its first
     evaluate = partial(stages.evaluate, ref=ref, classifier=classifier, prompts=eval_prompts,
                        eos=eos, seed=args.seed, max_new_tokens=args.max_new_tokens,
                        block_size=args.block_size, device=args.device, impl=args.impl,
-                       decode=enc.decode)
+                       decode=enc.decode, truth=truth)
     todo = [run for run in args.run_list
             if not os.path.exists(os.path.join(args.out, run_folder(*run), "model.pt"))]
     at_start = evaluate(ref) if todo else None

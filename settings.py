@@ -23,11 +23,11 @@ from model import GPT
 # ----------------------------------------------------------------------------- settings
 PRESETS = {
     "tiny": dict(data="tiny", init="scratch", n_layer=2, n_head=4, n_embd=128, block_size=64,
-                 sft_steps=300, sft_lr=2e-3, rm_steps=200, rm_lr=2e-4, batch=32, min_chars=100,
-                 n_prompts=300, max_new_tokens=48, dpo_steps=160, dpo_lr=5e-5, dpo_batch=16, warmup=10,
+                 sft_steps=300, sft_lr=2e-3, rm_steps=600, rm_lr=5e-4, batch=32, min_chars=100,
+                 n_prompts=300, max_new_tokens=48, dpo_steps=160, dpo_lr=1e-4, dpo_batch=16, warmup=10,
                  optimizer="adamw", eval_every=20, n_eval=128, best_of="1,2,4,8,16",
                  bt_steps=100, bt_lr=5e-4, ppo_iters=24, ppo_batch=64, ppo_epochs=4, ppo_minibatches=2,
-                 ppo_lr=5e-5, ppo_eval_every=4, kl_horizon=128, group=4,
+                 ppo_lr=1e-4, ppo_eval_every=4, kl_horizon=128, group=4,
                  runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ppo:3,ppo:8,ppo-gt:3,ppo-gt:8,rloo:0.05,rloo:0.2,grpo:0.05,"
                       "grpo:0.2,simpo:2,orpo:0.1,kto:0.1"),
     "imdb": dict(data="imdb", init="pretrained", model="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024,

@@ -22,17 +22,17 @@ import torch.nn.functional as F
 from common import (accuracy, amp, barrier, derive_seed, fit, is_main, layout, local_rank_first,
                     log, logprobs, masked_mean, pack, rank_world, real_lengths, sharded, unwrap)
 from data.corpus import load_checkpoint, load_corpus, save_checkpoint, write_atomic
-from data.tiny.prepare import prepare as prepare_tiny
-from model import GPT, GPTConfig, left_pad
+from data.tiny.prepare import p_positive, prepare as prepare_tiny, vocabulary as tiny_vocabulary
+from model import GPT, GPTConfig, get_tokenizer, left_pad
 
 
 # ------------------------------------------------------------ 1. data
 def load_data(data_dir, name):
     path = os.path.join(data_dir, f"{name}.npz")
     with local_rank_first():
-        stale = not os.path.exists(path) or load_corpus(path)["tokenizer"] != "words"
+        stale = not os.path.exists(path) or load_corpus(path)["words"] != tiny_vocabulary()
         if name == "tiny" and stale:
-            # made offline in seconds; also replaces an older nanoDPO's byte-level corpus
+            # made offline in seconds; also replaces an older nanoDPO's corpus
             prepare_tiny(data_dir)
     return load_corpus(path)
 
@@ -121,7 +121,7 @@ def classifier(args, data, eos, vocab, sft_model):
                             scored_len(args))
     model = fit("classifier", model, classifier_loss, batches, args.rm_steps, args.rm_lr, args)
     model.eval()
-    classifier_accuracy(model, data["test"], args, eos)
+    classifier_accuracy(model, data["test"], args, eos, exact_truth(data))
     return model
 
 
@@ -136,20 +136,51 @@ def classifier_scores(texts, start, classifier, args, eos):
     return score(classifier, [[]] * len(texts), texts, eos, args.block_size, args.device).tolist()
 
 
+def exact_truth(data):
+    """The exact P(label = 1 | text) as a function of token ids, where the data's generator knows
+    it (tiny: data/tiny/prepare.p_positive), else None. r* only learned it from labels drawn from
+    it."""
+    if data["tokenizer"] != "words":
+        return None
+    return partial(tiny_truth, get_tokenizer("words", data["words"]))
+
+
+def tiny_truth(enc, ids):
+    return p_positive(enc.decode([t for t in ids if t != enc.eot_token]))
+
+
+def calibration(rewards, texts, truth):
+    """How far r* is from the exact P(label | text) on these texts (token lists): the mean |r* - P|
+    and both means."""
+    r = np.asarray(rewards, dtype=np.float64)
+    p = np.array([truth(t) for t in texts])
+    return dict(mean_abs_error=float(np.abs(r - p).mean()), mean_reward=float(r.mean()),
+                mean_exact=float(p.mean()), texts=len(p))
+
+
+def calibration_line(cal):
+    return (f"mean |r* - P(label | text)| {cal['mean_abs_error']:.3f} over {cal['texts']} texts "
+            f"(mean r* {cal['mean_reward']:.3f}, mean P {cal['mean_exact']:.3f})")
+
+
 @torch.no_grad()
-def classifier_accuracy(classifier, split, args, eos):
+def classifier_accuracy(classifier, split, args, eos, truth=None):
     """Accuracy of r* > 0.5 on every review of the split (r* = 0.5 counts half), read whole (as far
-    as the block size allows) and cut to the length r* judges in the pipeline; written to
+    as the block size allows) and cut to the length r* judges in the pipeline; with truth
+    (exact_truth), r*'s calibration on the whole reviews. Written to
     out/<preset>/classifier/accuracy.json."""
     path = os.path.join(args.out, "classifier", "accuracy.json")
     if not os.path.exists(path):
         reviews = [split.review(i).tolist() for i in range(len(split))]
         sign = 2 * torch.from_numpy(split.labels).float() - 1
         logits = partial(classifier_scores, classifier=classifier, args=args, eos=eos)
-        whole = accuracy(sign * torch.tensor(sharded(logits, reviews)))
+        whole_logits = torch.tensor(sharded(logits, reviews))
+        whole = accuracy(sign * whole_logits)
         cut = [r[:scored_len(args)] for r in reviews]
         scored = accuracy(sign * torch.tensor(sharded(logits, cut)))
         acc = dict(whole=whole, scored=scored, scored_len=scored_len(args), reviews=len(reviews))
+        if truth is not None:
+            acc["calibration"] = calibration(torch.sigmoid(whole_logits), reviews, truth)
         if is_main():
             write_atomic(path, lambda f: f.write(json.dumps(acc).encode()))
         barrier()
@@ -157,6 +188,8 @@ def classifier_accuracy(classifier, split, args, eos):
         acc = json.load(f)
     log(f"[classifier] accuracy on all {acc['reviews']} test reviews: {acc['whole']:.3f} whole, "
         f"{acc['scored']:.3f} cut to the scored {acc['scored_len']} tokens")
+    if "calibration" in acc:
+        log(f"[classifier] calibration on the test reviews: {calibration_line(acc['calibration'])}")
     return acc
 
 
@@ -235,9 +268,10 @@ def draw_and_score(chunk, start, model, score_fn, args, eos, purpose):
     return list(zip(samples, score_fn(chunk, samples).tolist()))
 
 
-def make_pairs(sft_model, classifier, prompts, args, eos, name="pairs.pt"):
+def make_pairs(sft_model, classifier, prompts, args, eos, name="pairs.pt", truth=None):
     """4 samples per prompt from pi_ref, scored by r*; all 6 pairs, chosen = higher reward, ties
-    dropped."""
+    dropped. With truth (exact_truth), r*'s calibration on those samples goes beside, to
+    <name>_calibration.json."""
     path = os.path.join(args.out, name)
     # under torchrun every rank samples a share, rank 0 writes, every rank reads
     if not os.path.exists(path):
@@ -249,6 +283,12 @@ def make_pairs(sft_model, classifier, prompts, args, eos, name="pairs.pt"):
             pairs = pairs_from(prompts, samples, rewards)
             log(f"[pairs] {len(pairs['prompt'])} pairs from {len(prompts)} prompts ({name}); "
                 f"mean reward of pi_ref samples {np.mean(rewards):.3f}")
+            if truth is not None:
+                texts = [p + x for p, x in zip(repeated, samples)]
+                cal = calibration(rewards, texts, truth)
+                log(f"[pairs] calibration on pi_ref's samples: {calibration_line(cal)}")
+                write_atomic(path.replace(".pt", "_calibration.json"),
+                             lambda f: f.write(json.dumps(cal).encode()))
             save_checkpoint(pairs, path)
     barrier()
     return load_checkpoint(path)
@@ -300,11 +340,12 @@ def best_of_n(sft_model, classifier, prompts, args, eos):
 # ------------------------------------------------------------ 6. evaluation
 @torch.no_grad()
 def evaluate(policy, ref, classifier, prompts, *, eos, seed, max_new_tokens, block_size, device,
-             impl, decode=None, n_samples=4):
+             impl, decode=None, n_samples=4, truth=None):
     """Mean r* of policy samples on held-out prompts, and KL(pi || pi_ref) on those samples: exact
     (the per-token KL over the whole vocabulary, summed over the response) and sampled (sum of
     log-ratios). With decode (ids -> text), also the first n_samples (prompt, response, reward) for
-    people to read. The policy samples in eval mode and is handed back in the mode it came in."""
+    people to read; with truth (exact_truth), the samples' mean exact P(label | text) beside r*
+    (reward_exact). The policy samples in eval mode and is handed back in the mode it came in."""
     training = policy.training
     policy.eval()
     # the same seed at every evaluation of every run (common random numbers): differences between
@@ -323,6 +364,8 @@ def evaluate(policy, ref, classifier, prompts, *, eos, seed, max_new_tokens, blo
     record = dict(reward=r.mean().item(), kl=torch.cat(kl).mean().item(),
                   kl_sampled=torch.cat(kl_sampled).mean().item(),
                   length=float(np.mean([len(x) for x in responses])))
+    if truth is not None:
+        record["reward_exact"] = float(np.mean([truth(p + x) for p, x in zip(prompts, responses)]))
     if decode is not None:
         record["samples"] = [dict(prompt=decode(p), response=decode(x), reward=r[i].item(),
                                   prompt_ids=p, response_ids=x)

@@ -517,7 +517,7 @@ def test_truncated_data_file(tmp_path):
 
 def test_tiny_data_is_made_in_a_folder_that_does_not_exist_yet(tmp_path):
     data = stages.load_data(str(tmp_path / "new" / "folder"), "tiny")
-    assert len(data["train"]) == 4000 and data["tokenizer"] == "words" and len(data["words"]) == 178
+    assert len(data["train"]) == 12000 and data["tokenizer"] == "words" and len(data["words"]) == 156
 
 
 def test_corrupt_checkpoint(tmp_path):

@@ -196,7 +196,8 @@ def test_missing_data_is_a_one_line_error(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--n-eval", "5000"], r"--n-eval 5000 \+ 32 held-out prompts of PPO's reward model: the test split of .*tiny.npz "
                            r"has \d+ reviews longer than --min-chars 100"),
-    (["--n-prompts", "5000", "--ppo-batch", "5000"], r"--ppo-batch 5000: a rollout draws 5000 prompts, but the train split of .*tiny.npz has \d+ reviews"),
+    (["--runs", "ppo-gt:3", "--n-prompts", "20000", "--ppo-batch", "20000"],
+     r"--ppo-batch 20000: a rollout draws 20000 prompts, but the train split of .*tiny.npz has \d+ reviews"),
 ])
 def test_sizes_the_data_cannot_serve_are_refused_before_sft(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
@@ -453,7 +454,7 @@ def test_evaluation_prompts_come_from_the_test_split(tmp_path, monkeypatch):
     monkeypatch.setattr(stages, "load_data", lambda *a: data)
     monkeypatch.setattr(stages, "sft", lambda *a: tiny_gpt(0, vocab=len(words) + 1))
     monkeypatch.setattr(stages, "classifier", lambda *a: None)
-    monkeypatch.setattr(stages, "make_pairs", lambda sft, rm, prompts, args, eos, name="pairs.pt":
+    monkeypatch.setattr(stages, "make_pairs", lambda sft, rm, prompts, args, eos, name="pairs.pt", truth=None:
                         seen.setdefault(name, prompts) and dict(prompt=[], chosen=[], rejected=[]))
     monkeypatch.setattr(stages, "best_of_n", lambda sft, rm, prompts, args, eos: seen.setdefault("best_of_n", prompts))
     monkeypatch.setattr(stages, "evaluate",

@@ -259,7 +259,8 @@ def test_a_trained_classifier_rewards_the_positive_label(tmp_path):
     reviews = lambda n, lo, hi: [rng.integers(lo, hi, int(rng.integers(14, 24))).tolist() for _ in range(n)]
     train = reviews(64, 1, 10) + reviews(64, 10, 20)
     test = reviews(10, 1, 10) + reviews(10, 10, 20)
-    data = dict(train=make_split(train, [1] * 64 + [0] * 64), test=make_split(test, [1] * 10 + [0] * 10))
+    data = dict(tokenizer="gpt2", train=make_split(train, [1] * 64 + [0] * 64),
+                test=make_split(test, [1] * 10 + [0] * 10))
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-layer", "1",
                             "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--max-new-tokens", "8",
                             "--rm-steps", "40", "--rm-lr", "3e-3", "--batch", "16", "--warmup", "1"])
@@ -347,7 +348,7 @@ def test_the_classifier_trains_on_crops_at_the_warmup_learning_rate(tmp_path, mo
     rng = np.random.default_rng(1)
     eos = 20
     train_reviews = [rng.integers(0, 20, int(rng.integers(24, 30))).tolist() for _ in range(32)]
-    data = dict(train=make_split(train_reviews, [k % 2 for k in range(32)]),
+    data = dict(tokenizer="gpt2", train=make_split(train_reviews, [k % 2 for k in range(32)]),
                 test=make_split(train_reviews[:4], [0, 1, 0, 1]))
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-layer", "1",
                             "--n-head", "2", "--n-embd", "32", "--block-size", "48", "--max-new-tokens", "8",
