@@ -30,9 +30,9 @@ from model import GPT, GPTConfig, get_tokenizer, left_pad
 def load_data(data_dir, name):
     path = os.path.join(data_dir, f"{name}.npz")
     with local_rank_first():
-        stale = not os.path.exists(path) or load_corpus(path)["words"] != tiny_vocabulary()
-        if name == "tiny" and stale:
-            # made offline in seconds; also replaces an older nanoDPO's corpus
+        # made offline in seconds; also replaces the corpus of an older generator
+        if name == "tiny" and (not os.path.exists(path)
+                               or load_corpus(path)["words"] != tiny_vocabulary()):
             prepare_tiny(data_dir)
     return load_corpus(path)
 
