@@ -32,6 +32,7 @@ LABELS = {"dpo": "DPO beta={}", "ft": "Preferred-FT", "ul": "Unlikelihood alpha=
           "cdpo": "cDPO beta={}", "ppo": "PPO target KL {}", "ppo-gt": "PPO-GT target KL {}", "simpo": "SimPO beta={}",
           "orpo": "ORPO lambda={}", "kto": "KTO beta={}", "rloo": "RLOO beta={}", "grpo": "GRPO beta={}"}
 MARKERS = ["o", "s", "^", "D", "v", "P"]
+KL_SHOWN = 12  # nats: the frontier's x axis ends here, so that one run far out does not flatten the rest
 SFT_LABEL = "SFT reference pi_ref: every run's start, KL 0"
 
 
@@ -104,6 +105,12 @@ def frontier_figure(out_dir, names=None):
     if runs:  # every run starts as the SFT reference: its step-0 evaluation, at KL 0 by definition
         first = next(iter(runs.values()))[0]
         ax.scatter([0], [first["reward"]], c="black", marker="*", s=160, zorder=3, label=SFT_LABEL)
+    beyond = sorted({LABELS.get(n.partition("_")[0], n).format(n.partition("_")[2])
+                     for n, recs in runs.items() for r in recs if r["kl"] > KL_SHOWN})
+    if beyond:  # said on the panel, not dropped silently
+        ax.set_xlim(-0.02 * KL_SHOWN, KL_SHOWN)
+        ax.text(0.98, 0.02, f"past KL {KL_SHOWN}, not shown: " + ", ".join(beyond), fontsize=7,
+                ha="right", transform=ax.transAxes, wrap=True)
     ax.set(xlabel="KL(pi || pi_ref), summed over the response", ylabel="mean reward r*(x, y)",
            title=f"reward vs KL frontier ({os.path.basename(os.path.normpath(out_dir))})")
     seen = "training examples seen (pairs; online runs: samples)"

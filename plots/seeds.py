@@ -27,7 +27,7 @@ from plots.frontier import read_runs, run_style  # noqa: E402
 FAMILIES = {"DPO and its variants": ("dpo", "ipo", "cdpo"), "DPO's successors": ("simpo", "orpo", "kto"),
             "PPO": ("ppo",), "PPO-GT": ("ppo-gt",), "RLOO and GRPO": ("rloo", "grpo"),
             "Preferred-FT, Unlikelihood": ("ft", "ul")}
-DASHES = ["-", "--", ":", "-."]
+DASHES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]  # five seeds apart
 
 
 def envelope(records):

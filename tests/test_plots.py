@@ -157,3 +157,18 @@ def test_frontier_draws_reward_against_kl(tmp_path, monkeypatch):
     assert frontier, "no axes draws the evaluations at (KL, reward)"
     assert "kl" in frontier[0].get_xlabel().lower() and "reward" in frontier[0].get_ylabel().lower()
     assert not any(swapped & drawn_points(ax) - points for ax in fig.axes)
+
+
+def test_the_frontier_names_the_runs_it_cuts_off_past_its_kl_axis(tmp_path):
+    """A run far out (SimPO at 45 nats) would squeeze every other frontier into the first nats: the axis
+    ends at KL_SHOWN and the panel names each run with evaluations past it; without one, nothing is cut."""
+    from plots.frontier import KL_SHOWN
+    fake_out(tmp_path / "near", [0.5, 0.6, 0.7], [0.0, 2.0, 4.0])
+    ax = frontier_figure(str(tmp_path / "near")).axes[0]
+    assert ax.get_xlim()[1] >= 4.0 and not any("past KL" in t.get_text() for t in ax.texts)
+    fake_out(tmp_path / "far", [0.5, 0.6, 0.7], [0.0, 2.0, KL_SHOWN + 30])
+    ax = frontier_figure(str(tmp_path / "far")).axes[0]
+    assert ax.get_xlim()[1] == KL_SHOWN
+    said = [t.get_text() for t in ax.texts if "past KL" in t.get_text()]
+    assert said == [f"past KL {KL_SHOWN}, not shown: DPO beta=0.1, PPO-GT target KL 6"]
+    plt.close("all")
