@@ -36,11 +36,13 @@ def envelope(records):
     return [k for k, _ in pts], list(np.maximum.accumulate([r for _, r in pts]))
 
 
-def summary(out_dirs):
-    """{run: [(reward, kl) of its last evaluation, one per seed]} for the runs every seed has."""
+def summary(out_dirs, keys=("reward", "kl")):
+    """{run: [(its last evaluation's keys), one per seed]} for the runs every seed has; nan where
+    a record has no such key (reward_exact: only where the data knows the truth)."""
     per_seed = [read_runs(d) for d in out_dirs]
     common = set(per_seed[0]).intersection(*per_seed[1:])
-    return {name: [(runs[name][-1]["reward"], runs[name][-1]["kl"]) for runs in per_seed] for name in sorted(common)}
+    return {name: [tuple(runs[name][-1].get(k, np.nan) for k in keys) for runs in per_seed]
+            for name in sorted(common)}
 
 
 def binned(out_dirs, edges):
@@ -98,10 +100,13 @@ def main():
     p.add_argument("--figure", default="seeds.png")
     p.add_argument("--bins", help="KL bin edges, e.g. 0,2.5,5,11: also print each family's mean reward per bin and seed")
     a = p.parse_args()
-    print(f"{'run':14}{'reward mean':>12}{'(min - max)':>16}{'KL mean':>9}{'(min - max)':>14}")
-    for name, vals in summary(a.out_dirs).items():
-        r, k = np.array(vals).T
-        print(f"{name:14}{r.mean():>12.3f}   ({r.min():.3f} - {r.max():.3f}){k.mean():>9.1f}   ({k.min():.1f} - {k.max():.1f})")
+    keys = ("reward", "kl", "length", "reward_exact")
+    print("last evaluation of every run, mean (min - max) over the seeds:")
+    print("| run | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
+    for name, vals in summary(a.out_dirs, keys).items():
+        cells = [f"{v.mean():.{d}f} ({v.min():.{d}f} - {v.max():.{d}f})" if not np.isnan(v).any()
+                 else "-" for v, d in zip(np.array(vals).T, (3, 1, 1, 3))]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     if a.bins:
         edges = [float(x) for x in a.bins.split(",")]
         print("mean reward of the evaluations (after step 0) in each KL bin, one column per seed:")

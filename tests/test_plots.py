@@ -43,6 +43,8 @@ def test_seed_summary_and_figures(tmp_path):
     fake_out(tmp_path / "s2", [0.5, 0.62, 0.8], [0.0, 3.0, 6.0])
     table = summary([str(tmp_path / "s1"), str(tmp_path / "s2")])
     assert table["dpo_0.1"] == [(0.7, 4.0), (0.8, 6.0)] and table["ppo-gt_6"][1] == (pytest.approx(0.9), 6.0)
+    exact = summary([str(tmp_path / "s1")], keys=("kl", "reward_exact"))["dpo_0.1"]
+    assert exact[0][0] == 4.0 and np.isnan(exact[0][1])  # no truth recorded: nan, not an error
     assert plot_seeds([str(tmp_path / "s1"), str(tmp_path / "s2")], str(tmp_path / "seeds.png")) == str(tmp_path / "seeds.png")
     assert (tmp_path / "seeds.png").stat().st_size > 10_000
     plot_frontier(str(tmp_path / "s1"), str(tmp_path / "f" / "frontier.png"), names=["dpo_0.1"])
