@@ -189,7 +189,13 @@ class GPT(nn.Module):
         keys = prompt_mask.bool()  # (B, T_so_far) which keys are real
         pos = (keys.long().cumsum(1) - 1).clamp(min=0)  # left padding: the first real token is position 0
         next_pos = keys.long().sum(1)  # (B,)
-        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.lm_head.weight.dtype) if use_cache else None
+        # keys and values come out of c_attn in the autocast dtype
+        amp = torch.is_autocast_enabled(idx.device.type)
+        kv_dtype = torch.get_autocast_dtype(idx.device.type) if amp else self.lm_head.weight.dtype
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, B, T + max_new_tokens, idx.device, kv_dtype)
+        logits_dtype = torch.promote_types(self.lm_head.weight.dtype, torch.float32)
         seq, x, x_pos = idx, idx, pos
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         new, new_mask = [], []
@@ -201,7 +207,11 @@ class GPT(nn.Module):
             own[:, Tk - Tq:] = torch.eye(Tq, dtype=torch.bool, device=idx.device)
             mask = (keys[:, None, None, :] & causal) | own  # (B, 1, Tq, Tk)
             h = self(x, x_pos, mask, cache)
-            logits = self.lm_head(h[:, -1]).float()  # (B, V): full logits only for the last position
+            # (B, V): full logits only for the last position, in fp32 even under autocast:
+            # rounded to bf16, GPT-2's logits (-60 to -75) would move by steps of 0.25 to 0.5,
+            # and samples with them
+            with torch.autocast(idx.device.type, enabled=False):
+                logits = F.linear(h[:, -1].to(logits_dtype), self.lm_head.weight.to(logits_dtype))
             if temperature == 0:
                 tok = logits.argmax(-1)
             else:

@@ -289,7 +289,7 @@ def test_generate_positions_are_those_of_the_prompt_alone():
 
 
 def test_generate_under_bf16_autocast_on_cpu():
-    """What sampling does on CUDA (common.amp: bf16 autocast), on a CPU: the KV cache (fp32) takes bf16 keys
+    """What sampling does on CUDA (common.amp: bf16 autocast), on a CPU: the KV cache (bf16) takes bf16 keys
     and values; cached and uncached greedy generation agree, and agree with fp32 where the logits are far apart."""
     m = sharp_model(vocab=97, wpe_scale=30.0)
     idx, mask = mixed_prompts(97)
@@ -300,6 +300,57 @@ def test_generate_under_bf16_autocast_on_cpu():
     assert torch.equal(a, b) and torch.equal(am, bm)
     fp32, _ = m.generate(idx, mask, 6, temperature=0, eos=5)
     assert (a[:, 0] == fp32[:, 0]).all() and ((0 <= sampled) & (sampled < 97)).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_generate_samples_from_fp32_logits_under_bf16_autocast(device, monkeypatch):
+    """Under bf16 autocast (common.amp on CUDA; CPU autocast stands in for it) every draw's
+    probabilities are softmax(fp32 logits / T) of the last hidden state (after ln_f, as the step
+    computed it), not of logits rounded to bf16: logits of about -60 (GPT-2's size), where bf16's
+    step of 0.25 moves probabilities by a fifth."""
+    m = sharp_model(vocab=97).to(device)
+    # every logit -60 plus a spread of a few units, as GPT-2's: h[0] = 1, w[:, 0] = -60
+    with torch.no_grad():
+        m.transformer.wte.weight[:, 0] = -60.0
+        m.transformer.ln_f.weight[0], m.transformer.ln_f.bias[0] = 0.0, 1.0
+    idx, mask = (x.to(device) for x in mixed_prompts(97))
+    hidden, probs = [], []
+    m.transformer.ln_f.register_forward_hook(lambda mod, args, out: hidden.append(out[:, -1]))
+    multinomial = torch.multinomial
+
+    def recorded(p, n, generator=None):  # the probabilities each draw is made from
+        probs.append(p)
+        return multinomial(p, n, generator=generator)
+    monkeypatch.setattr(torch, "multinomial", recorded)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        m.generate(idx, mask, 4, temperature=0.7, generator=torch.Generator(device).manual_seed(0))
+    assert len(probs) == len(hidden) == 4
+    for h, p in zip(hidden, probs):
+        logits = h.double() @ m.lm_head.weight.detach().double().t()
+        assert logits.max() < -50
+        want = torch.softmax(logits / 0.7, -1)
+        rounded = torch.softmax(logits.to(torch.bfloat16).double() / 0.7, -1)
+        rel = lambda q: ((q.double() - want).abs() / want).max().item()
+        assert rel(p) < 1e-4 and rel(rounded) > 0.1, (rel(p), rel(rounded))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_kv_cache_is_allocated_in_the_autocast_dtype(device, monkeypatch):
+    """Keys and values come out of c_attn in bf16 under autocast: the cache holds bf16 (half the
+    memory of the fp32 weights' dtype, no cast at each step), and the weights' dtype without autocast."""
+    made = []
+
+    class Recorded(model_module.KVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self.k.dtype)
+    monkeypatch.setattr(model_module, "KVCache", Recorded)
+    m = sharp_model(vocab=97).to(device)
+    idx, mask = (x.to(device) for x in mixed_prompts(97))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        m.generate(idx, mask, 3, temperature=0)
+    m.generate(idx, mask, 3, temperature=0)
+    assert made == [torch.bfloat16, torch.float32]
 
 
 def ragged_batch(vocab=97, lengths=(9, 3, 14, 1, 6)):
