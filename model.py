@@ -176,6 +176,12 @@ class GPT(nn.Module):
         with torch.autocast(h.device.type, enabled=False):  # fp32: in bf16 close rewards would tie
             return self.score_head(h[torch.arange(h.size(0), device=h.device), last].float()).squeeze(-1)
 
+    def values(self, h):
+        """The scalar head at every position (PPO's value head): h (B, T, C) -> (B, T) in fp32, as
+        score."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.score_head(h.float()).squeeze(-1)
+
     @torch.no_grad()
     def generate(self, idx, prompt_mask, max_new_tokens, temperature=1.0, top_k=None, eos=None,
                  generator=None, use_cache=True):

@@ -118,7 +118,7 @@ def ppo_loss(model, batch, impl):
     from the same hidden states; the clipped objective plus VF_COEF times the clipped value loss."""
     h = model(batch.idx, lengths=real_lengths(batch.mask))
     logp = logprobs(model, None, batch.idx, batch.targets, batch.mask, impl, hidden=h).token_pol
-    values = unwrap(model).score_head(h).squeeze(-1).float()
+    values = unwrap(model).values(h)
     pg, clipfrac = policy_loss(logp, batch.logp, batch.advantages, batch.mask)
     vf = value_loss(values, batch.values, batch.returns, batch.mask)
     return pg + VF_COEF * vf, {"pg": pg.item(), "vf": vf.item(), "clipfrac": clipfrac.item()}
@@ -220,7 +220,7 @@ def rollout(policy, ref, score_fn, prompts, seed, args, eos):
         out = logprobs(policy, ref, idx, targets, mask, args.impl, with_kl=True, hidden=h)
         values = None  # RLOO, GRPO
         if policy.score_head is not None:  # PPO's value head
-            values = policy.score_head(h).squeeze(-1).float() * mask
+            values = policy.values(h) * mask
     policy.train()
     exact_kl = out.kl.sum(-1).float().mean().item()
     score_mean, kl = global_mean(s.mean().item(), exact_kl, device=s.device)
