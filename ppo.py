@@ -163,12 +163,17 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, beta):
     pi_ref) under samples of pi), at the current pi. Averaged over every response token of the batch
     (DAPO's token-level mean), not the paper's mean over each sequence's tokens first: that one
     weighs a token of a short response more than one of a long response, a bias in the length the
-    policy learns (Liu et al. 2025). ref_logp: pi_ref's, a constant. Returns the loss, the fraction
-    of tokens where the clip binds, and the mean KL_t."""
+    policy learns (Liu et al. 2025). ref_logp: pi_ref's, a constant. Under torchrun the mean is over
+    every rank's tokens, as whiten's: each rank divides its sum by the ranks' mean token count, so
+    DDP's mean of the ranks' gradients is that of one token mean (not a mean of the ranks' means).
+    Returns the loss, the fraction of tokens where the clip binds, and the mean KL_t (this rank's)."""
     per_token, binds = clipped_surrogate(logp, old_logp, adv[:, None])
     d = ref_logp.detach() - logp
     kl = torch.exp(d) - d - 1
-    return masked_mean(per_token + beta * kl, mask), masked_mean(binds, mask), masked_mean(kl, mask)
+    # every rank's mean token count; one process: mask.sum(), so masked_mean's value
+    n = global_mean(mask.sum().item(), device=mask.device)[0]
+    loss = ((per_token + beta * kl) * mask).sum() / n
+    return loss, masked_mean(binds, mask), masked_mean(kl, mask)
 
 
 def critic_free_loss(model, batch, method, beta, impl):

@@ -220,3 +220,40 @@ def test_whitening_is_over_every_token_of_the_rollout_not_a_mean_of_ranks(tmp_pa
     want = (raw - raw.mean()) / raw.std(unbiased=False)  # float64, one process over the same 13 tokens
     torch.testing.assert_close(values, want, rtol=0, atol=1e-6)
     assert ranks[0][0, 3] == 0  # off the mask
+
+
+def _grpo_unequal_shares(rank, tmp):
+    """GRPO's loss and its gradient on one rank's share: rank 0 holds 3 response tokens, rank 1
+    holds 10."""
+    logp, old, ref, adv, mask = (x.clone() for x in GRPO_CASE[rank])
+    logp.requires_grad_()
+    loss = ppo.grpo_loss(logp, old, ref, adv, mask, 0.1)[0]
+    loss.backward()
+    return loss.detach(), logp.grad
+
+
+def grpo_share(seed, B, T, n_real):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    moved = lambda s: logp + torch.randn(B, T, generator=g, dtype=torch.float64) * s
+    mask = (torch.arange(T) < n_real)[None].expand(B, T)
+    return logp, moved(0.1), moved(0.5), torch.randn(B, generator=g, dtype=torch.float64), mask
+
+
+GRPO_CASE = [grpo_share(0, 1, 5, 3), grpo_share(1, 2, 5, 5)]
+
+
+def test_grpo_loss_is_one_token_mean_over_every_rank(tmp_path):
+    """DDP averages the ranks' gradients: under two gloo ranks with 3 and 10 tokens, the mean of
+    their losses and of their gradients is GRPO's loss and gradient of one process over all 13
+    tokens (a mean of the ranks' token means would weigh each of rank 0's tokens 10/3 times as much
+    as one of rank 1's)."""
+    ranks = spawn(_grpo_unequal_shares, 2, tmp_path)
+    assert all(isinstance(r, tuple) for r in ranks), ranks
+    whole = [torch.cat(xs) for xs in zip(*GRPO_CASE)]
+    logp = whole[0].clone().requires_grad_()
+    loss = ppo.grpo_loss(logp, *whole[1:], 0.1)[0]
+    loss.backward()
+    torch.testing.assert_close((ranks[0][0] + ranks[1][0]) / 2, loss.detach(), rtol=1e-12, atol=0)
+    grads = torch.cat([r[1] for r in ranks]) / 2
+    torch.testing.assert_close(grads, logp.grad, rtol=1e-12, atol=1e-15)
