@@ -332,15 +332,39 @@ def default_cache_dir():
     return os.environ.get("NANODPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanodpo"))
 
 
+class KeepLinkedEtag(urllib.request.HTTPRedirectHandler):
+    """Redirects followed as urllib does, keeping the Hugging Face hub's X-Linked-Etag, the sha256 of the file,
+    which only the hub's redirect carries: the CDN it points to answers with an ETag of its own (another hash
+    for files stored in Xet). The final response gets the header."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.linked_etag = headers.get("X-Linked-Etag") or getattr(req, "linked_etag", None)
+        return new
+
+    def http_response(self, req, response):
+        if getattr(req, "linked_etag", None) and "X-Linked-Etag" not in response.headers:
+            response.headers["X-Linked-Etag"] = req.linked_etag
+        return response
+
+    https_response = http_response
+
+
+def open_url(url, timeout):
+    """urllib's urlopen(url), but with the hub's X-Linked-Etag kept (KeepLinkedEtag)."""
+    return urllib.request.build_opener(KeepLinkedEtag()).open(url, timeout=timeout)
+
+
 def download(url, path):
     """Download url to path with a progress line. The bytes go to path.part, are checked against the
-    server's size (and sha256, when it sends one as ETag), and only then renamed to path."""
+    server's size (and sha256, when the hub sends it as X-Linked-Etag), and only then renamed to path."""
     tmp = path + ".part"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+        with open_url(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0)
-            etag = (r.headers.get("X-Linked-Etag") or r.headers.get("ETag") or "").strip('"')
+            etag = (r.headers.get("X-Linked-Etag") or "").strip('"')
             sha, got = hashlib.sha256(), 0
             while chunk := r.read(1 << 20):
                 f.write(chunk)

@@ -4,11 +4,13 @@
 """
 import copy
 import hashlib
+import http.server
 import io
 import json
 import math
 import os
 import struct
+import threading
 import urllib.error
 
 import pytest
@@ -508,17 +510,17 @@ class FakeResponse(io.BytesIO):
 
 @pytest.mark.parametrize("fail", [True, False], ids=["connection-reset", "short-read"])
 def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, fail):
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", lambda url, timeout: FakeResponse(100, 1000, fail))
+    monkeypatch.setattr(model_module, "open_url", lambda url, timeout: FakeResponse(100, 1000, fail))
     with pytest.raises(UsageError, match="could not download the gpt2 weights"):
         GPT.from_pretrained("gpt2", cache_dir=str(tmp_path))
     assert [f for _, _, files in os.walk(tmp_path) for f in files] == []  # no file a later run could trust
 
 
 def test_download_completes_and_is_reused(tmp_path, monkeypatch):
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", lambda url, timeout: FakeResponse(1000, 1000, False))
+    monkeypatch.setattr(model_module, "open_url", lambda url, timeout: FakeResponse(1000, 1000, False))
     path = model_module.download_gpt2("gpt2", str(tmp_path))
     assert os.path.getsize(path) == 1000 and not os.path.exists(path + ".part")
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", None)  # a second call must not download
+    monkeypatch.setattr(model_module, "open_url", None)  # a second call must not download
     assert model_module.download_gpt2("gpt2", str(tmp_path)) == path
 
 
@@ -533,12 +535,12 @@ class ChunkedResponse(io.BytesIO):
         return super().read(min(n, 300) if n > 0 else 300)
 
 
-@pytest.mark.parametrize("headers", [{}, {"Content-Length": "1000"}, {"X-Linked-Etag": '"SHA"'}, {"ETag": '"SHA"'}],
-                         ids=["no-length", "length", "x-linked-etag", "etag"])
+@pytest.mark.parametrize("headers", [{}, {"Content-Length": "1000"}, {"X-Linked-Etag": '"SHA"'}],
+                         ids=["no-length", "length", "x-linked-etag"])
 def test_download_in_chunks_checks_its_size_and_sha256(tmp_path, monkeypatch, headers):
     """download over a connection that sends 1000 bytes in chunks of 300, into a folder that exists already (as an
     interrupted download leaves it): the file is complete whether or not the server sends its length, and it is
-    checked against a sha256 sent as the (quoted) ETag; a wrong one is refused and leaves nothing."""
+    checked against a sha256 sent as the (quoted) X-Linked-Etag; a wrong one is refused and leaves nothing."""
     body = bytes(range(256)) * 3 + bytes(232)
     sha = hashlib.sha256(body).hexdigest()
     urls = []
@@ -550,21 +552,76 @@ def test_download_in_chunks_checks_its_size_and_sha256(tmp_path, monkeypatch, he
         return urlopen
     path = str(tmp_path / "gpt2" / "model.safetensors")
     os.makedirs(os.path.dirname(path))
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", serve(sha))
+    monkeypatch.setattr(model_module, "open_url", serve(sha))
     model_module.download("https://example.org/w", path)
     assert open(path, "rb").read() == body and urls == ["https://example.org/w"]
     if any("SHA" in v for v in headers.values()):
         os.remove(path)
-        monkeypatch.setattr(model_module.urllib.request, "urlopen", serve(hashlib.sha256(b"other").hexdigest()))
+        monkeypatch.setattr(model_module, "open_url", serve(hashlib.sha256(b"other").hexdigest()))
         with pytest.raises(IOError, match="has sha256 " + sha):
             model_module.download("https://example.org/w", path)
         assert os.listdir(tmp_path / "gpt2") == []
 
 
+def serve_hub(body, linked):
+    """A local stand-in for huggingface.co: /gpt2/resolve/main/model.safetensors answers 302 with the file's
+    sha256 `linked` as X-Linked-Etag (quoted, as the hub does) and Location on its CDN, /cdn/<hash>, which sends
+    the bytes with an ETag of its own, 64 hex digits too (Xet's hash, not the sha256). Returns (server, url)."""
+    xet = hashlib.sha256(b"xet" + body).hexdigest()
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/gpt2/resolve/main/model.safetensors":
+                self.send_response(302)
+                self.send_header("X-Linked-Etag", f'"{linked}"')
+                self.send_header("X-Linked-Size", str(len(body)))
+                self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/cdn/{xet}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif self.path == f"/cdn/{xet}":
+                self.send_response(200)
+                self.send_header("ETag", f'"{xet}"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):  # quiet
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/gpt2/resolve/main/model.safetensors"
+
+
+def test_download_checks_the_sha256_of_the_hubs_redirect_not_the_cdns_etag(tmp_path, monkeypatch):
+    """Through a local server that redirects as the hub does: the file is checked against the X-Linked-Etag of
+    the redirect, which urllib's own redirect would drop, and the CDN's different ETag is not compared; a linked
+    sha256 that the bytes do not have is refused and leaves nothing."""
+    for k in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):  # 127.0.0.1 itself, whatever the machine's
+        monkeypatch.delenv(k, raising=False)
+    body = os.urandom(3000)
+    path = str(tmp_path / "gpt2" / "model.safetensors")
+    server, url = serve_hub(body, hashlib.sha256(body).hexdigest())
+    try:
+        model_module.download(url, path)
+    finally:
+        server.shutdown()
+    assert open(path, "rb").read() == body
+    wrong = hashlib.sha256(b"other").hexdigest()
+    server, url = serve_hub(body, wrong)
+    try:
+        with pytest.raises(IOError, match=f"has sha256 {hashlib.sha256(body).hexdigest()}, expected {wrong}"):
+            model_module.download(url, str(tmp_path / "again" / "model.safetensors"))
+    finally:
+        server.shutdown()
+    assert os.listdir(tmp_path / "again") == []
+
+
 def test_offline_error_says_where_to_put_weights(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise urllib.error.URLError("Name or service not known")
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(model_module, "open_url", offline)
     with pytest.raises(UsageError, match=r"huggingface.co/gpt2/resolve/main/model.safetensors.*put it at"):
         GPT.from_pretrained("gpt2", cache_dir=str(tmp_path))
 
