@@ -47,7 +47,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask=None, cache=None, layer=0):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, T_past + T, hs)
         # without an explicit mask every row is real (right padding only pads the end): plain causal
@@ -66,7 +67,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+        # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
@@ -82,9 +84,11 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), mask, cache, layer)
         if real is None:
             return x + self.mlp(self.ln_2(x))
-        # the MLP reads each position alone: run it on the real ones only (real: their indices in the flat (B*T, C))
+        # the MLP reads each position alone: run it on the real ones only (real: their indices in
+        # the flat (B*T, C))
         flat = x.flatten(0, 1)
-        return flat.index_add(0, real, self.mlp(self.ln_2(flat.index_select(0, real))).to(x.dtype)).view_as(x)
+        return flat.index_add(
+            0, real, self.mlp(self.ln_2(flat.index_select(0, real))).to(x.dtype)).view_as(x)
 
 
 class KVCache:
@@ -150,13 +154,14 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> hidden states (B, T, C) after ln_f.
         pos (B, T) positions (default 0..T-1); mask (B, 1, T, T_keys) boolean, True = may attend;
         cache: a KVCache that this call appends to.
-        lengths (B,): with right-padded rows, the count of real tokens of each; the MLPs (two thirds of the
-        compute) then skip the padding after them, whose states are left unfinished: no real position attends
-        to a later one, so theirs are the same."""
+        lengths (B,): with right-padded rows, the count of real tokens of each; the MLPs (two thirds
+        of the compute) then skip the padding after them, whose states are left unfinished: no real
+        position attends to a later one, so theirs are the same."""
         B, T = idx.size()
         start = cache.len if cache is not None else 0
         if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+                             f"{self.config.block_size}")
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
@@ -170,10 +175,12 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def score(self, h, mask):
-        """Scalar head on the last real token: h (B, T, C), mask (B, T) right-padded -> (B,) in fp32."""
+        """Scalar head on the last real token: h (B, T, C), mask (B, T) right-padded -> (B,) in
+        fp32."""
         last = mask.long().sum(1).clamp(min=1) - 1
         with torch.autocast(h.device.type, enabled=False):  # fp32: in bf16 close rewards would tie
-            return self.score_head(h[torch.arange(h.size(0), device=h.device), last].float()).squeeze(-1)
+            return self.score_head(
+                h[torch.arange(h.size(0), device=h.device), last].float()).squeeze(-1)
 
     def values(self, h):
         """The scalar head at every position (PPO's value head): h (B, T, C) -> (B, T) in fp32, as
@@ -190,9 +197,11 @@ class GPT(nn.Module):
         Returns new (B, T_new) ids and their mask (B, T_new): True up to and including EOS."""
         B, T = idx.size()
         if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds block_size {self.config.block_size}")
+            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds "
+                             f"block_size {self.config.block_size}")
         keys = prompt_mask.bool()  # (B, T_so_far) which keys are real
-        pos = (keys.long().cumsum(1) - 1).clamp(min=0)  # left padding: the first real token is position 0
+        # left padding: the first real token is position 0
+        pos = (keys.long().cumsum(1) - 1).clamp(min=0)
         next_pos = keys.long().sum(1)  # (B,)
         # keys and values come out of c_attn in the autocast dtype
         amp = torch.is_autocast_enabled(idx.device.type)
@@ -246,10 +255,11 @@ class GPT(nn.Module):
 # ---------------------------------------------------------------- tokenizers
 
 class WordTokenizer:
-    """Whole words and single punctuation marks as tokens, then <|endoftext|>: the tiny preset's language, so
-    that what its models write can be read. The vocabulary is given (data/tiny/prepare.py derives it from the
-    generator's word lists); a word outside it is an error. decode puts a space between words, none before
-    . , ! : ) and none after (, which rebuilds the generator's text exactly."""
+    """Whole words and single punctuation marks as tokens, then <|endoftext|>: the tiny preset's
+    language, so that what its models write can be read. The vocabulary is given
+    (data/tiny/prepare.py derives it from the generator's word lists); a word outside it is an
+    error. decode puts a space between words, none before . , ! : ) and none after (, which
+    rebuilds the generator's text exactly."""
     PATTERN = r"\w+|[^\w\s]"
 
     def __init__(self, words):
@@ -261,7 +271,8 @@ class WordTokenizer:
         try:
             return [self.ids[w] for w in re.findall(self.PATTERN, text)]
         except KeyError as e:
-            raise ValueError(f"{e.args[0]!r} is not in the tokenizer's vocabulary of {self.n_vocab - 1} words") from None
+            raise ValueError(f"{e.args[0]!r} is not in the tokenizer's vocabulary of "
+                             f"{self.n_vocab - 1} words") from None
 
     def encode_ordinary_batch(self, texts):
         return [self.encode_ordinary(t) for t in texts]
@@ -280,16 +291,20 @@ def get_tokenizer(name, words=None):
     import tiktoken
     if name == "gpt2":
         try:
-            return tiktoken.get_encoding("gpt2")  # fetched once, then cached under $TIKTOKEN_CACHE_DIR
+            # fetched once, then cached under $TIKTOKEN_CACHE_DIR
+            return tiktoken.get_encoding("gpt2")
         except OSError as e:
-            raise UsageError(f"could not fetch GPT-2's BPE files for tiktoken ({type(e).__name__}): run once with "
-                             f"internet, or set TIKTOKEN_CACHE_DIR to a folder that holds them") from e
+            raise UsageError(f"could not fetch GPT-2's BPE files for tiktoken "
+                             f"({type(e).__name__}): run once with internet, or set "
+                             f"TIKTOKEN_CACHE_DIR to a folder that holds them") from e
     if name == "bytes":
-        return tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
+        return tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]",
+                                 mergeable_ranks={bytes([i]): i for i in range(256)},
                                  special_tokens={"<|endoftext|>": 256})
     if name == "words" and words is not None:
         return WordTokenizer(words)
-    raise ValueError(f"unknown tokenizer {name!r}: expected 'gpt2', 'bytes', or 'words' with its word list")
+    raise ValueError(f"unknown tokenizer {name!r}: expected 'gpt2', 'bytes', or 'words' with its "
+                     f"word list")
 
 
 # ------------------------------------------------------------ checkpoints
