@@ -43,7 +43,9 @@ def step_time(model_name, impl, pairs, algo="dpo", prompt=8, response=65, reps=8
     RLOO or GRPO one (policy forward, the clipped surrogate, GRPO's KL term; no value head, no reference)."""
     cfg = GPTConfig(**SHAPES[model_name], score_head=algo == "ppo")
     torch.manual_seed(0)
-    policy = GPT(cfg).to(DEVICE)
+    # initialised where it runs: gpt2-large's init takes 7-17 s on a CPU, each time
+    with torch.device(DEVICE):
+        policy = GPT(cfg)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     opt = torch.optim.RMSprop(policy.parameters(), lr=1e-6)
     g = torch.Generator().manual_seed(0)
@@ -86,7 +88,8 @@ def step_time(model_name, impl, pairs, algo="dpo", prompt=8, response=65, reps=8
 def sample_rate(model_name, batch, prompt=8, new=64):
     cfg = GPTConfig(**SHAPES[model_name])
     torch.manual_seed(0)
-    model = GPT(cfg).to(DEVICE).eval()
+    with torch.device(DEVICE):
+        model = GPT(cfg).eval()
     idx = torch.randint(0, cfg.vocab_size - 1, (batch, prompt), device=DEVICE)
     mask = torch.ones_like(idx, dtype=torch.bool)
     for i in range(2):  # the second run is timed

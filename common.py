@@ -15,6 +15,7 @@ The pipeline (one numbering, used by every file):
   7. figure      reward against KL                                            plots/frontier.py
 experiment.py runs them all (python dpo.py).
 """
+import datetime
 import json
 import os
 import time
@@ -29,12 +30,18 @@ from kernels import sequence_logprobs
 
 
 # ------------------------------------------------------------ torchrun, devices, logging
+WAIT_TIMEOUT = datetime.timedelta(hours=3)  # barrier's: gpt2-xl's 6.4 GB take 1.8 h at 1 MB/s
+_wait_group = None  # the gloo group barrier() waits in, made by setup_distributed
+
+
 def setup_distributed(device):
     """Under torchrun (WORLD_SIZE > 1): join the process group and return this rank's device; each
     rank then takes every world-th example of a global batch and DDP averages the gradients. A CUDA
     device becomes the current one, in one process too: Triton launches on the current device."""
+    global _wait_group
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        _wait_group = torch.distributed.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     if device == "cuda":  # set_device needs an index
@@ -52,8 +59,10 @@ def rank_world():
 
 
 def barrier():
+    """Every rank waits for the others, up to WAIT_TIMEOUT, in a gloo group of its own: a long wait
+    (local rank 0's download) trips neither NCCL's 10-minute timeout nor its watchdog."""
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=_wait_group)
 
 
 def global_mean(*xs, device):
@@ -176,8 +185,7 @@ def real_lengths(mask):
 
 
 def accuracy(margin):
-    """The fraction of margins above 0, a tie counting half: a scorer that tells nothing apart
-    scores 0.5."""
+    """The fraction of margins above 0, a tie counting half (telling nothing apart scores 0.5)."""
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
 
 
@@ -190,8 +198,7 @@ def masked_mean(x, mask):
 # Each stage writes out/<name>/: ckpt.pt while it runs (resumed after an interruption), model.pt
 # when done (a rerun skips it), eval.jsonl (a record per evaluation), samples.jsonl (some samples).
 def make_optimizer(model, name, lr):
-    """AdamW without weight decay, or RMSprop (--optimizer rmsprop, the paper's), on the parameters
-    that train."""
+    """AdamW (no weight decay) or RMSprop (--optimizer rmsprop, the paper's) on what trains."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr)
@@ -199,8 +206,7 @@ def make_optimizer(model, name, lr):
 
 
 def set_lr(opt, step, lr, warmup):
-    """The learning rate of a step: a linear warm-up over `warmup` steps, then constant (as in the
-    paper)."""
+    """The learning rate: a linear warm-up over `warmup` steps, then constant (as in the paper)."""
     for group in opt.param_groups:
         group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
 
@@ -243,8 +249,7 @@ def distributed(model):
 
 
 def check_finite(loss, name, step, out):
-    """Stop on a loss that is not finite: every rank raises, so none waits in DDP's all-reduce for
-    another."""
+    """Stop on a non-finite loss: all ranks raise, so none waits in DDP's all-reduce for another."""
     finite = bool(torch.isfinite(loss))
     if global_mean(float(finite), device=loss.device)[0] < 1:
         what = f"loss is {loss.item()}" if not finite else "loss is not finite on another rank"

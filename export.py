@@ -5,7 +5,7 @@ A trained model out as a Hugging Face GPT-2 folder (config.json + model.safetens
     python -c "from transformers import GPT2LMHeadModel as M; M.from_pretrained('out/dpo_0.1_hf')"
 
 It takes what sample.py takes (a stage folder, a checkpoint .pt, a Hugging Face folder) and writes
-model.save_hf's folder: the weights in Hugging Face's names and layout and the tokenizer's name
+hf.save_hf's folder: the weights in Hugging Face's names and layout and the tokenizer's name
 under "nanodpo" in config.json (GPT-2's BPE is Hugging Face's "gpt2" tokenizer). A command rather
 than a flag of dpo.py: it exports any finished run, or a checkpoint of one still training, without
 running anything again. A classifier's scalar head is not written (a language-model folder has no
@@ -14,7 +14,7 @@ place for it): its trunk and tied language-model head are.
 import sys
 
 from data.corpus import OneLineParser, UsageError
-from model import save_hf
+from hf import save_hf
 from sample import load
 
 

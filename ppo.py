@@ -118,7 +118,7 @@ def ppo_loss(model, batch, impl):
     from the same hidden states; the clipped objective plus VF_COEF times the clipped value loss."""
     h = model(batch.idx, lengths=real_lengths(batch.mask))
     logp = logprobs(model, None, batch.idx, batch.targets, batch.mask, impl, hidden=h).token_pol
-    values = unwrap(model).score_head(h).squeeze(-1).float()
+    values = unwrap(model).values(h)
     pg, clipfrac = policy_loss(logp, batch.logp, batch.advantages, batch.mask)
     vf = value_loss(values, batch.values, batch.returns, batch.mask)
     return pg + VF_COEF * vf, {"pg": pg.item(), "vf": vf.item(), "clipfrac": clipfrac.item()}
@@ -163,12 +163,17 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, beta):
     pi_ref) under samples of pi), at the current pi. Averaged over every response token of the batch
     (DAPO's token-level mean), not the paper's mean over each sequence's tokens first: that one
     weighs a token of a short response more than one of a long response, a bias in the length the
-    policy learns (Liu et al. 2025). ref_logp: pi_ref's, a constant. Returns the loss, the fraction
-    of tokens where the clip binds, and the mean KL_t."""
+    policy learns (Liu et al. 2025). ref_logp: pi_ref's, a constant. Under torchrun the mean is over
+    every rank's tokens, as whiten's: each rank divides its sum by the ranks' mean token count, so
+    DDP's mean of the ranks' gradients is that of one token mean (not a mean of the ranks' means).
+    Returns the loss, the fraction of tokens where the clip binds, and the mean KL_t (this rank's)."""
     per_token, binds = clipped_surrogate(logp, old_logp, adv[:, None])
     d = ref_logp.detach() - logp
     kl = torch.exp(d) - d - 1
-    return masked_mean(per_token + beta * kl, mask), masked_mean(binds, mask), masked_mean(kl, mask)
+    # every rank's mean token count; one process: mask.sum(), so masked_mean's value
+    n = global_mean(mask.sum().item(), device=mask.device)[0]
+    loss = ((per_token + beta * kl) * mask).sum() / n
+    return loss, masked_mean(binds, mask), masked_mean(kl, mask)
 
 
 def critic_free_loss(model, batch, method, beta, impl):
@@ -220,7 +225,7 @@ def rollout(policy, ref, score_fn, prompts, seed, args, eos):
         out = logprobs(policy, ref, idx, targets, mask, args.impl, with_kl=True, hidden=h)
         values = None  # RLOO, GRPO
         if policy.score_head is not None:  # PPO's value head
-            values = policy.score_head(h).squeeze(-1).float() * mask
+            values = policy.values(h) * mask
     policy.train()
     exact_kl = out.kl.sum(-1).float().mean().item()
     score_mean, kl = global_mean(s.mean().item(), exact_kl, device=s.device)

@@ -25,6 +25,7 @@ import torch
 import stages
 from data.corpus import OneLineParser, UsageError, load_checkpoint, write_atomic
 from data.tiny.prepare import vocabulary
+from hf import from_pretrained
 from model import GPT, GPTConfig, get_tokenizer, model_from_record
 
 CLASSIFIER = ("classifier", "reward")  # the folder of r* in a run folder (its older name second)
@@ -62,7 +63,7 @@ def load(path, device="cpu"):
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file or folder")
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        model = GPT.from_pretrained(path)
+        model = from_pretrained(path)
         named = json.load(open(os.path.join(path, "config.json"))).get("nanodpo", {})
         return model.to(device).eval(), named.get("tokenizer", "gpt2"), named.get("words", [])
     ckpt = checkpoint_of(path)

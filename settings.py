@@ -1,7 +1,8 @@
 """
-The settings of a command and of every stage it makes: the presets (tiny, imdb) and their flags, checked in one
-line before any work; the record of the settings each stage under --out was made with (settings.json), so that a
-stage is reused only when they match; the data's identity in that record; the lock of a run folder.
+The settings of a command and of every stage it makes: the presets (tiny, imdb) and their flags,
+checked in one line before any work; the record of the settings each stage under --out was made
+with (settings.json), so that a stage is reused only when they match; the data's identity in that
+record; the lock of a run folder.
 """
 import fcntl
 import hashlib
@@ -42,7 +43,8 @@ PRESETS = {
 }
 HELP = {  # one line per preset setting; --help adds its tiny and imdb defaults from PRESETS
     "init": "a GPT from scratch (--n-layer, --n-head, --n-embd), or pretrained GPT-2 (--model)",
-    "model": "the pretrained weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face folder",
+    "model": "the pretrained weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face "
+             "folder",
     "n_layer": "transformer blocks of a model from scratch",
     "n_head": "attention heads of a model from scratch; must divide --n-embd",
     "n_embd": "width of a model from scratch",
@@ -55,12 +57,14 @@ HELP = {  # one line per preset setting; --help adds its tiny and imdb defaults 
     "min_chars": "prompts are cut from reviews longer than this many characters",
     "n_prompts": "training prompts; 4 samples of pi_ref on each make the preference pairs",
     "max_new_tokens": "longest sampled response, in tokens",
-    "dpo_steps": "steps of each DPO-family run (every run but the online ones: ppo, ppo-gt, rloo, grpo)",
+    "dpo_steps": "steps of each DPO-family run (every run but the online ones: ppo, ppo-gt, rloo, "
+                 "grpo)",
     "dpo_lr": "learning rate of the DPO-family runs",
     "dpo_batch": "preference pairs per step of the DPO-family runs",
     "warmup": "steps of linear learning-rate warm-up, in every stage",
     "optimizer": "optimizer of the DPO-family and PPO runs",
-    "eval_every": "steps between evaluations of the runs and of PPO's reward model, and between checkpoints",
+    "eval_every": "steps between evaluations of the runs and of PPO's reward model, and between "
+                  "checkpoints",
     "n_eval": "held-out test prompts each evaluation samples a response for",
     "best_of": "comma-separated N of the Best-of-N baseline",
     "bt_steps": "steps of PPO's reward model (Bradley-Terry on the pairs)",
@@ -79,27 +83,36 @@ CHOICES = {"init": ("scratch", "pretrained"), "optimizer": ("adamw", "rmsprop")}
 
 
 def parser():
-    """The command line. A preset setting's help ends with its defaults, read from PRESETS so it cannot drift."""
-    preset = lambda k: f" [tiny: {PRESETS['tiny'].get(k, '-')}; imdb: {PRESETS['imdb'].get(k, '-')}]"
+    """The command line. A preset setting's help ends with its defaults, read from PRESETS so it
+    cannot drift."""
+    preset = lambda k: (f" [tiny: {PRESETS['tiny'].get(k, '-')}; "
+                        f"imdb: {PRESETS['imdb'].get(k, '-')}]")
     p = OneLineParser(description="nanoDPO: the IMDb sentiment experiment of the DPO paper")
     p.add_argument("--preset", choices=PRESETS,
-                   help="the settings' defaults, shown [tiny; imdb] below (default: imdb on CUDA, tiny otherwise)")
+                   help="the settings' defaults, shown [tiny; imdb] below "
+                        "(default: imdb on CUDA, tiny otherwise)")
     p.add_argument("--out", help="run folder, reused by a rerun (default out/<preset>)")
-    p.add_argument("--data-dir", help="folder holding <data>.npz (default data/<data>; tiny: made there if missing)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the weights, batches and samples (default 1337)")
+    p.add_argument("--data-dir", help="folder holding <data>.npz (default data/<data>; tiny: made "
+                                      "there if missing)")
+    p.add_argument("--seed", type=int, default=1337,
+                   help="seed of the weights, batches and samples (default 1337)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default cuda where torch sees a GPU)")
     p.add_argument("--impl", default="auto", choices=("auto", "triton", "reference"),
-                   help="log-prob path (kernels/): auto is the Triton kernel on CUDA, the reference elsewhere")
-    p.add_argument("--log-every", type=int, default=10, help="steps between progress lines (default 10)")
+                   help="log-prob path (kernels/): auto is the Triton kernel on CUDA, the "
+                        "reference elsewhere")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps between progress lines (default 10)")
     p.add_argument("--figure", help="the frontier figure (default <out>/frontier.png)")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of conservative DPO, cdpo (default 0.1)")
-    p.add_argument("--redo", action="store_true", help="make again every stage whose recorded settings differ")
+    p.add_argument("--label-smoothing", type=float, default=0.1,
+                   help="epsilon of conservative DPO, cdpo (default 0.1)")
+    p.add_argument("--redo", action="store_true",
+                   help="make again every stage whose recorded settings differ")
     p.add_argument("--model", help=HELP["model"] + preset("model"))
     for k, v in PRESETS["tiny"].items():  # every preset value can be overridden: --dpo-steps 50
         if k != "data":
-            p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, choices=CHOICES.get(k),
-                           help=HELP.get(k, "") + preset(k))
+            p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None,
+                           choices=CHOICES.get(k), help=HELP.get(k, "") + preset(k))
     return p
 
 
@@ -108,13 +121,15 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.preset = args.preset or ("imdb" if args.device.startswith("cuda") else "tiny")
     if args.model is not None and (args.init or PRESETS[args.preset]["init"]) == "scratch":
-        p.error(f"--model {args.model}: the {args.preset} preset trains a GPT from scratch; add --init pretrained")
+        p.error(f"--model {args.model}: the {args.preset} preset trains a GPT from scratch; add "
+                f"--init pretrained")
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = args.out or os.path.join("out", args.preset)
     check_args(p, args)
-    args.data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.data)
+    args.data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "data", args.data)
     return args
 
 
@@ -128,10 +143,12 @@ def check_args(p, args):
         n = torch.cuda.device_count()
         p.error(f"--device {args.device}: torch sees {n} GPUs, cuda:0 to cuda:{n - 1}")
     if args.impl == "triton" and args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        p.error("--impl triton: the Triton kernel needs --device cuda, or TRITON_INTERPRET=1 on a CPU (slow); "
-                "--impl auto takes the reference there")
-    if args.init == "pretrained" and args.model not in GPT.SIZES and not os.path.isdir(args.model or ""):
-        p.error(f"--model {args.model}: expected one of {', '.join(GPT.SIZES)} or a Hugging Face folder")
+        p.error("--impl triton: the Triton kernel needs --device cuda, or TRITON_INTERPRET=1 on a "
+                "CPU (slow); --impl auto takes the reference there")
+    if (args.init == "pretrained" and args.model not in GPT.SIZES
+            and not os.path.isdir(args.model or "")):
+        p.error(f"--model {args.model}: expected one of {', '.join(GPT.SIZES)} or a Hugging Face "
+                f"folder")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out}: is a file; expected a run folder")
     if args.seed < 0:
@@ -146,13 +163,16 @@ def check_args(p, args):
         p.error(f"--n-head {args.n_head}: expected a divisor of --n-embd {args.n_embd}")
     if args.init == "pretrained" and args.model in GPT.SIZES and args.block_size > 1024:
         p.error(f"--block-size {args.block_size}: GPT-2 ({args.model}) has 1024 positions")
-    if args.block_size < max(18, args.max_new_tokens + 9):  # the classifier's crops take 16 tokens and more
-        p.error(f"--block-size {args.block_size}: expected at least 18, and room for a prompt of up to 8 tokens "
-                f"and --max-new-tokens {args.max_new_tokens}")
+    # the classifier's crops take 16 tokens and more
+    if args.block_size < max(18, args.max_new_tokens + 9):
+        p.error(f"--block-size {args.block_size}: expected at least 18, and room for a prompt of "
+                f"up to 8 tokens and --max-new-tokens {args.max_new_tokens}")
     if not all(n.strip().isdigit() and int(n) > 0 for n in args.best_of.split(",")):
-        p.error(f"--best-of {args.best_of}: expected comma-separated positive whole numbers, e.g. 1,2,4,8,16")
+        p.error(f"--best-of {args.best_of}: expected comma-separated positive whole numbers, e.g. "
+                f"1,2,4,8,16")
     if not 0 <= args.label_smoothing < 0.5:
-        p.error(f"--label-smoothing {args.label_smoothing}: expected a flip probability in [0, 0.5)")
+        p.error(f"--label-smoothing {args.label_smoothing}: expected a flip probability in "
+                f"[0, 0.5)")
     try:
         args.run_list = parse_runs(args.runs)
     except ValueError as e:
@@ -161,24 +181,30 @@ def check_args(p, args):
     online, dpo_runs = methods & set(ONLINE), methods - set(ONLINE)
     for k in ["batch"] + ["dpo_batch"] * bool(dpo_runs) + ["ppo_batch"] * bool(online):
         if getattr(args, k) < world:  # under torchrun each rank takes every world-th row of a batch
-            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: fewer rows than the {world} torchrun processes")
+            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: fewer rows than the {world} "
+                    f"torchrun processes")
     grouped = {m for m in online if not METHODS[m].value_head}  # rloo, grpo
     if grouped and (args.group < 2 or args.ppo_batch % args.group):
-        p.error(f"--group {args.group}: rloo and grpo need at least 2 samples per prompt, and --ppo-batch "
-                f"{args.ppo_batch} a multiple of it")
-    for m in online:  # a rollout draws its prompts from the training prompts; each rank samples every world-th one
+        p.error(f"--group {args.group}: rloo and grpo need at least 2 samples per prompt, and "
+                f"--ppo-batch {args.ppo_batch} a multiple of it")
+    # a rollout draws its prompts from the training prompts; each rank samples every world-th one
+    for m in online:
         prompts = rollout_prompts(m, args)
         k = args.ppo_batch // prompts  # samples per prompt
         what = f"--ppo-batch {args.ppo_batch}" + f" / --group {args.group}" * (k > 1)
         if prompts < world:
-            p.error(f"{what}: a rollout of {m} draws {prompts} prompts, fewer than the {world} torchrun processes")
-        if prompts // world * k < args.ppo_minibatches:  # the fewest samples a rank gets: whole groups of k
-            share = f" / {world} processes" + f" (at least {prompts // world * k} samples each)" * (k > 1)
-            p.error(f"--ppo-minibatches {args.ppo_minibatches} is more than --ppo-batch {args.ppo_batch}"
+            p.error(f"{what}: a rollout of {m} draws {prompts} prompts, fewer than the {world} "
+                    f"torchrun processes")
+        # the fewest samples a rank gets: whole groups of k
+        if prompts // world * k < args.ppo_minibatches:
+            share = (f" / {world} processes"
+                     + f" (at least {prompts // world * k} samples each)" * (k > 1))
+            p.error(f"--ppo-minibatches {args.ppo_minibatches} is more than --ppo-batch "
+                    f"{args.ppo_batch}"
                     + share * (world > 1) + f": a minibatch of {m} would be empty")
         if prompts > args.n_prompts:
-            p.error(f"{what} is more than --n-prompts {args.n_prompts}: a rollout of {m} draws {prompts} different "
-                    f"training prompts")
+            p.error(f"{what} is more than --n-prompts {args.n_prompts}: a rollout of {m} draws "
+                    f"{prompts} different training prompts")
 
 
 # ----------------------------------------------------------------------------- the settings each stage was made with

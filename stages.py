@@ -23,6 +23,7 @@ from common import (accuracy, amp, barrier, derive_seed, fit, is_main, layout, l
                     log, logprobs, masked_mean, pack, rank_world, real_lengths, sharded, unwrap)
 from data.corpus import load_checkpoint, load_corpus, save_checkpoint, write_atomic
 from data.tiny.prepare import p_positive, prepare as prepare_tiny, vocabulary as tiny_vocabulary
+from hf import from_pretrained
 from model import GPT, GPTConfig, get_tokenizer, left_pad
 
 
@@ -50,7 +51,7 @@ def make_model(args, vocab_size, score_head=False):
     args.seed."""
     if args.init == "pretrained":
         with local_rank_first():  # one download per machine
-            model = GPT.from_pretrained(args.model, dropout=0.0, score_head=score_head)
+            model = from_pretrained(args.model, dropout=0.0, score_head=score_head)
             return model.to(args.device)
     cfg = GPTConfig(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer,
                     n_head=args.n_head, n_embd=args.n_embd, score_head=score_head)

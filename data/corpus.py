@@ -3,13 +3,16 @@ The format every data set is prepared into: labelled reviews, tokenised, in one 
 
     <name>.npz   for each split s in (train, test):
                  s_tokens  uint16 (total tokens,)  every review's token ids, one after another
-                 s_offsets int64  (reviews + 1,)   review i is s_tokens[s_offsets[i]:s_offsets[i + 1]]
+                 s_offsets int64  (reviews + 1,)   review i is
+                                                   s_tokens[s_offsets[i]:s_offsets[i + 1]]
                  s_labels  uint8  (reviews,)       1 = positive, 0 = negative
                  s_chars   int32  (reviews,)       length of the review text in characters
                  tokenizer                the name for model.get_tokenizer: gpt2, bytes or words
-                 words     str    (vocabulary,)    the word list of a 'words' tokenizer (empty otherwise)
+                 words     str    (vocabulary,)    the word list of a 'words' tokenizer (empty
+                                                   otherwise)
     meta.json    the tokenizer's name and the counts, for people
-and the checkpoints of dpo.py's stages: torch.save, written atomically, read without unpickling code.
+and the checkpoints of dpo.py's stages: torch.save, written atomically, read without unpickling
+code.
 """
 import argparse
 import json
@@ -47,11 +50,12 @@ class Split:
 
 
 def write_atomic(path, write):
-    """write(f) into a temporary file beside path, then rename: a crash never leaves a half-written file
-    under path, and processes writing one path at once each rename a whole file (the last one wins).
-    The folder is made if it does not exist yet."""
+    """write(f) into a temporary file beside path, then rename: a crash never leaves a half-written
+    file under path, and processes writing one path at once each rename a whole file (the last one
+    wins). The folder is made if it does not exist yet."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"  # a name of its own (mkstemp's would be private to the owner)
+    # a name of its own (mkstemp's would be private to the owner)
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         with open(tmp, "xb") as f:
             write(f)
@@ -62,8 +66,8 @@ def write_atomic(path, write):
 
 
 def read_jsonl(path):
-    """The records of a .jsonl file. A torn last line (a kill during its write) is dropped with a warning;
-    any other line that is not JSON is an error that names the file and the line."""
+    """The records of a .jsonl file. A torn last line (a kill during its write) is dropped with a
+    warning; any other line that is not JSON is an error that names the file and the line."""
     with open(path) as f:
         lines = f.readlines()
     records = []
@@ -74,9 +78,11 @@ def read_jsonl(path):
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             if i == len(lines) - 1 and not line.endswith("\n"):
-                print(f"warning: {path}: dropped its torn last line {i + 1} (an interrupted write)", file=sys.stderr)
+                print(f"warning: {path}: dropped its torn last line {i + 1} (an interrupted write)",
+                      file=sys.stderr)
                 break
-            raise UsageError(f"{path}, line {i + 1}: not a JSON record ({e.msg}); fix or delete that line") from None
+            raise UsageError(f"{path}, line {i + 1}: not a JSON record ({e.msg}); fix or delete "
+                             f"that line") from None
     return records
 
 
@@ -95,40 +101,50 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it to redo that stage") from e
+        raise UsageError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete "
+                         f"it to redo that stage") from e
 
 
 def save_corpus(out_dir, name, splits, enc, tokenizer):
-    """splits: {'train': (texts, labels), 'test': (texts, labels)}; enc: a tiktoken Encoding or a WordTokenizer."""
-    words = enc.words[:-1] if tokenizer == "words" else []  # without its <|endoftext|>, which it adds itself
-    arrays, meta = {"tokenizer": np.array(tokenizer), "words": np.array(words, dtype=str)}, {"tokenizer": tokenizer}
+    """splits: {'train': (texts, labels), 'test': (texts, labels)}; enc: a tiktoken Encoding or a
+    WordTokenizer."""
+    # without its <|endoftext|>, which it adds itself
+    words = enc.words[:-1] if tokenizer == "words" else []
+    arrays, meta = ({"tokenizer": np.array(tokenizer), "words": np.array(words, dtype=str)},
+                    {"tokenizer": tokenizer})
     for split, (texts, labels) in splits.items():
         ids = enc.encode_ordinary_batch(list(texts))
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        arrays[f"{split}_tokens"] = np.concatenate([np.asarray(x, dtype=np.uint16) for x in ids] + [np.zeros(0, np.uint16)])
+        arrays[f"{split}_tokens"] = np.concatenate([np.asarray(x, dtype=np.uint16) for x in ids]
+                                                   + [np.zeros(0, np.uint16)])
         arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum(lengths)])
         arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.uint8)
         arrays[f"{split}_chars"] = np.array([len(t) for t in texts], dtype=np.int32)
-        meta[split] = {"reviews": len(texts), "positive": int(np.sum(labels)), "tokens": int(lengths.sum()),
+        meta[split] = {"reviews": len(texts), "positive": int(np.sum(labels)),
+                       "tokens": int(lengths.sum()),
                        "mean_tokens": round(float(lengths.mean()), 1) if len(texts) else 0}
     write_atomic(os.path.join(out_dir, f"{name}.npz"), lambda f: np.savez(f, **arrays))
-    write_atomic(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    write_atomic(os.path.join(out_dir, "meta.json"),
+                 lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return meta
 
 
 def load_corpus(path):
-    """{'train': Split, 'test': Split, 'tokenizer': name, 'words': a words tokenizer's list (else empty)} from a
-    prepared .npz; a clear error when it is broken."""
+    """{'train': Split, 'test': Split, 'tokenizer': name, 'words': a words tokenizer's list (else
+    empty)} from a prepared .npz; a clear error when it is broken."""
     if not os.path.exists(path):
         name, folder = os.path.splitext(os.path.basename(path))[0], os.path.dirname(path) or "."
         raise UsageError(f"{path} does not exist: run python data/{name}/prepare.py --out {folder}")
     try:
         with np.load(path) as z:
-            splits = {s: Split(*(z[f"{s}_{k}"] for k in ("tokens", "offsets", "labels", "chars"))) for s in ("train", "test")}
+            splits = {s: Split(*(z[f"{s}_{k}"] for k in ("tokens", "offsets", "labels", "chars")))
+                      for s in ("train", "test")}
             tokenizer, words = str(z["tokenizer"]), z["words"].tolist() if "words" in z else []
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise UsageError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and prepare it again") from e
+        raise UsageError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and "
+                         f"prepare it again") from e
     for s, sp in splits.items():
         if len(sp.offsets) != len(sp.labels) + 1 or sp.offsets[-1] != len(sp.tokens):
-            raise UsageError(f"{path}: the {s} split's offsets do not match its tokens; delete it and prepare it again")
+            raise UsageError(f"{path}: the {s} split's offsets do not match its tokens; delete it "
+                             f"and prepare it again")
     return dict(splits, tokenizer=tokenizer, words=words)

@@ -3,8 +3,10 @@ what only CUDA has (NCCL's device rule, torch.cuda.set_device).
 
     python -m pytest tests/test_distributed.py     (CPU; about 30 s)
 """
+import datetime
 import json
 import os
+import time
 from argparse import Namespace
 
 import numpy as np
@@ -42,6 +44,8 @@ def test_a_cuda_device_becomes_the_current_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(f"cuda:{_get_device_index(d)}"))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.distributed, "init_process_group", groups.append)
+    monkeypatch.setattr(torch.distributed, "new_group",
+                        lambda backend, timeout: groups.append(backend))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert common.setup_distributed("cuda:1") == "cuda:1" and current == ["cuda:1"] and groups == []
     assert common.setup_distributed("cuda") == "cuda:0" and current == ["cuda:1", "cuda:0"]  # the default --device
@@ -49,7 +53,8 @@ def test_a_cuda_device_becomes_the_current_one(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert common.setup_distributed("cuda") == "cuda:3" and current == ["cuda:3"] and groups == ["nccl"]
+    assert common.setup_distributed("cuda") == "cuda:3" and current == ["cuda:3"]
+    assert groups == ["nccl", "gloo"]
 
 
 def test_seeds_of_different_purposes_differ():
@@ -103,10 +108,14 @@ def test_writers_of_one_path_each_rename_a_whole_file(tmp_path):
 
 
 # ---------------------------------------------------------------- gloo processes
-def _run(rank, world, port, job, tmp):
+def _run(rank, world, port, job, tmp, timeout):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    # the process group's own timeout for its collectives (NCCL's: 10 minutes)
+    if timeout is not None:
+        init = torch.distributed.init_process_group
+        torch.distributed.init_process_group = lambda backend: init(backend, timeout=timeout)
     common.setup_distributed("cpu")
     try:
         result = job(rank, tmp)
@@ -116,8 +125,8 @@ def _run(rank, world, port, job, tmp):
     leave_process_group()
 
 
-def spawn(job, world, tmp):
-    mp.spawn(_run, args=(world, free_port(), job, str(tmp)), nprocs=world)
+def spawn(job, world, tmp, timeout=None):
+    mp.spawn(_run, args=(world, free_port(), job, str(tmp), timeout), nprocs=world)
     return [torch.load(os.path.join(tmp, f"result.{r}"), weights_only=False) for r in range(world)]
 
 
@@ -220,3 +229,57 @@ def test_whitening_is_over_every_token_of_the_rollout_not_a_mean_of_ranks(tmp_pa
     want = (raw - raw.mean()) / raw.std(unbiased=False)  # float64, one process over the same 13 tokens
     torch.testing.assert_close(values, want, rtol=0, atol=1e-6)
     assert ranks[0][0, 3] == 0  # off the mask
+
+
+def _grpo_unequal_shares(rank, tmp):
+    """GRPO's loss and its gradient on one rank's share: rank 0 holds 3 response tokens, rank 1
+    holds 10."""
+    logp, old, ref, adv, mask = (x.clone() for x in GRPO_CASE[rank])
+    logp.requires_grad_()
+    loss = ppo.grpo_loss(logp, old, ref, adv, mask, 0.1)[0]
+    loss.backward()
+    return loss.detach(), logp.grad
+
+
+def grpo_share(seed, B, T, n_real):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    moved = lambda s: logp + torch.randn(B, T, generator=g, dtype=torch.float64) * s
+    mask = (torch.arange(T) < n_real)[None].expand(B, T)
+    return logp, moved(0.1), moved(0.5), torch.randn(B, generator=g, dtype=torch.float64), mask
+
+
+GRPO_CASE = [grpo_share(0, 1, 5, 3), grpo_share(1, 2, 5, 5)]
+
+
+def test_grpo_loss_is_one_token_mean_over_every_rank(tmp_path):
+    """DDP averages the ranks' gradients: under two gloo ranks with 3 and 10 tokens, the mean of
+    their losses and of their gradients is GRPO's loss and gradient of one process over all 13
+    tokens (a mean of the ranks' token means would weigh each of rank 0's tokens 10/3 times as much
+    as one of rank 1's)."""
+    ranks = spawn(_grpo_unequal_shares, 2, tmp_path)
+    assert all(isinstance(r, tuple) for r in ranks), ranks
+    whole = [torch.cat(xs) for xs in zip(*GRPO_CASE)]
+    logp = whole[0].clone().requires_grad_()
+    loss = ppo.grpo_loss(logp, *whole[1:], 0.1)[0]
+    loss.backward()
+    torch.testing.assert_close((ranks[0][0] + ranks[1][0]) / 2, loss.detach(), rtol=1e-12, atol=0)
+    grads = torch.cat([r[1] for r in ranks]) / 2
+    torch.testing.assert_close(grads, logp.grad, rtol=1e-12, atol=1e-15)
+
+
+def _a_long_first_block(rank, tmp):
+    """Local rank 0 runs its block for 5 s (a download) while rank 1 waits for it."""
+    t0 = time.time()
+    with common.local_rank_first():
+        if rank == 0:
+            time.sleep(5)
+    return round(time.time() - t0)
+
+
+def test_ranks_wait_for_local_rank_0_past_the_process_groups_timeout(tmp_path):
+    """A process group whose collectives time out after 2 s stands in for NCCL's 10 minutes, rank
+    0's 5 s block for a download of gpt2-xl: the waiting rank waits it out (barrier waits in a gloo
+    group of WAIT_TIMEOUT)."""
+    ranks = spawn(_a_long_first_block, 2, tmp_path, timeout=datetime.timedelta(seconds=2))
+    assert ranks == [5, 5], ranks

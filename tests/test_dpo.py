@@ -18,7 +18,7 @@ from conftest import (DEVICE, EOS, assert_fused_matches_reference, f64_dists, f6
 
 import dpo
 import experiment
-import model as model_module
+import hf
 import stages
 from common import pack
 from data.corpus import Split, UsageError, save_corpus
@@ -225,7 +225,7 @@ def test_other_data_into_the_same_out_is_refused(tmp_path, capsys):
 def test_offline_gpt2_download_is_one_line(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise urllib.error.URLError("Name or service not known")
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(hf, "open_url", offline)
     monkeypatch.setenv("NANODPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(experiment, "get_tokenizer", lambda name, words: get_tokenizer("bytes"))  # GPT-2's BPE may be offline too
     texts = ["A fine film with a cast.", "A dull film with no plot."] * 4  # an imdb.npz that says it holds GPT-2 tokens

@@ -1,5 +1,5 @@
-"""The way out: model.save_hf (a Hugging Face GPT-2 folder) loaded by transformers and by
-GPT.from_pretrained, the safetensors writer, checkpoints that carry their config (model_record), and
+"""The way out: hf.save_hf (a Hugging Face GPT-2 folder) loaded by transformers and by
+hf.from_pretrained, the safetensors writer, checkpoints that carry their config (model_record), and
 export.py.
 
     python -m pytest tests/test_export.py      (CPU; a few seconds)
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from data.corpus import UsageError, load_checkpoint, save_checkpoint
-from model import (GPT, GPTConfig, model_from_record, model_record, read_safetensors, save_hf,
-                   write_safetensors)
+from hf import from_pretrained, read_safetensors, save_hf, write_safetensors
+from model import GPT, GPTConfig, model_from_record, model_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ODD = dict(block_size=64, vocab_size=317, n_layer=3, n_head=3, n_embd=48)  # an odd vocabulary, 3 heads
@@ -48,7 +48,7 @@ def test_transformers_loads_the_export_with_the_same_logits(tmp_path):
 
 def test_the_export_round_trips_through_from_pretrained(tmp_path):
     ours = trained_like(seed=2)
-    back = GPT.from_pretrained(save_hf(ours, str(tmp_path / "hf"), "gpt2")).eval()
+    back = from_pretrained(save_hf(ours, str(tmp_path / "hf"), "gpt2")).eval()
     assert back.config == ours.config
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
     idx = torch.randint(ODD["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(3))
@@ -74,7 +74,7 @@ def test_an_export_replaces_an_earlier_one_and_refuses_anything_else(tmp_path):
     a, b = trained_like(seed=0), trained_like(seed=1)
     folder = save_hf(a, str(tmp_path / "hf"), "gpt2")
     save_hf(b, folder, "gpt2")
-    assert torch.equal(GPT.from_pretrained(folder).transformer.wte.weight, b.transformer.wte.weight)
+    assert torch.equal(from_pretrained(folder).transformer.wte.weight, b.transformer.wte.weight)
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary folder left beside it
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import experiment
-import model as model_module
+import hf
 from data.corpus import UsageError, load_corpus
 from data.imdb import prepare as imdb
 
@@ -83,7 +83,7 @@ def test_corrupt_archive_writes_nothing(tmp_path):
 def test_partial_download_leaves_nothing(tmp_path, monkeypatch):
     class Cut(io.BytesIO):
         headers = {"Content-Length": "84125825"}
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", lambda url, timeout: Cut(b"x" * 1000))
+    monkeypatch.setattr(hf, "open_url", lambda url, timeout: Cut(b"x" * 1000))
     with pytest.raises(UsageError, match="could not download .*aclImdb_v1.tar.gz.*--source"):
         imdb.prepare(None, str(tmp_path), tokenizer="bytes")
     assert os.listdir(tmp_path) == []

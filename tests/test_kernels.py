@@ -25,8 +25,10 @@ RTOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 # (log-probs, sums, KL) are fp32-accurate in every input dtype: measured at most 8.5e-8 (log-probs and sums) and
 # 1.9e-7 (KL) over SHAPES, in fp32, fp16 and bf16; fp32 gradients at most 3.7e-7 (eager fp32: 5.5e-7). The
 # tolerances are within 10x of that. fp16/bf16 gradients (dA rounded to the input dtype, as on a GPU) are held
-# to the eager reference computed in the same dtype (measured: 0.5 to 0.8 times its error).
-INTERP_FWD, INTERP_GRAD_FP32 = 1e-6, 3e-6
+# to GRAD_VS_EAGER times the error of the eager reference on the same inputs, which computes in fp32 and rounds
+# only dH and dW to the input dtype: measured 1.3-1.6x (fp16) and 1.8-2.5x (bf16) over these tests; rounding p
+# to the input dtype before subtracting it from the one-hot measured 10x (fp16) and 29x (bf16).
+INTERP_FWD, INTERP_GRAD_FP32, GRAD_VS_EAGER = 1e-6, 3e-6, 3.0
 def rel_err(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30)).item()
 
@@ -92,7 +94,7 @@ def check_against_fp64(B, T, C, V, dtype, mask_fn=None, scale=1.0, seed=0, mode=
         elif dtype == torch.float32:
             assert_close(x, r, INTERP_GRAD_FP32, name)
         else:
-            assert_close(x, r, rel_err(eager[k + 1], r), name + " (no worse than eager in the same dtype)")
+            assert_close(x, r, GRAD_VS_EAGER * rel_err(eager[k + 1], r), name + f" (<= {GRAD_VS_EAGER}x eager's)")
 
 
 SHAPES = [(1, 37, 48, 517), (2, 65, 100, 1031), (3, 7, 20, 129)]  # odd N, V and C on purpose
@@ -129,8 +131,9 @@ def test_everything_masked():
 def test_confident_targets_keep_their_gradient(dtype):
     """Hidden states that point at their target's embedding: p(target) from 0.5 to 1 - 2e-6. The gradient
     g (1 - p) of the target logit survives only if p is subtracted from the one-hot in fp32 (rounded to
-    bf16 first, p = 0.999 becomes 1.0); then dH and dW are at least as accurate as the eager reference
-    computed in the same dtype. (Rounding p first measured 5e-2 for bf16 dH, against eager's 1.3e-2.)"""
+    bf16 first, p = 0.999 becomes 1.0); then dH and dW are within GRAD_VS_EAGER of the error of the eager
+    reference, whose only rounding is that of dH and dW. (bf16 dH measured 3.5e-3, eager's 1.8e-3; rounding p
+    first 5.1e-2.)"""
     hp, wp, hr, wr, targets, mask = make_inputs(2, 16, 32, 300, torch.float32)
     g = torch.Generator().manual_seed(5)
     hp = wp[targets] * (torch.rand(2, 16, 1, generator=g).to(DEVICE) * 0.6 + 0.8)
@@ -140,7 +143,8 @@ def test_confident_targets_keep_their_gradient(dtype):
     _, rdh, rdw = run("reference", *(x.double() for x in (hp, wp, hr, wr)), targets, mask, [u.double() for u in upstream])
     _, edh, edw = run("reference", hp, wp, hr, wr, targets, mask, upstream)
     for name, x, eager, exact in (("dH", dh, edh, rdh), ("dW", dw, edw, rdw)):
-        assert rel_err(x, exact) <= rel_err(eager, exact), f"{name}: kernel {rel_err(x, exact):.3g} vs eager {rel_err(eager, exact):.3g}"
+        assert rel_err(x, exact) <= GRAD_VS_EAGER * rel_err(eager, exact), \
+            f"{name}: kernel {rel_err(x, exact):.3g} vs eager {rel_err(eager, exact):.3g}"
 
 
 def test_huge_logits_do_not_overflow():
@@ -302,15 +306,19 @@ def test_cuda_gpt2_shapes(B, T, C, V, dtype):
 
 
 @pytest.mark.parametrize("B,T,C,V", [(2, 65, 100, 1031), pytest.param(8, 512, 1280, 50257, marks=pytest.mark.gpu)])
-def test_bf16_sums_no_worse_than_eager_bf16(B, T, C, V):
-    """The kernel's bf16 sequence sums are as close to fp64 as the eager bf16 reference's, within 10%."""
+def test_bf16_sums_as_accurate_as_fp32_arithmetic(B, T, C, V):
+    """bf16 inputs: the eager reference multiplies them in fp32, outside autocast and in it (logits rounded to
+    bf16 measured 2.1e-4 here, fp32 2.5e-8), and the kernel's sequence sums are as close to fp64 as its."""
     hp, wp, hr, wr, targets, mask = make_inputs(B, T, C, V, torch.bfloat16)
     exact = reference_logprobs(hp.double(), wp.double(), hr.double(), wr.double(), targets, mask)
     ours = sequence_logprobs(hp, wp, hr, wr, targets, mask, impl="triton")
     eager = reference_logprobs(hp, wp, hr, wr, targets, mask)
+    with torch.autocast(DEVICE, torch.bfloat16):
+        eager_amp = reference_logprobs(hp, wp, hr, wr, targets, mask)
     for name in ("seq_pol", "seq_ref"):
-        e_ours, e_eager = (rel_err(getattr(x, name), getattr(exact, name)) for x in (ours, eager))
-        assert e_ours <= 1.1 * e_eager + 1e-6, f"{name}: kernel {e_ours:.3g} vs eager bf16 {e_eager:.3g}"
+        e_ours, e_eager, e_amp = (rel_err(getattr(x, name), getattr(exact, name)) for x in (ours, eager, eager_amp))
+        assert e_eager <= 1e-6 and e_amp <= 1e-6, f"{name}: eager {e_eager:.3g}, under autocast {e_amp:.3g}"
+        assert e_ours <= 2 * e_eager + 1e-6, f"{name}: kernel {e_ours:.3g} vs eager {e_eager:.3g}"
 
 
 @pytest.mark.gpu

@@ -1,15 +1,10 @@
-"""model.py against Hugging Face's GPT-2, generation with and without the KV cache, and bad checkpoints.
+"""model.py against Hugging Face's GPT-2, generation with and without the KV cache, the tokenizers.
 
     python -m pytest tests/test_model.py      (CPU; the `gpu` tests need CUDA)
 """
 import copy
-import hashlib
-import io
-import json
 import math
 import os
-import struct
-import urllib.error
 
 import pytest
 import torch
@@ -17,7 +12,8 @@ import torch
 import model as model_module
 from data.corpus import UsageError
 from data.tiny.prepare import make_split, vocabulary
-from model import GPT, GPTConfig, get_tokenizer, read_safetensors
+from hf import from_pretrained
+from model import GPT, GPTConfig, get_tokenizer
 
 
 
@@ -65,7 +61,7 @@ def mixed_prompts(vocab, lengths=(2, 5, 8, 3, 7, 4), seed=1):
 @pytest.mark.parametrize("layout", ["safetensors", "bin"])
 def test_parity_with_transformers(tmp_path, layout):
     hf = hf_model()
-    ours = GPT.from_pretrained(save(hf, str(tmp_path), layout)).eval()
+    ours = from_pretrained(save(hf, str(tmp_path), layout)).eval()
     idx = torch.randint(ODD["vocab_size"], (3, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = hf(idx).logits
@@ -289,7 +285,7 @@ def test_generate_positions_are_those_of_the_prompt_alone():
 
 
 def test_generate_under_bf16_autocast_on_cpu():
-    """What sampling does on CUDA (common.amp: bf16 autocast), on a CPU: the KV cache (fp32) takes bf16 keys
+    """What sampling does on CUDA (common.amp: bf16 autocast), on a CPU: the KV cache (bf16) takes bf16 keys
     and values; cached and uncached greedy generation agree, and agree with fp32 where the logits are far apart."""
     m = sharp_model(vocab=97, wpe_scale=30.0)
     idx, mask = mixed_prompts(97)
@@ -300,6 +296,57 @@ def test_generate_under_bf16_autocast_on_cpu():
     assert torch.equal(a, b) and torch.equal(am, bm)
     fp32, _ = m.generate(idx, mask, 6, temperature=0, eos=5)
     assert (a[:, 0] == fp32[:, 0]).all() and ((0 <= sampled) & (sampled < 97)).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_generate_samples_from_fp32_logits_under_bf16_autocast(device, monkeypatch):
+    """Under bf16 autocast (common.amp on CUDA; CPU autocast stands in for it) every draw's
+    probabilities are softmax(fp32 logits / T) of the last hidden state (after ln_f, as the step
+    computed it), not of logits rounded to bf16: logits of about -60 (GPT-2's size), where bf16's
+    step of 0.25 moves probabilities by a fifth."""
+    m = sharp_model(vocab=97).to(device)
+    # every logit -60 plus a spread of a few units, as GPT-2's: h[0] = 1, w[:, 0] = -60
+    with torch.no_grad():
+        m.transformer.wte.weight[:, 0] = -60.0
+        m.transformer.ln_f.weight[0], m.transformer.ln_f.bias[0] = 0.0, 1.0
+    idx, mask = (x.to(device) for x in mixed_prompts(97))
+    hidden, probs = [], []
+    m.transformer.ln_f.register_forward_hook(lambda mod, args, out: hidden.append(out[:, -1]))
+    multinomial = torch.multinomial
+
+    def recorded(p, n, generator=None):  # the probabilities each draw is made from
+        probs.append(p)
+        return multinomial(p, n, generator=generator)
+    monkeypatch.setattr(torch, "multinomial", recorded)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        m.generate(idx, mask, 4, temperature=0.7, generator=torch.Generator(device).manual_seed(0))
+    assert len(probs) == len(hidden) == 4
+    for h, p in zip(hidden, probs):
+        logits = h.double() @ m.lm_head.weight.detach().double().t()
+        assert logits.max() < -50
+        want = torch.softmax(logits / 0.7, -1)
+        rounded = torch.softmax(logits.to(torch.bfloat16).double() / 0.7, -1)
+        rel = lambda q: ((q.double() - want).abs() / want).max().item()
+        assert rel(p) < 1e-4 and rel(rounded) > 0.1, (rel(p), rel(rounded))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_kv_cache_is_allocated_in_the_autocast_dtype(device, monkeypatch):
+    """Keys and values come out of c_attn in bf16 under autocast: the cache holds bf16 (half the
+    memory of the fp32 weights' dtype, no cast at each step), and the weights' dtype without autocast."""
+    made = []
+
+    class Recorded(model_module.KVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self.k.dtype)
+    monkeypatch.setattr(model_module, "KVCache", Recorded)
+    m = sharp_model(vocab=97).to(device)
+    idx, mask = (x.to(device) for x in mixed_prompts(97))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        m.generate(idx, mask, 3, temperature=0)
+    m.generate(idx, mask, 3, temperature=0)
+    assert made == [torch.bfloat16, torch.float32]
 
 
 def ragged_batch(vocab=97, lengths=(9, 3, 14, 1, 6)):
@@ -344,178 +391,6 @@ def test_skipping_the_padding_under_bf16_autocast_on_cpu():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         full, skip = m(idx), m(idx, lengths=lengths)
     torch.testing.assert_close(skip[real].float(), full[real].float(), rtol=0, atol=3e-2)
-
-
-# ---------------------------------------------------------------- bad input
-
-def test_missing_tensor(tmp_path):
-    path = save(hf_model(), str(tmp_path), "bin")
-    sd = torch.load(os.path.join(path, "pytorch_model.bin"), weights_only=True)
-    del sd["transformer.h.1.mlp.c_fc.weight"]
-    torch.save(sd, os.path.join(path, "pytorch_model.bin"))
-    with pytest.raises(KeyError, match=r"pytorch_model.bin has no tensor 'h.1.mlp.c_fc.weight'"):
-        GPT.from_pretrained(path)
-
-
-def test_wrong_shape(tmp_path):
-    path = save(hf_model(), str(tmp_path), "bin")
-    sd = torch.load(os.path.join(path, "pytorch_model.bin"), weights_only=True)
-    sd["transformer.h.0.ln_1.weight"] = torch.ones(47)
-    torch.save(sd, os.path.join(path, "pytorch_model.bin"))
-    with pytest.raises(ValueError, match=r"'h.0.ln_1.weight'.*shape \(47,\), expected \(48,\)"):
-        GPT.from_pretrained(path)
-
-
-def test_no_weights_file(tmp_path):
-    path = save(hf_model(), str(tmp_path), "safetensors")
-    os.remove(os.path.join(path, "model.safetensors"))
-    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor pytorch_model.bin"):
-        GPT.from_pretrained(path)
-
-
-def test_corrupt_safetensors(tmp_path):
-    path = save(hf_model(), str(tmp_path), "safetensors")
-    st = os.path.join(path, "model.safetensors")
-    data = open(st, "rb").read()
-    open(st, "wb").write(data[: len(data) // 2])  # truncated
-    with pytest.raises(ValueError, match="model.safetensors is not a valid safetensors file"):
-        GPT.from_pretrained(path)
-
-
-def test_safetensors_reader_matches_library(tmp_path):
-    save_file = pytest.importorskip("safetensors.torch", reason="comes with transformers (requirements-test.txt)").save_file
-    sd = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 2).bfloat16()}
-    save_file(sd, str(tmp_path / "x.safetensors"))
-    back = read_safetensors(str(tmp_path / "x.safetensors"))
-    assert all(torch.equal(back[k], v) for k, v in sd.items())
-
-
-def write_safetensors(path, tensors):
-    """A safetensors file written out by hand: 8-byte little-endian header size, the JSON header (with the
-    __metadata__ entry every Hugging Face file has), then the raw bytes."""
-    header, body = {"__metadata__": {"format": "pt"}}, b""
-    for name, t in tensors.items():
-        data = t.contiguous().numpy().tobytes()
-        dtype = {torch.float32: "F32", torch.float16: "F16"}[t.dtype]
-        header[name] = dict(dtype=dtype, shape=list(t.shape), data_offsets=[len(body), len(body) + len(data)])
-        body += data
-    raw = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + body)
-
-
-def test_a_hugging_face_folder_by_hand_loads_its_weights(tmp_path):
-    """A folder in Hugging Face's GPT-2 layout (config.json, model.safetensors with "transformer." names, Conv1D
-    weights stored (in, out), the causal-mask buffers and lm_head.weight): from_pretrained has every weight of the
-    model it was written from, and a scalar head only when asked; an empty tensor reads as one, a
-    tensor whose byte count is not its shape's is refused."""
-    torch.manual_seed(0)
-    src = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=8))
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    sd = {k: (v.t() if k.endswith(conv1d) else v) for k, v in src.state_dict().items()}
-    sd |= {f"transformer.h.{i}.attn.bias": torch.ones(1, 1, 16, 16).tril() for i in range(2)}
-    write_safetensors(tmp_path / "model.safetensors", sd)  # lm_head.weight included, as Hugging Face saves it
-    config = dict(n_positions=16, vocab_size=50, n_layer=2, n_head=2, n_embd=8)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    for score_head in (False, True):
-        m = GPT.from_pretrained(str(tmp_path), score_head=score_head)
-        assert all(torch.equal(v, m.state_dict()[k]) for k, v in src.state_dict().items())
-        assert (m.score_head is not None) == score_head
-    write_safetensors(tmp_path / "odd.safetensors", {"empty": torch.zeros(0, 3).half(), "w": torch.ones(2, 3)})
-    got = read_safetensors(str(tmp_path / "odd.safetensors"))
-    assert got["empty"].shape == (0, 3) and got["empty"].dtype == torch.float16
-    assert torch.equal(got["w"], torch.ones(2, 3))
-    data = bytearray(open(tmp_path / "odd.safetensors", "rb").read())
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n].decode())
-    header["w"]["shape"] = [2, 2]  # 16 bytes announced by the shape, 24 by the offsets (all inside the file)
-    raw = json.dumps(header).encode()
-    open(tmp_path / "odd.safetensors", "wb").write(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
-    with pytest.raises(ValueError, match="tensor 'w' lies outside the file or has the wrong byte count"):
-        read_safetensors(str(tmp_path / "odd.safetensors"))
-
-
-def test_unknown_model_name():
-    with pytest.raises(ValueError, match="unknown model 'gpt3'"):
-        GPT.from_pretrained("gpt3")
-
-
-class FakeResponse(io.BytesIO):
-    """An HTTP response that sends `sent` bytes of a file announced as `total` bytes, then fails."""
-
-    def __init__(self, sent, total, fail):
-        super().__init__(b"x" * sent)
-        self.headers = {"Content-Length": str(total)}
-        self.fail = fail
-
-    def read(self, n=-1):
-        chunk = super().read(n)
-        if not chunk and self.fail:
-            raise ConnectionResetError("connection reset by peer")
-        return chunk
-
-
-@pytest.mark.parametrize("fail", [True, False], ids=["connection-reset", "short-read"])
-def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, fail):
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", lambda url, timeout: FakeResponse(100, 1000, fail))
-    with pytest.raises(UsageError, match="could not download the gpt2 weights"):
-        GPT.from_pretrained("gpt2", cache_dir=str(tmp_path))
-    assert [f for _, _, files in os.walk(tmp_path) for f in files] == []  # no file a later run could trust
-
-
-def test_download_completes_and_is_reused(tmp_path, monkeypatch):
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", lambda url, timeout: FakeResponse(1000, 1000, False))
-    path = model_module.download_gpt2("gpt2", str(tmp_path))
-    assert os.path.getsize(path) == 1000 and not os.path.exists(path + ".part")
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", None)  # a second call must not download
-    assert model_module.download_gpt2("gpt2", str(tmp_path)) == path
-
-
-class ChunkedResponse(io.BytesIO):
-    """An HTTP response that sends its body in chunks of at most 300 bytes, with the headers given."""
-
-    def __init__(self, body, headers):
-        super().__init__(body)
-        self.headers = headers
-
-    def read(self, n=-1):
-        return super().read(min(n, 300) if n > 0 else 300)
-
-
-@pytest.mark.parametrize("headers", [{}, {"Content-Length": "1000"}, {"X-Linked-Etag": '"SHA"'}, {"ETag": '"SHA"'}],
-                         ids=["no-length", "length", "x-linked-etag", "etag"])
-def test_download_in_chunks_checks_its_size_and_sha256(tmp_path, monkeypatch, headers):
-    """download over a connection that sends 1000 bytes in chunks of 300, into a folder that exists already (as an
-    interrupted download leaves it): the file is complete whether or not the server sends its length, and it is
-    checked against a sha256 sent as the (quoted) ETag; a wrong one is refused and leaves nothing."""
-    body = bytes(range(256)) * 3 + bytes(232)
-    sha = hashlib.sha256(body).hexdigest()
-    urls = []
-
-    def serve(digest):
-        def urlopen(url, timeout):
-            urls.append(url)
-            return ChunkedResponse(body, {k: v.replace("SHA", digest) for k, v in headers.items()})
-        return urlopen
-    path = str(tmp_path / "gpt2" / "model.safetensors")
-    os.makedirs(os.path.dirname(path))
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", serve(sha))
-    model_module.download("https://example.org/w", path)
-    assert open(path, "rb").read() == body and urls == ["https://example.org/w"]
-    if any("SHA" in v for v in headers.values()):
-        os.remove(path)
-        monkeypatch.setattr(model_module.urllib.request, "urlopen", serve(hashlib.sha256(b"other").hexdigest()))
-        with pytest.raises(IOError, match="has sha256 " + sha):
-            model_module.download("https://example.org/w", path)
-        assert os.listdir(tmp_path / "gpt2") == []
-
-
-def test_offline_error_says_where_to_put_weights(tmp_path, monkeypatch):
-    def offline(url, timeout):
-        raise urllib.error.URLError("Name or service not known")
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", offline)
-    with pytest.raises(UsageError, match=r"huggingface.co/gpt2/resolve/main/model.safetensors.*put it at"):
-        GPT.from_pretrained("gpt2", cache_dir=str(tmp_path))
 
 
 # ---------------------------------------------------------------- tokenizers

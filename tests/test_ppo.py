@@ -371,6 +371,31 @@ def test_ppo_loss_is_the_clipped_objective_plus_the_value_loss(tmp_path, monkeyp
     assert loss.item() == pytest.approx(pg + ppo.VF_COEF * vf, rel=1e-4, abs=1e-5) and vf > 0.01
 
 
+def test_values_are_fp32_under_bf16_autocast(tmp_path, monkeypatch):
+    """The value head, like every scalar head, runs in fp32 under bf16 autocast (common.amp on CUDA;
+    CPU autocast stands in for it): the rollout's values and the update's are the fp32 head on the
+    hidden states the step computed (bf16 would round values of about 10 by steps of 0.06)."""
+    policy, ref = sharp_gpt(0, score_head=True), sharp_gpt(1)
+    hidden = []
+    policy.transformer.ln_f.register_forward_hook(lambda mod, args, out: hidden.append(out))
+    weight, bias = policy.score_head.weight, policy.score_head.bias
+    monkeypatch.setattr(ppo, "amp", lambda device: torch.autocast("cpu", torch.bfloat16))
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    samples, _ = ppo.ppo_rollout(policy, ref, toy_score, prompts, 0.3, 0, toy_args(tmp_path), EOS)
+    with torch.no_grad():
+        # the rollout's forward is the policy's last
+        want = torch.nn.functional.linear(hidden[-1].float(), weight, bias)[..., 0] * samples.mask
+        assert samples.values.dtype == torch.float32 and torch.equal(samples.values, want)
+        assert want.abs().max() > 5
+        with torch.autocast("cpu", torch.bfloat16):
+            h = policy(samples.idx, lengths=common.real_lengths(samples.mask))
+        want = torch.nn.functional.linear(h.float(), weight, bias)[..., 0]
+        with torch.autocast("cpu", torch.bfloat16):
+            batch = samples._replace(values=want, returns=want)
+            _, metrics = ppo.ppo_loss(policy, batch, "reference")
+    assert metrics["vf"] == 0.0  # values - returns = 0 exactly: the update's values are the fp32 head
+
+
 def labelled_rollouts(monkeypatch):
     """ppo.run on rollouts of labelled rows (row k of the n-th rollout holds 100 n + k) and a loss that trains
     nothing: returns the rollouts made (prompts, seed, kl_coef) and the rows of every minibatch, in order."""

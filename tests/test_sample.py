@@ -18,7 +18,8 @@ from conftest import f64_score, sharp_gpt
 import export
 import sample
 from data.corpus import UsageError, save_checkpoint
-from model import GPT, get_tokenizer, model_record
+from hf import from_pretrained
+from model import get_tokenizer, model_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["good", "bad", "it", "is", "was", "."]
@@ -113,7 +114,7 @@ def test_export_of_a_classifier_writes_its_trunk_not_its_head(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(REPO, "export.py"), str(tmp_path / "reward"),
                           str(tmp_path / "hf")], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert res.returncode == 0 and "its scalar head is not written" in res.stdout, res.stderr
-    back = GPT.from_pretrained(str(tmp_path / "hf"))
+    back = from_pretrained(str(tmp_path / "hf"))
     assert back.score_head is None and torch.equal(back.transformer.h[0].attn.c_attn.weight,
                                                    models["rm"].transformer.h[0].attn.c_attn.weight)
     assert json.load(open(tmp_path / "hf" / "config.json"))["nanodpo"]["tokenizer"] == "bytes"

@@ -22,7 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from data.corpus import OneLineParser, save_corpus  # noqa: E402
 from errors import UsageError  # noqa: E402
-from model import download, get_tokenizer  # noqa: E402
+from hf import download  # noqa: E402
+from model import get_tokenizer  # noqa: E402
 
 URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"  # 84,125,825 bytes
