@@ -26,6 +26,7 @@ import torch
 
 from data.corpus import append_jsonl, load_checkpoint, read_jsonl, save_checkpoint, write_atomic
 from kernels import sequence_logprobs
+from model import model_record
 
 
 # ------------------------------------------------------------ torchrun, devices, logging
@@ -188,7 +189,8 @@ def masked_mean(x, mask):
 
 # ------------------------------------------------------------ what every training loop calls
 # Each stage writes out/<name>/: ckpt.pt while it runs (resumed after an interruption), model.pt
-# when done (a rerun skips it), eval.jsonl (a record per evaluation), samples.jsonl (some samples).
+# when done (a rerun skips it), eval.jsonl (a record per evaluation), samples.jsonl (some samples),
+# and for DPO's and PPO's loops metrics.jsonl (a line per logged step, MetricsLog).
 def make_optimizer(model, name, lr):
     """AdamW without weight decay, or RMSprop (--optimizer rmsprop, the paper's), on the parameters
     that train."""
@@ -277,6 +279,25 @@ def log_step(name, step, metrics, clock, device):
     return averaged
 
 
+class MetricsLog:
+    """out/<name>/metrics.jsonl, a loop's curves: one line per logged step, step first, then the
+    values given (log_step's, already averaged over the ranks), written by rank 0. Safe under
+    resume: a run resumed at step `start` (its checkpoint's) keeps the lines before it and drops
+    those after, which the killed run wrote past its last checkpoint and the resumed one writes
+    again; start 0 begins a fresh file. plots/curves.py draws it."""
+
+    def __init__(self, path, start=0):
+        self.path = path
+        if is_main() and os.path.exists(path):
+            kept = "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] < start)
+            write_atomic(path, lambda f: f.write(kept.encode()))
+
+    def write(self, step, **values):
+        """values: name -> number (a float, a 0-dim tensor)."""
+        if is_main():
+            append_jsonl(self.path, [dict(step=step, **{k: float(v) for k, v in values.items()})])
+
+
 def write_evaluation(name, step, record, out):
     """Append an evaluation's numbers to out/<name>/eval.jsonl and its samples (if any) to
     samples.jsonl."""
@@ -290,20 +311,27 @@ def write_evaluation(name, step, record, out):
     log(f"[{name}] eval step {step}: {numbers}")
 
 
-def save(name, step, model, opt, out, state=None):
+def weights(model, tokenizer=None):
+    """What a checkpoint holds of a model: with tokenizer, (name, words) of its tokens, a GPT's
+    model_record (its weights, config and tokenizer: sample.py rebuilds it from the file alone);
+    without, only the weights (a model of the tests' own)."""
+    return model_record(model, *tokenizer) if tokenizer else dict(model=model.state_dict())
+
+
+def save(name, step, model, opt, out, state=None, tokenizer=None):
     """ckpt.pt: what resume needs to go on after `step` steps, written by rank 0 (to a file, then
     renamed)."""
     if is_main():
-        ckpt = dict(model=model.state_dict(), opt=opt.state_dict(), state=state or {}, step=step)
+        ckpt = weights(model, tokenizer) | dict(opt=opt.state_dict(), state=state or {}, step=step)
         save_checkpoint(ckpt, os.path.join(out, name, "ckpt.pt"))
 
 
-def finish(name, model, out, clock, state=None):
+def finish(name, model, out, clock, state=None, tokenizer=None):
     """model.pt, the stage's end (its checkpoint removed), once every rank is there. Returns the
     model."""
     final, ckpt = os.path.join(out, name, "model.pt"), os.path.join(out, name, "ckpt.pt")
     if is_main():
-        save_checkpoint(dict(model=model.state_dict(), state=state or {}), final)
+        save_checkpoint(weights(model, tokenizer) | dict(state=state or {}), final)
         if os.path.exists(ckpt):
             os.remove(ckpt)
     barrier()  # every rank sees the finished stage before the next one starts
@@ -339,7 +367,7 @@ def fit(name, model, loss_fn, get_batch, steps, lr, args, evaluate=None):
             metrics = dict(loss=loss.item(), **metrics, grad=grad_norm)
             log_step(name, step, metrics, clock, args.device)
         if (step + 1) % args.eval_every == 0 and step + 1 < steps:
-            save(name, step + 1, model, opt, args.out)
+            save(name, step + 1, model, opt, args.out, tokenizer=args.tokenizer)
     if evaluate is not None:
         write_evaluation(name, steps, evaluate(model), args.out)
-    return finish(name, model, args.out, clock)
+    return finish(name, model, args.out, clock, tokenizer=args.tokenizer)

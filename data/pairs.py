@@ -6,7 +6,7 @@ them.
     {"chosen": "<prompt>...", "rejected": "<prompt>..."}    the prompt inside both (Anthropic's HH)
 
 In the second style the prompt is the texts' common beginning, cut at a boundary (cut_prompt). Every
-line is checked before any work, and the first bad one stops it in one line naming the file and the
+line is checked before any work, and the bad ones stop it, one line each naming the file and the
 line. The records are then tokenised into the structure stages.make_pairs makes, dict(prompt=[ids],
 chosen=[ids], rejected=[ids]), in common.layout: [BOS] + prompt + response, prompt and response
 tokenised apart.
@@ -29,59 +29,75 @@ ASSISTANT = "\n\nAssistant:"  # HH's turn marker: its last one in the common pre
 def read_pairs(path):
     """[(line number, prompt, chosen response, rejected response)] of the text records of a pairs
     file, and the style found: 'prompt' (a "prompt" key) or 'joined' (the prompt inside chosen and
-    rejected). A file holds one style. UsageError on the first bad line: not UTF-8, not a JSON
-    object, a key missing, a value not a non-empty string, chosen identical to rejected, or an empty
-    response once the prompt is taken off."""
+    rejected), that of its first record. A file holds one style. UsageError naming every bad line,
+    one line each: not UTF-8, not a JSON object, a key missing, a value not a non-empty string,
+    chosen identical to rejected, or an empty response once the prompt is taken off."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file; expected a JSONL file of "
                          f"{{prompt, chosen, rejected}} records")
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
-    records, style = [], None
+    records, bad, first = [], [], None  # first: (line, style) of the first JSON object
     for n, raw in enumerate(lines, 1):
-        where = f"{path}, line {n}"
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{where}: not UTF-8 (byte {e.start + 1} of the line); "
-                             f"save the file as UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: not a JSON record ({e.msg}, column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise UsageError(f"{where}: expected a JSON object with chosen and rejected, "
-                             f"got {type(rec).__name__}")
-        this = "prompt" if "prompt" in rec else "joined"
-        style = style or this
-        if this != style:  # a record without its prompt in a file of prompts is a key missing
-            no, has = ("no", "has one") if style == "prompt" else ("a", "has none")
-            raise UsageError(f"{where}: {no} \"prompt\" key, but line {records[0][0]} {has}: "
-                             f"one file holds one style of record")
-        keys = ("prompt", "chosen", "rejected") if style == "prompt" else ("chosen", "rejected")
-        for k in keys:
-            if k not in rec:
-                raise UsageError(f"{where}: no {k!r} key; expected {', '.join(keys)}")
-            if not isinstance(rec[k], str):
-                raise UsageError(f"{where}: {k!r} is a {type(rec[k]).__name__}; expected a string")
-            if k != "prompt" and not rec[k]:  # an empty prompt is allowed: the response starts the text
-                raise UsageError(f"{where}: {k!r} is empty")
-        if rec["chosen"] == rec["rejected"]:
-            raise UsageError(f"{where}: chosen and rejected are the same text: a pair must differ")
-        if style == "prompt":
-            prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
-        else:
-            prompt, chosen, rejected = split_joined(rec["chosen"], rec["rejected"])
-        for k, response in (("chosen", chosen), ("rejected", rejected)):
-            if not response:
-                raise UsageError(f"{where}: the {k} response is empty once the common prompt "
-                                 f"{prompt[-40:]!r} is taken off")
-        records.append((n, prompt, chosen, rejected))
+            rec = parse_line(raw)
+            if rec is None:
+                continue
+            first = first or (n, "prompt" if "prompt" in rec else "joined")
+            records.append((n, *check_record(rec, *first)))
+        except UsageError as e:
+            bad.append(f"{path}, line {n}: {e}")
+    if bad:
+        raise UsageError("\n".join(bad))
     if not records:
         raise UsageError(f"{path}: no records; expected one JSON object a line")
-    return records, style
+    return records, first[1]
+
+
+def parse_line(raw):
+    """The JSON object of a line's bytes, or None for a blank line; UsageError saying what is
+    wrong."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"not UTF-8 (byte {e.start + 1} of the line); save the file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"not a JSON record ({e.msg}, column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise UsageError(f"expected a JSON object with chosen and rejected, got {type(rec).__name__}")
+    return rec
+
+
+def check_record(rec, first_line, style):
+    """(prompt, chosen, rejected) of a record in a file of `style` (that of its first record, on
+    first_line); UsageError saying what is wrong."""
+    if ("prompt" in rec) != (style == "prompt"):  # a record without its prompt is a key missing
+        no, has = ("no", "has one") if style == "prompt" else ("a", "has none")
+        raise UsageError(f"{no} \"prompt\" key, but line {first_line} {has}: one file holds one "
+                         f"style of record")
+    keys = ("prompt", "chosen", "rejected") if style == "prompt" else ("chosen", "rejected")
+    for k in keys:
+        if k not in rec:
+            raise UsageError(f"no {k!r} key; expected {', '.join(keys)}")
+        if not isinstance(rec[k], str):
+            raise UsageError(f"{k!r} is a {type(rec[k]).__name__}; expected a string")
+        if k != "prompt" and not rec[k]:  # an empty prompt is allowed: the response starts the text
+            raise UsageError(f"{k!r} is empty")
+    if rec["chosen"] == rec["rejected"]:
+        raise UsageError("chosen and rejected are the same text: a pair must differ")
+    if style == "prompt":
+        prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
+    else:
+        prompt, chosen, rejected = split_joined(rec["chosen"], rec["rejected"])
+    for k, response in (("chosen", chosen), ("rejected", rejected)):
+        if not response:
+            raise UsageError(f"the {k} response is empty once the common prompt {prompt[-40:]!r} "
+                             f"is taken off")
+    return prompt, chosen, rejected
 
 
 def split_joined(chosen, rejected):
@@ -174,12 +190,12 @@ def split_heldout(pairs, share, seed):
     return out[0], out[1]
 
 
-def load_pairs(path, enc, block_size, heldout=0.1, seed=0, log=print):
+def load_pairs(path, enc, block_size, heldout=0.1, seed=0, log=print, read=None):
     """A pairs file checked, tokenised with enc and split: (train pairs, held-out pairs, info), both
     pairs in stages.make_pairs's structure; info holds the style, the counts and the cuts, also
     logged in a line. A command calls read_pairs(path) first, before any long work (a download, a
-    model), to stop early on a bad record."""
-    records, style = read_pairs(path)
+    model), to stop early on a bad record, and hands its result here as `read`."""
+    records, style = read or read_pairs(path)
     pairs, cuts = tokenize(records, enc, block_size, path)
     train, held = split_heldout(pairs, heldout, seed)
     info = dict(style=style, pairs=len(records), train=len(train["prompt"]),
