@@ -229,7 +229,7 @@ def loop_args(out, **settings_):
     """The settings the loops read, for a model of the tests' own."""
     return SimpleNamespace(**dict(out=str(out), device="cpu", warmup=0, eval_every=100, log_every=10, seed=0,
                                   impl="auto", optimizer="adamw", dpo_lr=1e-3, dpo_steps=6, dpo_batch=4,
-                                  block_size=64, label_smoothing=0.0) | settings_)
+                                  block_size=64, label_smoothing=0.0, tokenizer=None) | settings_)
 
 
 def small_dpo_run(out, interrupt=None):

@@ -1,5 +1,5 @@
-"""plots/curves.py: MetricsLog's metrics.jsonl under a resume and over gloo ranks, and the figure
-drawn from it.
+"""plots/curves.py and common.MetricsLog: metrics.jsonl under a resume and over gloo ranks (the
+mean of common.log_step), and the figure drawn from it.
 
     python -m pytest tests/test_curves.py      (CPU; about 20 s: two gloo processes)
 """
@@ -13,7 +13,8 @@ import torch
 import torch.multiprocessing as mp
 from conftest import free_port
 
-from plots.curves import NAMES, PANELS, MetricsLog, curves_figure, plot_curves
+from common import Clock, MetricsLog, log_step
+from plots.curves import NAMES, PANELS, curves_figure, plot_curves
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +59,8 @@ def _rank(rank, world, port, tmp):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     log = MetricsLog(os.path.join(tmp, "metrics.jsonl"))
     for step in range(3):  # rank r's share: loss r + step, accuracy 1 on rank 0 only
-        log.write(step, loss=rank + step, **{"rewards/accuracies": float(rank == 0), "lr": 0.1})
+        mine = dict(loss=rank + step, **{"rewards/accuracies": float(rank == 0), "lr": 0.1})
+        log.write(step, **log_step("run", step, mine, Clock(0, 3), "cpu"))  # as the loops do
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
