@@ -221,5 +221,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UsageError as e:
-        sys.exit(f"nanoDPO: error: {e}")
+    except UsageError as e:  # a line per bad record
+        sys.exit("\n".join(f"nanoDPO: error: {line}" for line in str(e).splitlines()))

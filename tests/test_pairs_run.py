@@ -75,7 +75,7 @@ def test_the_styles_read_the_same_pairs(tmp_path):
 
 
 def test_every_bad_record_is_a_line_before_any_work(tmp_path, gpt2_folder):
-    env = bpe_env()
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the file is read before the tokenizer
     trl, _ = separable(4)
     bad = [b"{\"prompt\": \"Hi\", \"chosen\": \"a\xff\", \"rejected\": \"b\"}",  # line 2
            dict(prompt="Hi", chosen=" a"),  # 3
