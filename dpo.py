@@ -14,13 +14,12 @@ common.py, PPO, RLOO and GRPO in ppo.py, and the experiment that runs them all (
 axis, then the figure) in experiment.py, which `python dpo.py` starts.
 """
 import copy
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Clock, MetricsLog, accuracy, amp, check_finite, distributed, finish, global_mean,
+from common import (Clock, accuracy, amp, check_finite, distributed, finish, global_mean,
                     log_step, logprobs, make_optimizer, masked_mean, pack, rank_world, resume, save,
                     set_lr, write_evaluation)
 from methods import METHODS, run_folder
@@ -187,7 +186,6 @@ def run(method, param, sft_model, ref, pairs, evaluate, at_start, args, eos):
     start, _ = resume(name, policy, opt, args.out)
     if start is None:
         return policy
-    curves = MetricsLog(os.path.join(args.out, name, "metrics.jsonl"), start)
     model, clock, steps = distributed(policy), Clock(start, args.dpo_steps), args.dpo_steps
     for step in range(start, steps):
         if step % args.eval_every == 0:  # 6. evaluate
@@ -207,8 +205,8 @@ def run(method, param, sft_model, ref, pairs, evaluate, at_start, args, eos):
         clock.tick(batch[0].numel())
         if step % args.log_every == 0 or step == steps - 1:
             metrics = dict(loss=loss.item(), **metrics, grad=grad_norm)
-            averaged = log_step(name, step, metrics, clock, args.device)
-            curves.write(step, lr=opt.param_groups[0]["lr"], **averaged)
+            # and a line in metrics.jsonl: the curves
+            log_step(name, step, metrics, clock, args.device, args.out, opt.param_groups[0]["lr"])
         if (step + 1) % args.eval_every == 0 and step + 1 < steps:
             # resume starts here after an interruption
             save(name, step + 1, policy, opt, args.out, tokenizer=args.tokenizer)

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,16 +19,16 @@ import torch
 import dpo
 import ppo
 import stages
-from common import barrier, is_main, log, setup_distributed
-from data.pairs import load_pairs, read_pairs
+from common import amp, barrier, fit, is_main, log, pack, rank_world, setup_distributed
+from data.pairs import file_digest, load_pairs, read_pairs
 from errors import UsageError
 from methods import METHODS, run_folder
 from model import get_tokenizer
 from plots.curves import plot_curves
 from plots.frontier import plot_frontier
 from scores import score_functions
-from settings import (check_data, check_settings, data_digest, file_digest, get_args, locked,
-                      n_heldout, stage_plan)
+from settings import (check_data, check_settings, data_digest, get_args, locked, n_heldout,
+                      stage_plan)
 
 
 def main(argv=None):
@@ -102,7 +103,7 @@ def experiment(args, data):
 def pairs_experiment(args, records):
     """--pairs: the file's pairs (records: read_pairs's) in GPT-2's BPE, a share of the prompts held
     out; pi_ref = --model, or fine-tuned on the training pairs' chosen responses; then every run,
-    evaluated on the held-out pairs and prompts (stages.evaluate_pairs); then their curves."""
+    evaluated on the held-out pairs and prompts (evaluate_pairs); then their curves."""
     check_settings(args.out, stage_plan(args, file_digest(args.pairs)), args.redo)
     t_start = time.time()
     args.tokenizer = ("gpt2", [])
@@ -114,15 +115,16 @@ def pairs_experiment(args, records):
     if model.config.vocab_size != enc.n_vocab:
         raise UsageError(f"--model {args.model}: a vocabulary of {model.config.vocab_size} tokens; "
                          f"--pairs tokenises with GPT-2's BPE, {enc.n_vocab}")
-    sft = stages.sft_on_pairs(args, model, train, eos)  # pi_ref
+    sft = sft_on_pairs(args, model, train, eos)  # pi_ref
     ref = copy.deepcopy(sft).eval().requires_grad_(False)
     # the first --n-eval held-out pairs, and their prompts, each cut (its end kept) to leave room
     # for --max-new-tokens after the beginning-of-text token
     pairs = {k: v[:args.n_eval] for k, v in heldout.items()}
     room = args.block_size - 1 - args.max_new_tokens
-    prompts = [list(p[len(p) - min(len(p), room):]) for p in dict.fromkeys(map(tuple, pairs["prompt"]))]
+    distinct = dict.fromkeys(map(tuple, pairs["prompt"]))
+    prompts = [list(p[len(p) - min(len(p), room):]) for p in distinct]
     for method, param in args.run_list:  # 5. and 6. every run
-        evaluate = partial(stages.evaluate_pairs, ref=ref, pairs=pairs, prompts=prompts, method=method,
+        evaluate = partial(evaluate_pairs, ref=ref, pairs=pairs, prompts=prompts, method=method,
                            param=param, label_smoothing=args.label_smoothing, eos=eos, seed=args.seed,
                            max_new_tokens=args.max_new_tokens, block_size=args.block_size,
                            device=args.device, impl=args.impl, decode=enc.decode)
@@ -132,6 +134,69 @@ def pairs_experiment(args, records):
         log("no frontier figure: it needs the ground-truth reward r*, which your pairs do not have")
         plot_runs(args)
     log(f"nanoDPO: done in {time.time() - t_start:.0f}s")
+
+
+# ------------------------------------------------------------ --pairs: pi_ref and evaluation
+class ChosenBatches(NamedTuple):
+    """batches(step): this rank's share of `batch` training pairs drawn by (seed, step), each laid
+    out as common.layout(prompt, chosen): the chosen responses' NLL, the paper's Preferred-FT SFT of
+    pi_ref. Returns idx, targets, mask (B, T)."""
+    pairs: dict
+    batch: int
+    block_size: int
+    eos: int
+    seed: int
+
+    def __call__(self, step):
+        rank, world = rank_world()
+        rows = np.random.default_rng([self.seed, step]).integers(len(self.pairs["prompt"]),
+                                                                 size=self.batch)[rank::world]
+        return pack([self.pairs["prompt"][i] for i in rows],
+                    [self.pairs["chosen"][i] for i in rows], self.block_size, self.eos)
+
+
+def sft_on_pairs(args, model, pairs, eos):
+    """pi_ref with --pairs: --model as it is (--sft-steps 0), or fine-tuned for --sft-steps on the
+    chosen responses of the training pairs (out/sft)."""
+    if args.sft_steps == 0:
+        return model
+    batches = ChosenBatches(pairs, args.batch, args.block_size, eos, args.seed)
+    loss = partial(stages.sft_loss, impl=args.impl)
+    return fit("sft", model, loss, batches, args.sft_steps, args.sft_lr, args)
+
+
+@torch.no_grad()
+def heldout_metrics(policy, ref, pairs, method, param, *, label_smoothing, eos, block_size,
+                    device, impl, chunk=64):
+    """dpo.pair_loss of a run's method on held-out pairs, the policy in eval mode: the loss and the
+    implicit rewards, their margin and accuracy, the log-probs, each the mean over the pairs. ft
+    and ul have no implicit reward of their own: theirs are read as DPO's at beta 1, log(pi /
+    pi_ref), without a loss."""
+    own = method not in ("ft", "ul")
+    method, param = (method, param) if own else ("dpo", 1.0)
+    training, sums, n = policy.training, {}, len(pairs["prompt"])
+    policy.eval()
+    for i in range(0, n, chunk):
+        p, c, r = (pairs[k][i:i + chunk] for k in ("prompt", "chosen", "rejected"))
+        # KTO: and each prompt with the next pair's chosen response (pair_batch's mismatched rows)
+        extra = (p, c[1:] + c[:1]) if method == "kto" else ([], [])
+        batch = pack(p + p + extra[0], c + r + extra[1], block_size, eos)
+        with amp(device):
+            loss, metrics = dpo.pair_loss(policy, [x.to(device) for x in batch], ref, method, param,
+                                          impl, label_smoothing)
+        for k, v in ((dict(loss=loss.item()) if own else {}) | metrics).items():
+            sums[k] = sums.get(k, 0.0) + v * len(p)
+    policy.train(training)
+    return {k: v / n for k, v in sums.items()}
+
+
+def evaluate_pairs(policy, ref, pairs, prompts, method, param, *, label_smoothing, **sampling):
+    """A run's evaluation with --pairs: heldout_metrics on the held-out pairs, then evaluate's exact
+    KL and samples on held-out prompts, no r*."""
+    shared = {k: sampling[k] for k in ("eos", "block_size", "device", "impl")}
+    metrics = heldout_metrics(policy, ref, pairs, method, param, label_smoothing=label_smoothing,
+                              **shared)
+    return metrics | stages.evaluate(policy, ref, None, prompts, **sampling)
 
 
 def plot_runs(args):

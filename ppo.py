@@ -30,13 +30,12 @@ of DPO's loop (common.py): checkpoints at rollout boundaries, resume, torchrun a
 with `python dpo.py --runs ppo:6,ppo-gt:6,rloo:0.05,grpo:0.05` (the stages 1-4 are shared).
 """
 import copy
-import os
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from common import (Clock, MetricsLog, amp, check_finite, derive_seed, distributed, finish,
+from common import (Clock, amp, check_finite, derive_seed, distributed, finish,
                     global_mean, log_step, logprobs, make_optimizer, masked_mean, pack, rank_world,
                     real_lengths, resume, save, set_lr, unwrap, write_evaluation)
 from methods import METHODS, rollout_prompts, run_folder
@@ -280,7 +279,6 @@ def run(method, param, sft_model, ref, score_fn, train_prompts, evaluate, at_sta
     start, state = resume(name, policy, opt, args.out, dict(kl_coef=KL_INIT) if value_head else {})
     if start is None:
         return policy
-    curves = MetricsLog(os.path.join(args.out, name, "metrics.jsonl"), start)
     updates = args.ppo_epochs * args.ppo_minibatches  # optimizer steps per rollout
     steps, kl_coef = args.ppo_iters * updates, state.get("kl_coef")  # kl_coef: PPO's beta_kl
     model, clock = distributed(policy), Clock(start, steps)
@@ -317,8 +315,8 @@ def run(method, param, sft_model, ref, score_fn, train_prompts, evaluate, at_sta
                 clock.tick(batch.idx.numel())
                 if step % args.log_every == 0 or step == steps - 1:
                     line = dict(loss=loss.item(), **stats, **metrics, grad=grad_norm)
-                    averaged = log_step(name, step, line, clock, args.device)
-                    curves.write(step, lr=opt.param_groups[0]["lr"], **averaged)
+                    lr = opt.param_groups[0]["lr"]
+                    log_step(name, step, line, clock, args.device, args.out, lr)  # metrics.jsonl too
         state = dict(kl_coef=kl_coef) if value_head else {}
         if (it + 1) % args.ppo_eval_every == 0 and it + 1 < args.ppo_iters:
             save(name, (it + 1) * updates, policy, opt, args.out, state, args.tokenizer)

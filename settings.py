@@ -16,6 +16,7 @@ import torch
 
 from common import log, rank_world
 from data.corpus import OneLineParser, write_atomic
+from data.pairs import pairs_defaults
 from errors import UsageError
 from methods import METHODS, ONLINE, parse_runs, rollout_prompts, run_folder
 from model import GPT
@@ -96,8 +97,8 @@ def parser():
     p.add_argument("--label-smoothing", type=float, default=0.1, help="epsilon of conservative DPO, cdpo (default 0.1)")
     p.add_argument("--redo", action="store_true", help="make again every stage whose recorded settings differ")
     p.add_argument("--model", help=HELP["model"] + preset("model"))
-    p.add_argument("--pairs", help="train on your own preference pairs, a JSONL file of {prompt, chosen, "
-                                   "rejected} (or HH's {chosen, rejected}), from --model; the offline runs only")
+    p.add_argument("--pairs", help="train on your own preference pairs, a JSONL file of {prompt, "
+                   "chosen, rejected} (or HH's {chosen, rejected}), from --model; offline runs only")
     p.add_argument("--heldout", type=float, default=0.1,
                    help="with --pairs: the share of prompts held out for evaluation (default 0.1)")
     for k, v in PRESETS["tiny"].items():  # every preset value can be overridden: --dpo-steps 50
@@ -111,7 +112,7 @@ def get_args(argv=None):
     p = parser()
     args = p.parse_args(argv)
     args.preset = args.preset or ("imdb" if args.device.startswith("cuda") else "tiny")
-    if args.pairs:
+    if args.pairs:  # your own pairs: a pretrained GPT-2 as pi_ref
         pairs_defaults(p, args)
     if args.model is not None and (args.init or PRESETS[args.preset]["init"]) == "scratch":
         p.error(f"--model {args.model}: the {args.preset} preset trains a GPT from scratch; add --init pretrained")
@@ -119,37 +120,10 @@ def get_args(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = args.out or os.path.join("out", "pairs" if args.pairs else args.preset)
-    args.tokenizer = None  # (name, words) of the model's tokens, which the checkpoints record: the driver's
+    args.tokenizer = None  # (name, words) the checkpoints record: the driver's, once it knows
     check_args(p, args)
     args.data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.data)
     return args
-
-
-def pairs_defaults(p, args):
-    """--pairs: a pretrained GPT-2 (--model) as pi_ref, its block size unless given, one DPO run unless
-    --runs names others."""
-    if args.model is None:
-        p.error(f"--pairs {args.pairs}: give --model, the GPT-2 to start from (gpt2, ..., or a Hugging Face "
-                f"folder)")
-    if args.init == "scratch":
-        p.error(f"--pairs {args.pairs}: trains a pretrained --model; drop --init scratch")
-    args.init = "pretrained"
-    args.runs = args.runs or "dpo:0.1"
-    if args.block_size is None:
-        args.block_size = model_positions(p, args.model)
-
-
-def model_positions(p, model):
-    """n_positions of a GPT-2 by name or of a Hugging Face folder's config.json."""
-    if model in GPT.SIZES:
-        return 1024
-    path = os.path.join(model, "config.json")
-    try:
-        with open(path) as f:
-            return int(json.load(f)["n_positions"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        p.error(f"--model {model}: could not read n_positions from {path} ({type(e).__name__}); expected "
-                f"gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder")
 
 
 def check_args(p, args):
@@ -192,10 +166,11 @@ def check_args(p, args):
         args.run_list = parse_runs(args.runs)
     except ValueError as e:
         p.error(f"--runs: {e}")
-    if args.pairs:
-        check_pairs_args(p, args)
     methods, world = {m for m, _ in args.run_list}, int(os.environ.get("WORLD_SIZE", 1))
     online, dpo_runs = methods & set(ONLINE), methods - set(ONLINE)
+    if args.pairs and online:
+        p.error(f"--runs: {', '.join(sorted(online))} sample as they train and need a reward; --pairs "
+                f"trains the others")
     for k in ["batch"] + ["dpo_batch"] * bool(dpo_runs) + ["ppo_batch"] * bool(online):
         if getattr(args, k) < world:  # under torchrun each rank takes every world-th row of a batch
             p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: fewer rows than the {world} torchrun processes")
@@ -218,24 +193,11 @@ def check_args(p, args):
                     f"training prompts")
 
 
-def check_pairs_args(p, args):
-    online = [m for m, _ in args.run_list if m in ONLINE]
-    if online:
-        p.error(f"--runs: {', '.join(online)} sample as they train and need a reward; --pairs trains the "
-                f"offline methods ({', '.join(m for m in METHODS if m not in ONLINE)})")
-    if not 0 < args.heldout < 1:
-        p.error(f"--heldout {args.heldout}: expected a share of the prompts in (0, 1)")
-    if args.block_size > model_positions(p, args.model):
-        p.error(f"--block-size {args.block_size}: --model {args.model} has "
-                f"{model_positions(p, args.model)} positions")
-
-
 # ----------------------------------------------------------------------------- the settings each stage was made with
 def stage_plan(args, data_sha256):
     """{output under --out: the settings it depends on, those of the stages it is built from included},
     in pipeline order, for the stages this command needs. A changed upstream setting so changes every
-    stage after it too. data_sha256 (data_digest) names the data by its content, not by its folder;
-    with --pairs, the pairs file's sha256 (file_digest)."""
+    stage after it too. data_sha256 (data_digest; --pairs: the file's) names the data by its content."""
     pick = lambda *keys: {k: getattr(args, k) for k in keys}
     if args.pairs:
         return pairs_plan(args, data_sha256, pick)
@@ -265,15 +227,13 @@ def stage_plan(args, data_sha256):
 
 
 def pairs_plan(args, pairs_sha256, pick):
-    """stage_plan with --pairs: pi_ref (sft, absent with --sft-steps 0) from --model on the file's
-    training pairs, then each run."""
-    sft = pick("model", "block_size", "heldout", "seed", "sft_steps", "sft_lr", "batch", "warmup") | {
-        "pairs_sha256": pairs_sha256}
-    plan = {"sft": sft}
+    """stage_plan with --pairs: pi_ref (sft, none with --sft-steps 0) from --model, then each run."""
+    sft = pick("model", "block_size", "heldout", "seed", "sft_steps", "sft_lr", "batch", "warmup")
+    plan = {"sft": sft | {"pairs_sha256": pairs_sha256}}
     for method, param in args.run_list:
-        extra = pick("label_smoothing") if method == "cdpo" else {}
-        plan[run_folder(method, param)] = sft | pick("n_eval", "max_new_tokens", "dpo_steps", "dpo_lr", "dpo_batch",
-                                                     "optimizer", "eval_every") | extra
+        plan[run_folder(method, param)] = plan["sft"] | pick(
+            "n_eval", "max_new_tokens", "dpo_steps", "dpo_lr", "dpo_batch", "optimizer", "eval_every",
+            *["label_smoothing"] * (method == "cdpo"))
     return plan
 
 
@@ -361,15 +321,6 @@ def data_digest(data):
     for s in ("train", "test"):
         for a in (data[s].tokens, data[s].offsets, data[s].labels, data[s].chars):
             h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-def file_digest(path):
-    """sha256 of a file's bytes (the pairs file's identity in the settings record)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 

@@ -6,7 +6,6 @@ The stages around the algorithms (the numbering of common.py):
   4. preference pairs from pi_ref's samples, scored by r*                     make_pairs, pairs_from
      and the Best-of-N baseline drawn on the frontier                         best_of_n
   6. evaluation: samples of a policy, their mean r* and exact KL to pi_ref    evaluate
-and with --pairs (your own pairs, no r*) pi_ref and evaluation from them   sft_on_pairs, evaluate_pairs
 and the sampling and scoring that 4, 5 and 6 share                           sample, score, Score
 SFT and the classifier train with common.fit, on ReviewBatches.
 """
@@ -20,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import dpo
 from common import (accuracy, amp, barrier, derive_seed, fit, is_main, layout, local_rank_first,
                     log, logprobs, masked_mean, pack, rank_world, real_lengths, sharded, unwrap)
 from data.corpus import load_checkpoint, load_corpus, save_checkpoint, write_atomic
@@ -328,71 +326,9 @@ def evaluate(policy, ref, classifier, prompts, *, eos, seed, max_new_tokens, blo
     record |= dict(kl=torch.cat(kl).mean().item(), kl_sampled=torch.cat(kl_sampled).mean().item(),
                    length=float(np.mean([len(x) for x in responses])))
     if decode is not None:
-        scored = lambda i: {} if r is None else dict(reward=r[i].item())
-        record["samples"] = [dict(prompt=decode(p), response=decode(x), **scored(i), prompt_ids=p,
+        record["samples"] = [dict(prompt=decode(p), response=decode(x),
+                                  **({} if r is None else dict(reward=r[i].item())), prompt_ids=p,
                                   response_ids=x)
                              for i, (p, x) in enumerate(zip(prompts[:n_samples], responses))]
     return record
 
-
-# ------------------------------------------------------------ --pairs: your own pairs, no r*
-class ChosenBatches(NamedTuple):
-    """batches(step): this rank's share of `batch` training pairs drawn by (seed, step), each laid
-    out as common.layout(prompt, chosen): the chosen responses' NLL, the paper's Preferred-FT SFT of
-    pi_ref. Returns idx, targets, mask (B, T)."""
-    pairs: dict
-    batch: int
-    block_size: int
-    eos: int
-    seed: int
-
-    def __call__(self, step):
-        rank, world = rank_world()
-        rows = np.random.default_rng([self.seed, step]).integers(len(self.pairs["prompt"]),
-                                                                 size=self.batch)[rank::world]
-        return pack([self.pairs["prompt"][i] for i in rows],
-                    [self.pairs["chosen"][i] for i in rows], self.block_size, self.eos)
-
-
-def sft_on_pairs(args, model, pairs, eos):
-    """pi_ref with --pairs: --model as it is (--sft-steps 0), or fine-tuned for --sft-steps on the
-    chosen responses of the training pairs (out/sft)."""
-    if args.sft_steps == 0:
-        return model
-    batches = ChosenBatches(pairs, args.batch, args.block_size, eos, args.seed)
-    loss = partial(sft_loss, impl=args.impl)
-    return fit("sft", model, loss, batches, args.sft_steps, args.sft_lr, args)
-
-
-@torch.no_grad()
-def heldout_metrics(policy, ref, pairs, method, param, *, label_smoothing, eos, block_size,
-                    device, impl, chunk=64):
-    """dpo.pair_loss of a run's method on held-out pairs, the policy in eval mode: the loss and the
-    implicit rewards, their margin and accuracy, the log-probs, each the mean over the pairs. ft
-    and ul have no implicit reward of their own: theirs are read as DPO's at beta 1, log(pi /
-    pi_ref), without a loss."""
-    own = method not in ("ft", "ul")
-    method, param = (method, param) if own else ("dpo", 1.0)
-    training, sums, n = policy.training, {}, len(pairs["prompt"])
-    policy.eval()
-    for i in range(0, n, chunk):
-        p, c, r = (pairs[k][i:i + chunk] for k in ("prompt", "chosen", "rejected"))
-        # KTO: and each prompt with the next pair's chosen response (pair_batch's mismatched rows)
-        extra = (p, c[1:] + c[:1]) if method == "kto" else ([], [])
-        batch = pack(p + p + extra[0], c + r + extra[1], block_size, eos)
-        with amp(device):
-            loss, metrics = dpo.pair_loss(policy, [x.to(device) for x in batch], ref, method, param,
-                                          impl, label_smoothing)
-        for k, v in ((dict(loss=loss.item()) if own else {}) | metrics).items():
-            sums[k] = sums.get(k, 0.0) + v * len(p)
-    policy.train(training)
-    return {k: v / n for k, v in sums.items()}
-
-
-def evaluate_pairs(policy, ref, pairs, prompts, method, param, *, label_smoothing, **sampling):
-    """A run's evaluation with --pairs: heldout_metrics on the held-out pairs, then evaluate's exact
-    KL and samples on held-out prompts, no r*."""
-    shared = {k: sampling[k] for k in ("eos", "block_size", "device", "impl")}
-    metrics = heldout_metrics(policy, ref, pairs, method, param, label_smoothing=label_smoothing,
-                              **shared)
-    return metrics | evaluate(policy, ref, None, prompts, **sampling)

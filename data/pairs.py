@@ -13,6 +13,7 @@ tokenised apart.
 
     python data/pairs.py FILE.jsonl    # check a file: its style, its pairs, the block size's cuts
 """
+import hashlib
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.corpus import OneLineParser, UsageError  # noqa: E402
-from model import get_tokenizer  # noqa: E402
+from model import GPT, get_tokenizer  # noqa: E402
 
 ASSISTANT = "\n\nAssistant:"  # HH's turn marker: its last one in the common prefix ends the prompt
 
@@ -60,7 +61,8 @@ def parse_line(raw):
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(f"not UTF-8 (byte {e.start + 1} of the line); save the file as UTF-8") from None
+        raise UsageError(f"not UTF-8 (byte {e.start + 1} of the line); save the file as "
+                         f"UTF-8") from None
     if not line.strip():
         return None
     try:
@@ -169,6 +171,12 @@ def tokenize(records, enc, block_size, path="pairs"):
     return pairs, dict(cut_prompts=cut_prompts, cut_responses=cut_responses, dropped=dropped)
 
 
+def file_digest(path):
+    """sha256 of a file's bytes: a pairs file's identity in the settings record."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def split_heldout(pairs, share, seed):
     """(train, held-out) pairs: a share of the distinct prompts, drawn with seed, and every pair of
     theirs held out, so that no held-out prompt is seen in training. The same file, share and seed
@@ -188,6 +196,24 @@ def split_heldout(pairs, share, seed):
         for k in side:
             side[k].append(pairs[k][i])
     return out[0], out[1]
+
+
+def pairs_defaults(p, args):
+    """The settings dpo.py --pairs implies (settings.get_args; p its parser): pi_ref is --model, a
+    pretrained GPT-2 whose positions are the block size unless given; one DPO run unless --runs
+    names others (offline ones: settings.check_args)."""
+    if args.model is None:
+        p.error(f"--pairs {args.pairs}: give --model, the GPT-2 to start from")
+    path = os.path.join(args.model, "config.json")
+    try:
+        n = 1024 if args.model in GPT.SIZES else int(json.load(open(path))["n_positions"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        p.error(f"--pairs: --model {args.model}: expected gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
+                f"Hugging Face GPT-2 folder (no n_positions in {path}: {type(e).__name__})")
+    if args.init == "scratch" or not 0 < args.heldout < 1 or (args.block_size or n) > n:
+        p.error(f"--pairs: expected no --init scratch, --heldout {args.heldout} in (0, 1) and "
+                f"--block-size {args.block_size or n} at most the {n} positions of --model {args.model}")
+    args.init, args.runs, args.block_size = "pretrained", args.runs or "dpo:0.1", args.block_size or n
 
 
 def load_pairs(path, enc, block_size, heldout=0.1, seed=0, log=print, read=None):

@@ -258,7 +258,8 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
     assert (run / "ckpt.pt").exists()
     # the checkpoint rebuilds the policy alone (sample.py's load), config and tokenizer included
     ckpt = load_checkpoint(str(run / "ckpt.pt"))
-    assert ckpt["step"] == 2 and ckpt["config"] == vars(tiny_gpt(1).config) and ckpt["tokenizer"]["name"] == "bytes"
+    assert ckpt["step"] == 2 and ckpt["config"] == vars(tiny_gpt(1).config)
+    assert ckpt["tokenizer"]["name"] == "bytes"
     resumed, p_res = small_dpo_run(tmp_path / "resumed")
     assert resumed == full
     assert all(torch.equal(a, b) for a, b in zip(p_full.state_dict().values(), p_res.state_dict().values()))

@@ -111,7 +111,8 @@ def test_smoke_whole_pipeline(tmp_path, capsys, monkeypatch):
         assert [m["step"] for m in metrics] == ([0, 3] if steps[-1] == 4 else [0, 10, 15]), run
         assert "rewards/margins" in metrics[0] or run in ("ft", "ul_0.5") or steps[-1] == 16, run
         assert (tmp_path / "out" / "runs" / run / "curves.png").exists()
-    for stage in ("sft", "classifier", "reward_model", "runs/dpo_0.1", "runs/ppo_2"):  # sample.py reads them alone
+    # every checkpoint holds its config and tokenizer: sample.py reads it alone
+    for stage in ("sft", "classifier", "reward_model", "runs/dpo_0.1", "runs/ppo_2"):
         saved = load_checkpoint(str(tmp_path / "out" / stage / "model.pt"))
         assert saved["config"]["n_embd"] == 32 and saved["tokenizer"]["name"] == "words", stage
     # every run starts as pi_ref: one evaluation of it serves every run's step 0 (12 runs, 2 more evaluations each)

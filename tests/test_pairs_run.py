@@ -132,16 +132,17 @@ def test_dpo_on_separable_pairs_from_a_gpt2_folder(tmp_path, gpt2_folder):
 
 
 def test_pairs_flags_are_checked_in_one_line(tmp_path, gpt2_folder, capsys):
-    argv = ["--pairs", "p.jsonl", "--device", "cpu", "--out", str(tmp_path / "o")]
-    args = settings.get_args(argv + ["--model", gpt2_folder, "--sft-steps", "0"])
+    argv = ["--pairs", "p.jsonl", "--out", str(tmp_path / "o")]
+    args = settings.get_args(["--device", "cpu", *argv, "--model", gpt2_folder, "--sft-steps", "0"])
     assert args.block_size == 64 and args.init == "pretrained" and args.run_list == [("dpo", 0.1)]
     for extra, message in [([], "--pairs p.jsonl: give --model"),
                            (["--model", gpt2_folder, "--runs", "dpo:0.1,rloo:0.1"], "--runs: rloo sample as"),
-                           (["--model", gpt2_folder, "--heldout", "1"], "--heldout 1.0: expected a share"),
-                           (["--model", gpt2_folder, "--block-size", "65"], "--block-size 65: --model "),
-                           (["--model", str(tmp_path)], "could not read n_positions")]:
+                           (["--model", gpt2_folder, "--heldout", "1"], "--heldout 1.0 in (0, 1)"),
+                           (["--model", gpt2_folder, "--block-size", "65"], "--block-size 65 at most the 64"),
+                           (["--model", gpt2_folder, "--init", "scratch"], "expected no --init scratch"),
+                           (["--model", str(tmp_path)], "(no n_positions in ")]:
         with pytest.raises(SystemExit):
-            settings.get_args(argv + extra)
+            settings.get_args(["--device", "cpu", *argv, *extra])
         assert message in capsys.readouterr().err, extra
     with pytest.raises(SystemExit):  # without --pairs there is no pi_ref without SFT
         settings.get_args(["--device", "cpu", "--sft-steps", "0"])
