@@ -8,10 +8,17 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
+from conftest import EOS, random_pairs, sharp_gpt, tiny_gpt
 
+import dpo
+import experiment
 import settings
+import stages
+from common import pack
 from data.corpus import load_checkpoint
 from data.pairs import read_pairs
 from plots.curves import NAMES
@@ -49,7 +56,6 @@ def separable(n=48):
 def gpt2_folder(tmp_path_factory):
     """A random GPT-2 of GPT-2's vocabulary, 64 positions, saved by transformers."""
     transformers = pytest.importorskip("transformers", reason="test-only (requirements-test.txt)")
-    import torch
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2, vocab_size=50257)
     folder = str(tmp_path_factory.mktemp("hf") / "gpt2-tiny")
@@ -147,3 +153,47 @@ def test_pairs_flags_are_checked_in_one_line(tmp_path, gpt2_folder, capsys):
     with pytest.raises(SystemExit):  # without --pairs there is no pi_ref without SFT
         settings.get_args(["--device", "cpu", "--sft-steps", "0"])
     assert "--sft-steps: expected a positive number, got 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the pieces, in-process on tiny models
+
+def test_heldout_metrics_are_pair_loss_over_every_pair_whatever_the_chunks():
+    pairs, _ = random_pairs(10)
+    policy, ref = sharp_gpt(0, scale=3.0), sharp_gpt(1, scale=3.0).requires_grad_(False)
+    of = lambda method, param, chunk: experiment.heldout_metrics(
+        policy.train(), ref, pairs, method, param, label_smoothing=0.0, eos=EOS, block_size=64,
+        device="cpu", impl="reference", chunk=chunk)
+    whole = pack(pairs["prompt"] * 2, pairs["chosen"] + pairs["rejected"], 64, EOS)
+    loss, want = dpo.pair_loss(policy.eval(), whole, ref, "dpo", 0.5, "reference")
+    for chunk in (3, 64):  # chunks of 3, 3, 3, 1 pairs weigh as the 10 pairs do
+        got = of("dpo", 0.5, chunk)
+        assert got == pytest.approx(want | dict(loss=loss.item()), rel=1e-5, abs=1e-6)
+    assert policy.training  # handed back in the mode it came in
+    # ft has no implicit reward: its own are DPO's at beta 1, the log-ratios, with no loss
+    assert of("ft", 0.0, 4) == pytest.approx({k: v for k, v in of("dpo", 1.0, 4).items() if k != "loss"})
+    kto = of("kto", 0.1, 64)  # its mismatched rows built: the rewards are beta times DPO's at 1
+    assert kto["rewards/margins"] == pytest.approx(0.1 * of("dpo", 1.0, 64)["rewards/margins"], rel=1e-5)
+
+
+def test_sft_on_pairs_fits_the_chosen_responses_after_their_prompts(tmp_path):
+    pairs, _ = random_pairs(4)
+    batch = experiment.ChosenBatches(pairs, 8, 64, EOS, seed=0)(0)
+    idx, targets, mask = batch
+    for i in range(8):  # each row: BOS, a prompt, its chosen response; the mask on the response only
+        row = targets[i][mask[i]].tolist()
+        j = pairs["chosen"].index(row)
+        assert idx[i, :4].tolist() == [EOS] + pairs["prompt"][j]
+    args = SimpleNamespace(sft_steps=0, out=str(tmp_path), device="cpu", warmup=0, eval_every=100,
+                           log_every=10, impl="reference", batch=8, block_size=64, seed=0,
+                           sft_lr=3e-3, tokenizer=("bytes", []))
+    model = tiny_gpt(0)
+    assert experiment.sft_on_pairs(args, model, pairs, EOS) is model  # --sft-steps 0: --model itself
+    before = chosen_nll(model, batch)
+    args.sft_steps = 30
+    after = chosen_nll(experiment.sft_on_pairs(args, model, pairs, EOS), batch)
+    assert after < before - 1.0 and (tmp_path / "sft" / "model.pt").exists()
+
+
+def chosen_nll(model, batch):
+    with torch.no_grad():
+        return stages.sft_loss(model, batch, "reference")[0].item()
