@@ -48,7 +48,7 @@ HELP = {  # one line per preset setting; --help adds its tiny and imdb defaults 
     "n_head": "attention heads of a model from scratch; must divide --n-embd",
     "n_embd": "width of a model from scratch",
     "block_size": "longest sequence in tokens, prompt and response together",
-    "sft_steps": "steps of SFT, which makes the reference policy pi_ref",
+    "sft_steps": "steps of SFT, which makes the reference policy pi_ref (--pairs: 0 takes --model as it is)",
     "sft_lr": "learning rate of SFT",
     "rm_steps": "steps of the sentiment classifier r*, the ground-truth reward",
     "rm_lr": "learning rate of the classifier r*",

@@ -1,4 +1,4 @@
-"""A run's training curves: every logged step in runs/<run>/metrics.jsonl (common.MetricsLog writes
+"""A run's training curves: every logged step in runs/<run>/metrics.jsonl (common.log_step writes
 it during training), drawn beside the frontier as runs/<run>/curves.png.
 
     python plots/curves.py out/tiny/runs/dpo_0.1     # that run's figure
