@@ -27,6 +27,7 @@ import torch
 
 from data.corpus import append_jsonl, load_checkpoint, read_jsonl, save_checkpoint, write_atomic
 from kernels import sequence_logprobs
+from model import model_record
 
 
 # ------------------------------------------------------------ torchrun, devices, logging
@@ -196,7 +197,7 @@ def masked_mean(x, mask):
 
 # ------------------------------------------------------------ what every training loop calls
 # Each stage writes out/<name>/: ckpt.pt while it runs (resumed after an interruption), model.pt
-# when done (a rerun skips it), eval.jsonl (a record per evaluation), samples.jsonl (some samples).
+# when done (a rerun skips it), eval.jsonl (evaluations), samples.jsonl, metrics.jsonl (logged steps).
 def make_optimizer(model, name, lr):
     """AdamW (no weight decay) or RMSprop (--optimizer rmsprop, the paper's) on what trains."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -214,9 +215,9 @@ def set_lr(opt, step, lr, warmup):
 def resume(name, model, opt, out, state=None):
     """Where out/<name>'s loop starts, as (step, state). model.pt there: done, so (None, its state),
     the model loaded. ckpt.pt there: (its step, its state), model and optimizer restored, and the
-    evaluations after that step dropped from the records, to be made again. Otherwise (0, state) and
-    fresh records. state: a dict of what a loop keeps besides the weights (PPO's KL coefficient),
-    checkpointed with them."""
+    records' evaluations and logged steps from that step on dropped, to be made again. Otherwise (0,
+    state) and fresh records. state: a dict of what a loop keeps besides the weights (PPO's KL
+    coefficient), checkpointed with them."""
     folder, state = os.path.join(out, name), dict(state or {})
     final, ckpt = os.path.join(folder, "model.pt"), os.path.join(folder, "ckpt.pt")
     if os.path.exists(final):
@@ -233,7 +234,7 @@ def resume(name, model, opt, out, state=None):
         state |= saved["state"]
         start = saved["step"]
         log(f"[{name}] resumed at step {start} from {ckpt}")
-    records = [os.path.join(folder, f) for f in ("eval.jsonl", "samples.jsonl")]
+    records = [os.path.join(folder, f) for f in ("eval.jsonl", "samples.jsonl", "metrics.jsonl")]
     records = records if is_main() else []
     for path in records:  # a fresh start begins fresh records, a resumed one keeps the earlier ones
         if os.path.exists(path):
@@ -272,13 +273,15 @@ class Clock:
         return f"{self.tokens / dt:,.0f} tok/s, {left:.0f}s left"
 
 
-def log_step(name, step, metrics, clock, device):
+def log_step(name, step, metrics, clock, device, out=None, lr=None):
     """A step's progress line: each metric by name, averaged over the ranks (every rank calls it;
-    device: this rank's, where the all-reduce happens), and the speed. Returns the averaged
-    metrics."""
+    device: this rank's, where the all-reduce happens), and the speed; with out, also a line of step,
+    lr and them in out/<name>/metrics.jsonl (the curves). Returns the averaged metrics."""
     averaged = dict(zip(metrics, global_mean(*metrics.values(), device=device)))
     log(f"[{name}] step {step:5d} " + " ".join(f"{k} {v:.4g}" for k, v in averaged.items())
         + f" | {clock.speed(step)}")
+    if out is not None and is_main():
+        append_jsonl(os.path.join(out, name, "metrics.jsonl"), [dict(step=step, lr=lr) | averaged])
     return averaged
 
 
@@ -295,20 +298,22 @@ def write_evaluation(name, step, record, out):
     log(f"[{name}] eval step {step}: {numbers}")
 
 
-def save(name, step, model, opt, out, state=None):
+def save(name, step, model, opt, out, state=None, tokenizer=None):
     """ckpt.pt: what resume needs to go on after `step` steps, written by rank 0 (to a file, then
-    renamed)."""
+    renamed); with tokenizer, (name, words), the GPT's model_record: sample.py rebuilds it alone."""
     if is_main():
-        ckpt = dict(model=model.state_dict(), opt=opt.state_dict(), state=state or {}, step=step)
+        weights = model_record(model, *tokenizer) if tokenizer else dict(model=model.state_dict())
+        ckpt = weights | dict(opt=opt.state_dict(), state=state or {}, step=step)
         save_checkpoint(ckpt, os.path.join(out, name, "ckpt.pt"))
 
 
-def finish(name, model, out, clock, state=None):
-    """model.pt, the stage's end (its checkpoint removed), once every rank is there. Returns the
-    model."""
+def finish(name, model, out, clock, state=None, tokenizer=None):
+    """model.pt, the stage's end (its checkpoint removed; tokenizer: save's), once every rank is
+    there. Returns the model."""
     final, ckpt = os.path.join(out, name, "model.pt"), os.path.join(out, name, "ckpt.pt")
     if is_main():
-        save_checkpoint(dict(model=model.state_dict(), state=state or {}), final)
+        weights = model_record(model, *tokenizer) if tokenizer else dict(model=model.state_dict())
+        save_checkpoint(weights | dict(state=state or {}), final)
         if os.path.exists(ckpt):
             os.remove(ckpt)
     barrier()  # every rank sees the finished stage before the next one starts
@@ -344,7 +349,7 @@ def fit(name, model, loss_fn, get_batch, steps, lr, args, evaluate=None):
             metrics = dict(loss=loss.item(), **metrics, grad=grad_norm)
             log_step(name, step, metrics, clock, args.device)
         if (step + 1) % args.eval_every == 0 and step + 1 < steps:
-            save(name, step + 1, model, opt, args.out)
+            save(name, step + 1, model, opt, args.out, tokenizer=args.tokenizer)
     if evaluate is not None:
         write_evaluation(name, steps, evaluate(model), args.out)
-    return finish(name, model, args.out, clock)
+    return finish(name, model, args.out, clock, tokenizer=args.tokenizer)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Clock, accuracy, amp, check_finite, distributed, finish, global_mean, log_step,
-                    logprobs, make_optimizer, masked_mean, pack, rank_world, resume, save, set_lr,
-                    write_evaluation)
+from common import (Clock, accuracy, amp, check_finite, distributed, finish, global_mean,
+                    log_step, logprobs, make_optimizer, masked_mean, pack, rank_world, resume, save,
+                    set_lr, write_evaluation)
 from methods import METHODS, run_folder
 
 
@@ -180,7 +180,7 @@ def run(method, param, sft_model, ref, pairs, evaluate, at_start, args, eos):
     """A policy that starts as pi_ref, trained on the pairs with the loss of `method` (param: its
     beta, alpha or lambda) for args.dpo_steps steps, evaluated every args.eval_every steps by
     evaluate(policy) -> dict (step 0: at_start, pi_ref's evaluation, made once for every run).
-    Writes out/runs/<method>_<param>/."""
+    Writes out/runs/<method>_<param>/, metrics.jsonl there a line per logged step."""
     name, policy = run_folder(method, param), copy.deepcopy(sft_model).train()
     opt = make_optimizer(policy, args.optimizer, args.dpo_lr)
     start, _ = resume(name, policy, opt, args.out)
@@ -205,11 +205,13 @@ def run(method, param, sft_model, ref, pairs, evaluate, at_start, args, eos):
         clock.tick(batch[0].numel())
         if step % args.log_every == 0 or step == steps - 1:
             metrics = dict(loss=loss.item(), **metrics, grad=grad_norm)
-            log_step(name, step, metrics, clock, args.device)
+            # and a line in metrics.jsonl: the curves
+            log_step(name, step, metrics, clock, args.device, args.out, opt.param_groups[0]["lr"])
         if (step + 1) % args.eval_every == 0 and step + 1 < steps:
-            save(name, step + 1, policy, opt, args.out)  # resume starts here after an interruption
+            # resume starts here after an interruption
+            save(name, step + 1, policy, opt, args.out, tokenizer=args.tokenizer)
     write_evaluation(name, steps, evaluate(policy), args.out)
-    return finish(name, policy, args.out, clock)
+    return finish(name, policy, args.out, clock, tokenizer=args.tokenizer)
 
 
 if __name__ == "__main__":

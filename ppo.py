@@ -35,9 +35,9 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from common import (Clock, amp, check_finite, derive_seed, distributed, finish, global_mean,
-                    log_step, logprobs, make_optimizer, masked_mean, pack, rank_world, real_lengths,
-                    resume, save, set_lr, unwrap, write_evaluation)
+from common import (Clock, amp, check_finite, derive_seed, distributed, finish,
+                    global_mean, log_step, logprobs, make_optimizer, masked_mean, pack, rank_world,
+                    real_lengths, resume, save, set_lr, unwrap, write_evaluation)
 from methods import METHODS, rollout_prompts, run_folder
 from scores import with_zero_head
 from stages import sample
@@ -320,9 +320,10 @@ def run(method, param, sft_model, ref, score_fn, train_prompts, evaluate, at_sta
                 clock.tick(batch.idx.numel())
                 if step % args.log_every == 0 or step == steps - 1:
                     line = dict(loss=loss.item(), **stats, **metrics, grad=grad_norm)
-                    log_step(name, step, line, clock, args.device)
+                    lr = opt.param_groups[0]["lr"]
+                    log_step(name, step, line, clock, args.device, args.out, lr)  # metrics.jsonl too
         state = dict(kl_coef=kl_coef) if value_head else {}
         if (it + 1) % args.ppo_eval_every == 0 and it + 1 < args.ppo_iters:
-            save(name, (it + 1) * updates, policy, opt, args.out, state)
+            save(name, (it + 1) * updates, policy, opt, args.out, state, args.tokenizer)
     write_evaluation(name, steps, evaluate(policy), args.out)
-    return finish(name, policy, args.out, clock, state)
+    return finish(name, policy, args.out, clock, state, args.tokenizer)

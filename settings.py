@@ -17,6 +17,7 @@ import torch
 
 from common import log, rank_world
 from data.corpus import OneLineParser, write_atomic
+from data.pairs import pairs_defaults
 from errors import UsageError
 from methods import METHODS, ONLINE, parse_runs, rollout_prompts, run_folder
 from model import GPT
@@ -49,7 +50,7 @@ HELP = {  # one line per preset setting; --help adds its tiny and imdb defaults 
     "n_head": "attention heads of a model from scratch; must divide --n-embd",
     "n_embd": "width of a model from scratch",
     "block_size": "longest sequence in tokens, prompt and response together",
-    "sft_steps": "steps of SFT, which makes the reference policy pi_ref",
+    "sft_steps": "steps of SFT, which makes the reference policy pi_ref (--pairs: 0 takes --model as it is)",
     "sft_lr": "learning rate of SFT",
     "rm_steps": "steps of the sentiment classifier r*, the ground-truth reward",
     "rm_lr": "learning rate of the classifier r*",
@@ -109,6 +110,10 @@ def parser():
     p.add_argument("--redo", action="store_true",
                    help="make again every stage whose recorded settings differ")
     p.add_argument("--model", help=HELP["model"] + preset("model"))
+    p.add_argument("--pairs", help="train on your own preference pairs, a JSONL file of {prompt, "
+                   "chosen, rejected} (or HH's {chosen, rejected}), from --model; offline runs only")
+    p.add_argument("--heldout", type=float, default=0.1,
+                   help="with --pairs: the share of prompts held out for evaluation (default 0.1)")
     for k, v in PRESETS["tiny"].items():  # every preset value can be overridden: --dpo-steps 50
         if k != "data":
             p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None,
@@ -120,13 +125,16 @@ def get_args(argv=None):
     p = parser()
     args = p.parse_args(argv)
     args.preset = args.preset or ("imdb" if args.device.startswith("cuda") else "tiny")
+    if args.pairs:  # your own pairs: a pretrained GPT-2 as pi_ref
+        pairs_defaults(p, args)
     if args.model is not None and (args.init or PRESETS[args.preset]["init"]) == "scratch":
         p.error(f"--model {args.model}: the {args.preset} preset trains a GPT from scratch; add "
                 f"--init pretrained")
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    args.out = args.out or os.path.join("out", args.preset)
+    args.out = args.out or os.path.join("out", "pairs" if args.pairs else args.preset)
+    args.tokenizer = None  # (name, words) the checkpoints record: the driver's, once it knows
     check_args(p, args)
     args.data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "data", args.data)
@@ -156,7 +164,8 @@ def check_args(p, args):
     if args.log_every < 1:
         p.error(f"--log-every {args.log_every}: expected a positive number")
     for k, v in PRESETS["tiny"].items():  # sizes, steps and rates: positive (warm-up may be 0)
-        least = 0 if k == "warmup" else 1 if isinstance(v, int) else 1e-30
+        # with --pairs, no SFT (--sft-steps 0) takes --model itself as pi_ref
+        least = 0 if k == "warmup" or k == "sft_steps" and args.pairs else 1 if isinstance(v, int) else 1e-30
         if isinstance(v, (int, float)) and not getattr(args, k) >= least:
             p.error(f"--{k.replace('_', '-')}: expected a positive number, got {getattr(args, k)}")
     if args.init == "scratch" and args.n_embd % args.n_head:
@@ -179,6 +188,9 @@ def check_args(p, args):
         p.error(f"--runs: {e}")
     methods, world = {m for m, _ in args.run_list}, int(os.environ.get("WORLD_SIZE", 1))
     online, dpo_runs = methods & set(ONLINE), methods - set(ONLINE)
+    if args.pairs and online:
+        p.error(f"--runs: {', '.join(sorted(online))} sample as they train and need a reward; --pairs "
+                f"trains the others")
     for k in ["batch"] + ["dpo_batch"] * bool(dpo_runs) + ["ppo_batch"] * bool(online):
         if getattr(args, k) < world:  # under torchrun each rank takes every world-th row of a batch
             p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: fewer rows than the {world} "
@@ -211,8 +223,10 @@ def check_args(p, args):
 def stage_plan(args, data_sha256):
     """{output under --out: the settings it depends on, those of the stages it is built from included},
     in pipeline order, for the stages this command needs. A changed upstream setting so changes every
-    stage after it too. data_sha256 (data_digest) names the data by its content, not by its folder."""
+    stage after it too. data_sha256 (data_digest; --pairs: the file's) names the data by its content."""
     pick = lambda *keys: {k: getattr(args, k) for k in keys}
+    if args.pairs:
+        return pairs_plan(args, data_sha256, pick)
     sft = pick("data", "init", "n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps",
                "sft_lr") | {"model": args.model if args.init == "pretrained" else None, "data_sha256": data_sha256}
     classifier = sft | pick("rm_steps", "rm_lr", "max_new_tokens")  # its crops cover the scored length
@@ -235,6 +249,17 @@ def stage_plan(args, data_sha256):
             extra = pick("label_smoothing") if method == "cdpo" else {}
             plan[run_folder(method, param)] = prompts | pick("dpo_steps", "dpo_lr", "dpo_batch", "optimizer",
                                                              "eval_every") | extra
+    return plan
+
+
+def pairs_plan(args, pairs_sha256, pick):
+    """stage_plan with --pairs: pi_ref (sft, none with --sft-steps 0) from --model, then each run."""
+    sft = pick("model", "block_size", "heldout", "seed", "sft_steps", "sft_lr", "batch", "warmup")
+    plan = {"sft": sft | {"pairs_sha256": pairs_sha256}}
+    for method, param in args.run_list:
+        plan[run_folder(method, param)] = plan["sft"] | pick(
+            "n_eval", "max_new_tokens", "dpo_steps", "dpo_lr", "dpo_batch", "optimizer", "eval_every",
+            *["label_smoothing"] * (method == "cdpo"))
     return plan
 
 

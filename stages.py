@@ -91,7 +91,7 @@ class ReviewBatches(NamedTuple):
 
 def sft_loss(model, batch, impl="auto"):
     """Next-token NLL of the reviews, per token."""
-    idx, targets, mask, _ = batch
+    idx, targets, mask = batch[:3]  # a review's labels (ReviewBatches') are not read
     return -masked_mean(logprobs(model, None, idx, targets, mask, impl).token_pol, mask), {}
 
 
@@ -346,13 +346,15 @@ def evaluate(policy, ref, classifier, prompts, *, eos, seed, max_new_tokens, blo
     (the per-token KL over the whole vocabulary, summed over the response) and sampled (sum of
     log-ratios). With decode (ids -> text), also the first n_samples (prompt, response, reward) for
     people to read; with truth (exact_truth), the samples' mean exact P(label | text) beside r*
-    (reward_exact). The policy samples in eval mode and is handed back in the mode it came in."""
+    (reward_exact). The policy samples in eval mode and is handed back in the mode it came in.
+    classifier None (--pairs, no r*): the same without the rewards."""
     training = policy.training
     policy.eval()
     # the same seed at every evaluation of every run (common random numbers): differences between
     # steps and runs then come from the policies more than from the draw
     responses = sample(policy, prompts, max_new_tokens, eos, seed, device)
-    r = reward(classifier, prompts, responses, eos, block_size, device)
+    # no classifier (--pairs): no ground truth to score by
+    r = None if classifier is None else reward(classifier, prompts, responses, eos, block_size, device)
     kl, kl_sampled = [], []
     for i in range(0, len(prompts), 64):
         resp = [x if x else [eos] for x in responses[i:i + 64]]  # an empty sample still has its EOS
@@ -362,13 +364,15 @@ def evaluate(policy, ref, classifier, prompts, *, eos, seed, max_new_tokens, blo
         kl.append(out.kl.sum(-1).float().cpu())
         kl_sampled.append((out.seq_pol - out.seq_ref).float().cpu())
     policy.train(training)
-    record = dict(reward=r.mean().item(), kl=torch.cat(kl).mean().item(),
-                  kl_sampled=torch.cat(kl_sampled).mean().item(),
-                  length=float(np.mean([len(x) for x in responses])))
+    record = {} if r is None else dict(reward=r.mean().item())
+    record |= dict(kl=torch.cat(kl).mean().item(), kl_sampled=torch.cat(kl_sampled).mean().item(),
+                   length=float(np.mean([len(x) for x in responses])))
     if truth is not None:
         record["reward_exact"] = float(np.mean([truth(p + x) for p, x in zip(prompts, responses)]))
     if decode is not None:
-        record["samples"] = [dict(prompt=decode(p), response=decode(x), reward=r[i].item(),
-                                  prompt_ids=p, response_ids=x)
+        record["samples"] = [dict(prompt=decode(p), response=decode(x),
+                                  **({} if r is None else dict(reward=r[i].item())), prompt_ids=p,
+                                  response_ids=x)
                              for i, (p, x) in enumerate(zip(prompts[:n_samples], responses))]
     return record
+

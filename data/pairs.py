@@ -6,13 +6,14 @@ them.
     {"chosen": "<prompt>...", "rejected": "<prompt>..."}    the prompt inside both (Anthropic's HH)
 
 In the second style the prompt is the texts' common beginning, cut at a boundary (cut_prompt). Every
-line is checked before any work, and the first bad one stops it in one line naming the file and the
+line is checked before any work, and the bad ones stop it, one line each naming the file and the
 line. The records are then tokenised into the structure stages.make_pairs makes, dict(prompt=[ids],
 chosen=[ids], rejected=[ids]), in common.layout: [BOS] + prompt + response, prompt and response
 tokenised apart.
 
     python data/pairs.py FILE.jsonl    # check a file: its style, its pairs, the block size's cuts
 """
+import hashlib
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.corpus import OneLineParser, UsageError  # noqa: E402
-from model import get_tokenizer  # noqa: E402
+from model import GPT, get_tokenizer  # noqa: E402
 
 ASSISTANT = "\n\nAssistant:"  # HH's turn marker: its last one in the common prefix ends the prompt
 
@@ -29,59 +30,76 @@ ASSISTANT = "\n\nAssistant:"  # HH's turn marker: its last one in the common pre
 def read_pairs(path):
     """[(line number, prompt, chosen response, rejected response)] of the text records of a pairs
     file, and the style found: 'prompt' (a "prompt" key) or 'joined' (the prompt inside chosen and
-    rejected). A file holds one style. UsageError on the first bad line: not UTF-8, not a JSON
-    object, a key missing, a value not a non-empty string, chosen identical to rejected, or an empty
-    response once the prompt is taken off."""
+    rejected), that of its first record. A file holds one style. UsageError naming every bad line,
+    one line each: not UTF-8, not a JSON object, a key missing, a value not a non-empty string,
+    chosen identical to rejected, or an empty response once the prompt is taken off."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file; expected a JSONL file of "
                          f"{{prompt, chosen, rejected}} records")
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
-    records, style = [], None
+    records, bad, first = [], [], None  # first: (line, style) of the first JSON object
     for n, raw in enumerate(lines, 1):
-        where = f"{path}, line {n}"
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{where}: not UTF-8 (byte {e.start + 1} of the line); "
-                             f"save the file as UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: not a JSON record ({e.msg}, column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise UsageError(f"{where}: expected a JSON object with chosen and rejected, "
-                             f"got {type(rec).__name__}")
-        this = "prompt" if "prompt" in rec else "joined"
-        style = style or this
-        if this != style:  # a record without its prompt in a file of prompts is a key missing
-            no, has = ("no", "has one") if style == "prompt" else ("a", "has none")
-            raise UsageError(f"{where}: {no} \"prompt\" key, but line {records[0][0]} {has}: "
-                             f"one file holds one style of record")
-        keys = ("prompt", "chosen", "rejected") if style == "prompt" else ("chosen", "rejected")
-        for k in keys:
-            if k not in rec:
-                raise UsageError(f"{where}: no {k!r} key; expected {', '.join(keys)}")
-            if not isinstance(rec[k], str):
-                raise UsageError(f"{where}: {k!r} is a {type(rec[k]).__name__}; expected a string")
-            if k != "prompt" and not rec[k]:  # an empty prompt is allowed: the response starts the text
-                raise UsageError(f"{where}: {k!r} is empty")
-        if rec["chosen"] == rec["rejected"]:
-            raise UsageError(f"{where}: chosen and rejected are the same text: a pair must differ")
-        if style == "prompt":
-            prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
-        else:
-            prompt, chosen, rejected = split_joined(rec["chosen"], rec["rejected"])
-        for k, response in (("chosen", chosen), ("rejected", rejected)):
-            if not response:
-                raise UsageError(f"{where}: the {k} response is empty once the common prompt "
-                                 f"{prompt[-40:]!r} is taken off")
-        records.append((n, prompt, chosen, rejected))
+            rec = parse_line(raw)
+            if rec is None:
+                continue
+            first = first or (n, "prompt" if "prompt" in rec else "joined")
+            records.append((n, *check_record(rec, *first)))
+        except UsageError as e:
+            bad.append(f"{path}, line {n}: {e}")
+    if bad:
+        raise UsageError("\n".join(bad))
     if not records:
         raise UsageError(f"{path}: no records; expected one JSON object a line")
-    return records, style
+    return records, first[1]
+
+
+def parse_line(raw):
+    """The JSON object of a line's bytes, or None for a blank line; UsageError saying what is
+    wrong."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"not UTF-8 (byte {e.start + 1} of the line); save the file as "
+                         f"UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"not a JSON record ({e.msg}, column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise UsageError(f"expected a JSON object with chosen and rejected, got {type(rec).__name__}")
+    return rec
+
+
+def check_record(rec, first_line, style):
+    """(prompt, chosen, rejected) of a record in a file of `style` (that of its first record, on
+    first_line); UsageError saying what is wrong."""
+    if ("prompt" in rec) != (style == "prompt"):  # a record without its prompt is a key missing
+        no, has = ("no", "has one") if style == "prompt" else ("a", "has none")
+        raise UsageError(f"{no} \"prompt\" key, but line {first_line} {has}: one file holds one "
+                         f"style of record")
+    keys = ("prompt", "chosen", "rejected") if style == "prompt" else ("chosen", "rejected")
+    for k in keys:
+        if k not in rec:
+            raise UsageError(f"no {k!r} key; expected {', '.join(keys)}")
+        if not isinstance(rec[k], str):
+            raise UsageError(f"{k!r} is a {type(rec[k]).__name__}; expected a string")
+        if k != "prompt" and not rec[k]:  # an empty prompt is allowed: the response starts the text
+            raise UsageError(f"{k!r} is empty")
+    if rec["chosen"] == rec["rejected"]:
+        raise UsageError("chosen and rejected are the same text: a pair must differ")
+    if style == "prompt":
+        prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
+    else:
+        prompt, chosen, rejected = split_joined(rec["chosen"], rec["rejected"])
+    for k, response in (("chosen", chosen), ("rejected", rejected)):
+        if not response:
+            raise UsageError(f"the {k} response is empty once the common prompt {prompt[-40:]!r} "
+                             f"is taken off")
+    return prompt, chosen, rejected
 
 
 def split_joined(chosen, rejected):
@@ -153,6 +171,12 @@ def tokenize(records, enc, block_size, path="pairs"):
     return pairs, dict(cut_prompts=cut_prompts, cut_responses=cut_responses, dropped=dropped)
 
 
+def file_digest(path):
+    """sha256 of a file's bytes: a pairs file's identity in the settings record."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def split_heldout(pairs, share, seed):
     """(train, held-out) pairs: a share of the distinct prompts, drawn with seed, and every pair of
     theirs held out, so that no held-out prompt is seen in training. The same file, share and seed
@@ -174,12 +198,30 @@ def split_heldout(pairs, share, seed):
     return out[0], out[1]
 
 
-def load_pairs(path, enc, block_size, heldout=0.1, seed=0, log=print):
+def pairs_defaults(p, args):
+    """The settings dpo.py --pairs implies (settings.get_args; p its parser): pi_ref is --model, a
+    pretrained GPT-2 whose positions are the block size unless given; one DPO run unless --runs
+    names others (offline ones: settings.check_args)."""
+    if args.model is None:
+        p.error(f"--pairs {args.pairs}: give --model, the GPT-2 to start from")
+    path = os.path.join(args.model, "config.json")
+    try:
+        n = 1024 if args.model in GPT.SIZES else int(json.load(open(path))["n_positions"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        p.error(f"--pairs: --model {args.model}: expected gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
+                f"Hugging Face GPT-2 folder (no n_positions in {path}: {type(e).__name__})")
+    if args.init == "scratch" or not 0 < args.heldout < 1 or (args.block_size or n) > n:
+        p.error(f"--pairs: expected no --init scratch, --heldout {args.heldout} in (0, 1) and "
+                f"--block-size {args.block_size or n} at most the {n} positions of --model {args.model}")
+    args.init, args.runs, args.block_size = "pretrained", args.runs or "dpo:0.1", args.block_size or n
+
+
+def load_pairs(path, enc, block_size, heldout=0.1, seed=0, log=print, read=None):
     """A pairs file checked, tokenised with enc and split: (train pairs, held-out pairs, info), both
     pairs in stages.make_pairs's structure; info holds the style, the counts and the cuts, also
     logged in a line. A command calls read_pairs(path) first, before any long work (a download, a
-    model), to stop early on a bad record."""
-    records, style = read_pairs(path)
+    model), to stop early on a bad record, and hands its result here as `read`."""
+    records, style = read or read_pairs(path)
     pairs, cuts = tokenize(records, enc, block_size, path)
     train, held = split_heldout(pairs, heldout, seed)
     info = dict(style=style, pairs=len(records), train=len(train["prompt"]),
@@ -205,5 +247,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UsageError as e:
-        sys.exit(f"nanoDPO: error: {e}")
+    except UsageError as e:  # a line per bad record
+        sys.exit("\n".join(f"nanoDPO: error: {line}" for line in str(e).splitlines()))

@@ -1,5 +1,5 @@
-"""A run's training curves: every logged step in runs/<run>/metrics.jsonl (MetricsLog writes it
-during training), drawn beside the frontier as runs/<run>/curves.png.
+"""A run's training curves: every logged step in runs/<run>/metrics.jsonl (common.log_step writes
+it during training), drawn beside the frontier as runs/<run>/curves.png.
 
     python plots/curves.py out/tiny/runs/dpo_0.1     # that run's figure
     python plots/curves.py out/tiny                  # every run of the folder that logged its steps
@@ -16,10 +16,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.corpus import OneLineParser, UsageError, append_jsonl, read_jsonl, write_atomic  # noqa: E402
+from data.corpus import OneLineParser, UsageError, read_jsonl, write_atomic  # noqa: E402
 
 NAMES = {  # the pair losses' metrics under TRL's names
     "rewards/chosen": "beta * (log pi - log pi_ref) of the chosen response, the implicit reward",
@@ -32,37 +31,6 @@ NAMES = {  # the pair losses' metrics under TRL's names
 PANELS = [("implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
           ("preference accuracy", ["rewards/accuracies"]),
           ("log-probs of the policy", ["logps/chosen", "logps/rejected"]), ("loss", ["loss"])]
-
-
-class MetricsLog:
-    """Appends one line per logged step to a metrics.jsonl. Every rank calls write with its own
-    values at the same steps; they are averaged over the ranks and rank 0 writes the mean. Safe
-    under resume: a run resumed at step `start` (its checkpoint's) keeps the lines before it and
-    drops those after, which the killed run wrote past its last checkpoint and the resumed one
-    writes again; start 0 begins a fresh file. device: this rank's device, where the all-reduce runs
-    (NCCL takes CUDA tensors only)."""
-
-    def __init__(self, path, start=0, device="cpu"):
-        self.path, self.device = path, device
-        dist = torch.distributed.is_initialized()
-        self.rank, self.world = (0, 1) if not dist else (torch.distributed.get_rank(),
-                                                         torch.distributed.get_world_size())
-        if self.rank == 0 and os.path.exists(path):
-            kept = [r for r in read_jsonl(path) if r["step"] < start]
-            text = "".join(json.dumps(r) + "\n" for r in kept)
-            write_atomic(path, lambda f: f.write(text.encode()))
-
-    def write(self, step, **values):
-        """values: name -> number (a float, a 0-dim tensor) of this rank; written as their mean over
-        the ranks."""
-        names = sorted(values)  # one order on every rank
-        t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(t)
-            t /= self.world
-        mean = dict(zip(names, t.tolist()))
-        if self.rank == 0:
-            append_jsonl(self.path, [dict(step=step, **{k: mean[k] for k in values})])
 
 
 def read_metrics(run_dir):

@@ -19,6 +19,7 @@ from conftest import (EOS, Interrupted, free_port, interrupt_at, killed_at, leav
 import common
 import dpo
 import experiment
+import sample
 import settings
 import stages
 from data.corpus import Split, UsageError, load_checkpoint, load_corpus, read_jsonl, save_checkpoint
@@ -229,7 +230,7 @@ def loop_args(out, **settings_):
     """The settings the loops read, for a model of the tests' own."""
     return SimpleNamespace(**dict(out=str(out), device="cpu", warmup=0, eval_every=100, log_every=10, seed=0,
                                   impl="auto", optimizer="adamw", dpo_lr=1e-3, dpo_steps=6, dpo_batch=4,
-                                  block_size=64, label_smoothing=0.0) | settings_)
+                                  block_size=64, label_smoothing=0.0, tokenizer=None) | settings_)
 
 
 def small_dpo_run(out, interrupt=None):
@@ -240,7 +241,8 @@ def small_dpo_run(out, interrupt=None):
     prompts = [rand(2) for _ in range(4)]
     evaluate = partial(stages.evaluate, ref=ref, classifier=rm, prompts=prompts, eos=EOS, seed=0, max_new_tokens=6,
                        block_size=64, device="cpu", impl="auto")
-    args = loop_args(out, eval_every=2, seed=4)  # the pairs of seed 4 + 3
+    # the pairs of seed 4 + 3; every step logged; the checkpoints record the byte tokenizer
+    args = loop_args(out, eval_every=2, seed=4, log_every=1, tokenizer=("bytes", []))
     with killed_at(dpo, interrupt):
         policy = dpo.run("dpo", 0.1, sft_model, ref, pairs, evaluate, evaluate(sft_model), args, EOS)
     return [json.loads(x) for x in open(os.path.join(out, "runs", "dpo_0.1", "eval.jsonl"))], policy
@@ -252,11 +254,25 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
         small_dpo_run(tmp_path / "resumed", interrupt=3)  # killed at step 3 (checkpoint after step 2)
     run = tmp_path / "resumed" / "runs" / "dpo_0.1"
     assert [json.loads(x)["step"] for x in open(run / "eval.jsonl")] == [0, 2]
+    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == [0, 1, 2]  # past the checkpoint
     assert (run / "ckpt.pt").exists()
+    # the checkpoint rebuilds the policy alone (sample.py's load), config and tokenizer included
+    ckpt = load_checkpoint(str(run / "ckpt.pt"))
+    assert ckpt["step"] == 2 and ckpt["config"] == vars(tiny_gpt(1).config)
+    assert ckpt["tokenizer"]["name"] == "bytes"
     resumed, p_res = small_dpo_run(tmp_path / "resumed")
     assert resumed == full
     assert all(torch.equal(a, b) for a, b in zip(p_full.state_dict().values(), p_res.state_dict().values()))
     assert not (run / "ckpt.pt").exists()
+    # the resumed run's curves: every step once, as the uninterrupted run's
+    lines = lambda out: open(out / "runs" / "dpo_0.1" / "metrics.jsonl").read()
+    assert [json.loads(x)["step"] for x in lines(tmp_path / "resumed").splitlines()] == list(range(6))
+    assert lines(tmp_path / "resumed") == lines(tmp_path / "full")
+    first = json.loads(lines(tmp_path / "full").splitlines()[0])
+    assert {"loss", "lr", "rewards/accuracies", "logps/chosen"} <= set(first)
+    model, tokenizer, _ = sample.load(str(run))
+    assert tokenizer == "bytes" and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                         p_full.state_dict().values()))
 
 
 def sft_args(tmp_path, out):

@@ -21,7 +21,7 @@ import experiment
 import hf
 import stages
 from common import pack
-from data.corpus import Split, UsageError, save_corpus
+from data.corpus import Split, UsageError, load_checkpoint, save_corpus
 from data.tiny.prepare import prepare as prepare_tiny, vocabulary
 from model import GPT, GPTConfig, WordTokenizer, get_tokenizer
 from settings import get_args
@@ -106,6 +106,15 @@ def test_smoke_whole_pipeline(tmp_path, capsys, monkeypatch):
         records = [json.loads(x) for x in open(tmp_path / "out" / "runs" / run / "eval.jsonl")]
         assert [r["step"] for r in records] == steps, run
         assert records[0]["kl"] == pytest.approx(0, abs=1e-5) and 0 <= records[-1]["reward"] <= 1
+        # the curves: a line per logged step (every 10th and the last), their figure beside
+        metrics = [json.loads(x) for x in open(tmp_path / "out" / "runs" / run / "metrics.jsonl")]
+        assert [m["step"] for m in metrics] == ([0, 3] if steps[-1] == 4 else [0, 10, 15]), run
+        assert "rewards/margins" in metrics[0] or run in ("ft", "ul_0.5") or steps[-1] == 16, run
+        assert (tmp_path / "out" / "runs" / run / "curves.png").exists()
+    # every checkpoint holds its config and tokenizer: sample.py reads it alone
+    for stage in ("sft", "classifier", "reward_model", "runs/dpo_0.1", "runs/ppo_2"):
+        saved = load_checkpoint(str(tmp_path / "out" / stage / "model.pt"))
+        assert saved["config"]["n_embd"] == 32 and saved["tokenizer"]["name"] == "words", stage
     # every run starts as pi_ref: one evaluation of it serves every run's step 0 (12 runs, 2 more evaluations each)
     firsts = [json.loads(open(d / "eval.jsonl").readline()) for d in (tmp_path / "out" / "runs").iterdir()]
     assert len(firsts) == 12 and all(f == firsts[0] for f in firsts) and len(calls) == 1 + 12 * 2

@@ -88,12 +88,22 @@ def test_joined_records_that_leave_an_empty_response_or_mix_styles_are_refused(t
         read_pairs(str(tmp_path / "nowhere.jsonl"))
 
 
-def test_the_command_checks_a_file_in_one_line(tmp_path):
-    path = write(tmp_path / "p.jsonl", [GOOD, dict(prompt="Hi", chosen=" a", rejected=" a")])
+def test_every_bad_line_is_named_once_in_file_order(tmp_path):
+    path = write(tmp_path / "p.jsonl", [GOOD, BAD[3][0], GOOD, b"", BAD[8][0], BAD[0][0]])
+    with pytest.raises(UsageError) as e:
+        read_pairs(path)
+    assert [line.split(":")[0] for line in str(e.value).splitlines()] == [
+        f"{path}, line {n}" for n in (2, 5, 6)]
+
+
+def test_the_command_checks_a_file_a_line_per_bad_record(tmp_path):
+    path = write(tmp_path / "p.jsonl", [GOOD, dict(prompt="Hi", chosen=" a", rejected=" a"),
+                                        dict(prompt="Hi", chosen=" a")])
     res = subprocess.run([sys.executable, os.path.join(REPO, "data", "pairs.py"), path],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [
-        f"nanoDPO: error: {path}, line 2: chosen and rejected are the same text: a pair must differ"]
+        f"nanoDPO: error: {path}, line 2: chosen and rejected are the same text: a pair must differ",
+        f"nanoDPO: error: {path}, line 3: no 'rejected' key; expected prompt, chosen, rejected"]
 
 
 def test_tokens_are_prompt_then_response_tokenised_apart_and_a_finished_response_ends_with_eos():

@@ -185,6 +185,10 @@ def test_ppo_raises_a_known_reward_within_20_iterations(tmp_path):
     policy = toy_run(toy_args(tmp_path, "--ppo-iters", "20"), sft_model)
     after = mean_reward(policy)
     assert 0.35 < before < 0.65 and after > before + 0.15, (before, after)
+    # its curves: every 10th of the 80 updates and the last, under the names of its log line
+    metrics = [json.loads(x) for x in open(tmp_path / "runs" / "ppo_4" / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [*range(0, 80, 10), 79]
+    assert {"lr", "loss", "rollout_kl", "beta_kl", "clipfrac", "grad"} <= set(metrics[-1])
 
 
 def test_fused_kernel_gives_the_reference_ppo_loss_and_gradients(tmp_path):
