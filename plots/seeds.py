@@ -1,8 +1,8 @@
 """Several seeds of one experiment: every seed's frontier on one figure, and the last step of each run as
 mean and range over the seeds.
 
-    for s in 1337 1 2; do python dpo.py --seed $s --out out/tiny_seed$s; done
-    python plots/seeds.py out/tiny_seed1337 out/tiny_seed1 out/tiny_seed2 --figure plots/tiny_seeds.png --bins 0,2.5,5,11,40
+    for s in 1337 1 2 3 4; do python dpo.py --seed $s --out out/seed_$s; done
+    python plots/seeds.py out/seed_{1337,1,2,3,4} --figure plots/tiny_seeds.png --at 1,2,5,10
 
 One panel per method family (DPO, PPO, PPO-GT, the baselines). In each, a run's upper envelope per seed: the
 best reward reached at or below each KL, over that run's evaluations, drawn as a step line, one line style per
@@ -61,6 +61,22 @@ def binned(out_dirs, edges):
     return table
 
 
+def frontier_at(out_dirs, kls):
+    """{family: [[the best reward of its evaluations with KL <= k, for each k] for each seed]}: the
+    family's frontier read at those KLs (pi_ref's step 0 counts, at KL 0), None where it has no
+    evaluation that close."""
+    table = {}
+    for title, methods in FAMILIES.items():
+        rows = []
+        for runs in map(read_runs, out_dirs):
+            pts = [(r["kl"], r["reward"]) for name, recs in runs.items()
+                   if name.partition("_")[0] in methods for r in recs]
+            rows.append([max((w for k, w in pts if k <= at), default=None) for at in kls])
+        if any(v is not None for row in rows for v in row):
+            table[title] = rows
+    return table
+
+
 def seeds_figure(out_dirs):
     """The figure, not yet saved: a panel per family, its legend naming the runs (colours), and one legend
     beside the panels naming the seeds' run folders (line styles)."""
@@ -98,6 +114,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dirs", nargs="+", help="run folders of dpo.py, one per seed")
     p.add_argument("--figure", default="seeds.png")
+    p.add_argument("--at", help="KLs, e.g. 1,2.5,5,10: also print each family's frontier there "
+                   "(its best reward at or below each KL), one value per seed")
     p.add_argument("--bins", help="KL bin edges, e.g. 0,2.5,5,11: also print each family's mean reward per bin and seed")
     a = p.parse_args()
     keys = ("reward", "kl", "length", "reward_exact")
@@ -113,6 +131,14 @@ def main():
         for title, rows in binned(a.out_dirs, edges).items():
             cells = ["/".join("  -  " if row[b] is None else f"{row[b]:.3f}" for row in rows) for b in range(len(edges) - 1)]
             print(f"  {title:28}" + "  ".join(f"[{lo:g}, {hi:g}): {c}" for lo, hi, c in zip(edges, edges[1:], cells)))
+    if a.at:
+        kls = [float(x) for x in a.at.split(",")]
+        print("| family | " + " | ".join(f"KL <= {k:g}" for k in kls) + " |\n"
+              + "|---" * (len(kls) + 1) + "|")
+        for title, rows in frontier_at(a.out_dirs, kls).items():
+            cells = [" / ".join("-" if row[i] is None else f"{row[i]:.3f}" for row in rows)
+                     for i in range(len(kls))]
+            print(f"| {title} | " + " | ".join(cells) + " |")
     print(f"wrote {plot_seeds(a.out_dirs, a.figure)}")
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from settings import PRESETS
 from plots.frontier import SFT_LABEL, frontier_figure, plot_frontier, read_runs, run_style
-from plots.seeds import binned, envelope, plot_seeds, seeds_figure, summary
+from plots.seeds import binned, envelope, frontier_at, plot_seeds, seeds_figure, summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,3 +174,14 @@ def test_the_frontier_names_the_runs_it_cuts_off_past_its_kl_axis(tmp_path):
     said = [t.get_text() for t in ax.texts if "past KL" in t.get_text()]
     assert said == [f"past KL {KL_SHOWN}, not shown: DPO beta=0.1, PPO-GT target KL 6"]
     plt.close("all")
+
+
+def test_a_family_frontier_is_its_best_reward_at_or_below_each_kl(tmp_path):
+    """Per seed and family: the best reward of any of its runs' evaluations with KL <= k, by hand;
+    pi_ref's step 0 counts at KL 0, and a KL no evaluation reaches down to is None."""
+    fake_out(tmp_path / "a", [0.5, 0.7, 0.6, 0.8], [0.0, 1.0, 3.0, 4.0])  # ppo-gt_6: reward + 0.1
+    fake_out(tmp_path / "b", [0.4, 0.5, 0.6, 0.7], [0.5, 2.0, 3.0, 9.0])
+    got = frontier_at([str(tmp_path / "a"), str(tmp_path / "b")], [0.2, 2, 3.5, 10])
+    assert set(got) == {"DPO and its variants", "PPO-GT"}
+    assert got["DPO and its variants"] == [[0.5, 0.7, 0.7, 0.8], [None, 0.5, 0.6, 0.7]]
+    assert got["PPO-GT"][0] == [pytest.approx(v) for v in (0.6, 0.8, 0.8, 0.9)]
