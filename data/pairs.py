@@ -180,19 +180,21 @@ def file_digest(path):
 def split_heldout(pairs, share, seed):
     """(train, held-out) pairs: a share of the distinct prompts, drawn with seed, and every pair of
     theirs held out, so that no held-out prompt is seen in training. The same file, share and seed
-    give the same split."""
+    give the same split. pairs: columns of one length, "prompt" among them (token lists or
+    texts)."""
     if not 0 <= share < 1:
         raise UsageError(f"held-out share {share}: expected a fraction in [0, 1)")
-    prompts = list(dict.fromkeys(map(tuple, pairs["prompt"])))  # distinct, in order of appearance
+    key = [p if isinstance(p, str) else tuple(p) for p in pairs["prompt"]]
+    prompts = list(dict.fromkeys(key))  # distinct, in order of appearance
     n_held = int(round(share * len(prompts)))
     if share > 0 and not 1 <= n_held < len(prompts):
         raise UsageError(f"held-out share {share} of {len(prompts)} distinct prompts leaves "
                          f"{'no held-out' if n_held < 1 else 'no training'} prompt; "
                          f"give more pairs or another share")
     held = {prompts[i] for i in np.random.default_rng(seed).permutation(len(prompts))[:n_held]}
-    out = [dict(prompt=[], chosen=[], rejected=[]) for _ in range(2)]
-    for i, p in enumerate(pairs["prompt"]):
-        side = out[tuple(p) in held]
+    out = [{k: [] for k in pairs} for _ in range(2)]
+    for i, p in enumerate(key):
+        side = out[p in held]
         for k in side:
             side[k].append(pairs[k][i])
     return out[0], out[1]
@@ -222,8 +224,15 @@ def load_pairs(path, enc, block_size, heldout=0.1, seed=0, log=print, read=None)
     logged in a line. A command calls read_pairs(path) first, before any long work (a download, a
     model), to stop early on a bad record, and hands its result here as `read`."""
     records, style = read or read_pairs(path)
-    pairs, cuts = tokenize(records, enc, block_size, path)
-    train, held = split_heldout(pairs, heldout, seed)
+    # split by the prompt's text: the cut to the block size may give one prompt two token lists
+    by_text = split_heldout(dict(prompt=[r[1] for r in records], record=records), heldout, seed)
+    (train, cuts), (held, held_cuts) = (tokenize(side["record"], enc, block_size, path)
+                                        for side in by_text)
+    cuts = {k: n + held_cuts[k] for k, n in cuts.items()}
+    if not train["prompt"] or heldout > 0 and not held["prompt"]:
+        raise UsageError(f"{path}: no {'training' if not train['prompt'] else 'held-out'} pair left "
+                         f"once the pairs the same after the cut to block size {block_size} are "
+                         f"dropped; give more pairs or a larger --block-size")
     info = dict(style=style, pairs=len(records), train=len(train["prompt"]),
                 heldout=len(held["prompt"]), **cuts)
     what = "a \"prompt\" key" if style == "prompt" else "the prompt inside both (HH style)"

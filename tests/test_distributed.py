@@ -162,7 +162,8 @@ def four_ranks(tmp_path_factory):
 def test_one_rank_per_machine_prepares_the_data(four_ranks):
     ranks, _ = four_ranks
     assert all(isinstance(r, dict) for r in ranks), ranks
-    assert [r["prepared"] for r in ranks] == [[0], [], [], []] and {r["reviews"] for r in ranks} == {4000}
+    # every rank reads the whole train split of the tiny generator (data/tiny/prepare.py: 12,000)
+    assert [r["prepared"] for r in ranks] == [[0], [], [], []] and {r["reviews"] for r in ranks} == {12000}
 
 
 def test_every_rank_samples_a_share_and_the_result_does_not_depend_on_the_ranks(four_ranks, tmp_path):

@@ -411,7 +411,7 @@ def test_word_tokenizer_rebuilds_every_generated_review_and_names_an_unknown_wor
     assert enc.encode_ordinary("I saw Moonfall (1987).") == [enc.ids[w] for w in ("I", "saw", "Moonfall", "(", "1987", ")", ".")]
     assert enc.eot_token == enc.n_vocab - 1 == len(vocabulary()) and enc.decode([enc.eot_token]) == "<|endoftext|>"
     assert max(max(x) for x in ids) < enc.eot_token  # the EOS never comes from text
-    with pytest.raises(ValueError, match="'splendid' is not in the tokenizer's vocabulary of 178 words"):
+    with pytest.raises(ValueError, match=f"'splendid' is not in the tokenizer's vocabulary of {len(vocabulary())} words"):
         enc.encode_ordinary("A splendid film.")
 
 

@@ -154,6 +154,21 @@ def test_the_held_out_share_is_by_prompt_seeded_and_the_same_each_time():
         split_heldout(dict(prompt=[[1], [2]], chosen=[[1], [2]], rejected=[[3], [4]]), 0.1, 0)
 
 
+def test_a_prompt_cut_differently_by_its_pairs_responses_is_still_on_one_side(tmp_path):
+    # one prompt of 12 bytes, with short answers (kept whole) and with long ones (cut to half the
+    # room): two token prompts of one text, which the split must not put on both sides
+    prompt = "abcdefghijkl"
+    records = [dict(prompt=prompt, chosen="x", rejected="y"),
+               dict(prompt=prompt, chosen="0123456789", rejected="9876543210")]
+    records += [dict(prompt=f"q{i}", chosen="x", rejected="y") for i in range(8)]
+    path = write(tmp_path / "p.jsonl", records)
+    for seed in range(20):
+        train, held, _ = load_pairs(path, BYTES, 16, heldout=0.5, seed=seed, log=lambda _: None)
+        assert len(train["prompt"]) + len(held["prompt"]) == 10
+        sides = [{bytes(p[-4:]) for p in side["prompt"]} for side in (train, held)]
+        assert b"ijkl" not in sides[0] & sides[1], f"seed {seed}: the prompt on both sides"
+
+
 def test_gpt2_bpe_pairs_from_hh_records(tmp_path, monkeypatch):
     enc = gpt2_bpe(monkeypatch)
     hh = "\n\nHuman: What should I watch tonight?\n\nAssistant:"
@@ -164,3 +179,14 @@ def test_gpt2_bpe_pairs_from_hh_records(tmp_path, monkeypatch):
     assert info["style"] == "joined" and train["prompt"][0] == enc.encode_ordinary(hh)
     assert train["chosen"][0] == enc.encode_ordinary(" A comedy.") + [50256]  # GPT-2's <|endoftext|>
     assert len(lines) == 1 and all(w in lines[0] for w in ("2 pairs", "HH style", "0 prompts"))
+
+
+def test_a_held_out_side_left_empty_by_the_cut_is_refused(tmp_path):
+    # the only held-out prompt's pair is the same once cut to 10 bytes: nothing left to evaluate on
+    path = write(tmp_path / "p.jsonl", [dict(prompt="a", chosen="0123456789", rejected="012345678x"),
+                                       dict(prompt="b", chosen="x", rejected="y")])
+    sides = [load_pairs(path, BYTES, 64, heldout=0.5, seed=s, log=lambda _: None)[1]["prompt"]
+             for s in range(10)]
+    seed = next(s for s, held in enumerate(sides) if held == [[97]])  # "a" held out
+    with pytest.raises(UsageError, match="no held-out pair left"):
+        load_pairs(path, BYTES, 10, heldout=0.5, seed=seed, log=lambda _: None)
