@@ -125,8 +125,10 @@ def get_args(argv=None):
     p = parser()
     args = p.parse_args(argv)
     args.preset = args.preset or ("imdb" if args.device.startswith("cuda") else "tiny")
-    if args.pairs:  # your own pairs: a pretrained GPT-2 as pi_ref
+    if args.pairs:  # your own pairs: a pretrained GPT-2 as pi_ref, fine-tuned as the paper does
         pairs_defaults(p, args)
+        for k in ("sft_lr", "dpo_lr", "optimizer"):  # not the tiny preset's, made for a GPT from scratch
+            setattr(args, k, PRESETS["imdb"][k] if getattr(args, k) is None else getattr(args, k))
     if args.model is not None and (args.init or PRESETS[args.preset]["init"]) == "scratch":
         p.error(f"--model {args.model}: the {args.preset} preset trains a GPT from scratch; add "
                 f"--init pretrained")

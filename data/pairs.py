@@ -173,8 +173,11 @@ def tokenize(records, enc, block_size, path="pairs"):
 
 def file_digest(path):
     """sha256 of a file's bytes: a pairs file's identity in the settings record."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # in blocks (hashlib.file_digest needs Python 3.11)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def split_heldout(pairs, share, seed):
@@ -208,7 +211,11 @@ def pairs_defaults(p, args):
         p.error(f"--pairs {args.pairs}: give --model, the GPT-2 to start from")
     path = os.path.join(args.model, "config.json")
     try:
-        n = 1024 if args.model in GPT.SIZES else int(json.load(open(path))["n_positions"])
+        if args.model in GPT.SIZES:
+            n = 1024
+        else:
+            with open(path) as f:
+                n = int(json.load(f)["n_positions"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         p.error(f"--pairs: --model {args.model}: expected gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
                 f"Hugging Face GPT-2 folder (no n_positions in {path}: {type(e).__name__})")
