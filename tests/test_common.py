@@ -20,6 +20,7 @@ import common
 import dpo
 import experiment
 import sample
+import sampling
 import settings
 import stages
 from data.corpus import Split, UsageError, load_checkpoint, load_corpus, read_jsonl, save_checkpoint
@@ -747,5 +748,5 @@ def test_real_lengths_of_packed_and_scored_batches():
     prompts, responses = [[1, 2, 3], [4], []], [[5, EOS], [6, 7, 8, 9, 10, 11], [12]]
     idx, _, mask = common.pack(prompts, responses, 64, EOS)
     assert common.real_lengths(mask).tolist() == [1 + 3 + 2 - 1, 1 + 1 + 6 - 1, 1 + 0 + 1 - 1]
-    idx, mask = stages.score_batch(prompts, responses, EOS, 64)
+    idx, mask = sampling.score_batch(prompts, responses, EOS, 64)
     assert common.real_lengths(mask).tolist() == [1 + 3 + 1, 1 + 1 + 6, 1 + 0 + 1] == mask.sum(1).tolist()

@@ -14,9 +14,9 @@ from test_ppo import low_bytes, toy_args, toy_score
 
 import common
 import ppo
+import sampling
 import scores
 import settings
-import stages
 
 
 # ---------------------------------------------------------------- the advantages
@@ -209,7 +209,7 @@ def test_one_update_raises_the_log_probs_of_the_better_samples(tmp_path, monkeyp
 @pytest.mark.parametrize("method", ["rloo", "grpo"])
 def test_rloo_and_grpo_raise_a_known_reward(tmp_path, method):
     prompts = [np.random.default_rng(100 + i).integers(0, 256, 3).tolist() for i in range(64)]
-    mean_reward = lambda m: low_bytes(None, stages.sample(m, prompts, 8, EOS, 0, "cpu")).mean().item() / 4
+    mean_reward = lambda m: low_bytes(None, sampling.sample(m, prompts, 8, EOS, 0, "cpu")).mean().item() / 4
     sft_model = tiny_gpt(3)
     train_prompts = [np.random.default_rng(i).integers(0, 256, 3).tolist() for i in range(32)]
     args = toy_args(tmp_path, "--runs", f"{method}:0.01", "--ppo-iters", "20")

@@ -19,6 +19,7 @@ from conftest import (DEVICE, EOS, assert_fused_matches_reference, f64_dists, f6
 import dpo
 import experiment
 import hf
+import sampling
 import stages
 from common import pack
 from data.corpus import Split, UsageError, load_checkpoint, save_corpus
@@ -127,7 +128,7 @@ def test_smoke_whole_pipeline(tmp_path, capsys, monkeypatch):
     enc = WordTokenizer(vocabulary())  # the tiny corpus's words
     classifier = GPT(GPTConfig(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=32, score_head=True))
     classifier.load_state_dict(torch.load(tmp_path / "out" / "classifier" / "model.pt", weights_only=True)["model"])
-    r = stages.reward(classifier, [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples],
+    r = sampling.reward(classifier, [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples],
                       enc.eot_token, 64, "cpu")
     assert r.tolist() == pytest.approx([s["reward"] for s in samples], abs=1e-6)
     assert all(s["prompt"] == enc.decode(s["prompt_ids"]) and s["response"] == enc.decode(s["response_ids"])
