@@ -26,9 +26,9 @@ from methods import METHODS, run_folder
 from model import get_tokenizer
 from plots.curves import plot_curves
 from plots.frontier import plot_frontier
+from record import check_settings, data_digest, locked, stage_plan
 from scores import score_functions
-from settings import (check_data, check_settings, data_digest, get_args, locked, n_heldout,
-                      stage_plan)
+from settings import check_data, get_args, n_heldout
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ from conftest import (EOS, Interrupted, free_port, interrupt_at, killed_at, leav
 import common
 import dpo
 import experiment
+import record
 import sample
 import sampling
 import settings
@@ -507,7 +508,7 @@ PARENTS = {"sft": [], "classifier": ["sft"], "pairs.pt": ["classifier"], "best_o
 def test_each_setting_changes_the_record_of_its_stage_and_every_stage_after_it():
     """stage_plan with one setting changed: exactly the stages that use it, and every stage made from them,
     record another value (a stage whose record missed an upstream setting would be reused when it changed)."""
-    plan = lambda *flags: settings.stage_plan(settings.get_args(["--preset", "tiny", "--device", "cpu", "--runs", RUNS,
+    plan = lambda *flags: record.stage_plan(settings.get_args(["--preset", "tiny", "--device", "cpu", "--runs", RUNS,
                                                                 *flags]), "0" * 64)
     base = plan()
     assert set(base) == set(OWN)
@@ -566,26 +567,26 @@ def test_the_settings_record_keeps_the_stages_a_command_did_not_name(tmp_path):
     """check_settings merges this command's plan into out/settings.json: a later command that names fewer stages
     leaves the others' records, so a changed setting of such a stage is still refused, not reused."""
     out = str(tmp_path)
-    settings.check_settings(out, {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 1.0}}, redo=False)
-    settings.check_settings(out, {"sft": {"sft_steps": 3}}, redo=False)
+    record.check_settings(out, {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 1.0}}, redo=False)
+    record.check_settings(out, {"sft": {"sft_steps": 3}}, redo=False)
     assert json.load(open(tmp_path / "settings.json")) == {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 1.0}}
     (tmp_path / "runs" / "dpo_0.1").mkdir(parents=True)
     with pytest.raises(UsageError, match=r"runs/dpo_0.1 was made with other settings \(dpo_lr 1.0 -> 2.0\)"):
-        settings.check_settings(out, {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 2.0}}, redo=False)
+        record.check_settings(out, {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 2.0}}, redo=False)
 
 
 def test_redo_remakes_a_stage_made_with_other_settings(tmp_path):
     """A stage folder recorded with other settings: refused without redo; with redo deleted (to be made again)
     and the new settings recorded."""
     out = str(tmp_path)
-    settings.check_settings(out, {"sft": {"sft_steps": 3}, "pairs.pt": {"n_prompts": 10}}, redo=False)
+    record.check_settings(out, {"sft": {"sft_steps": 3}, "pairs.pt": {"n_prompts": 10}}, redo=False)
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "model.pt").write_bytes(b"old")
     (tmp_path / "pairs.pt").write_bytes(b"old")
     new = {"sft": {"sft_steps": 4}, "pairs.pt": {"n_prompts": 20}}
     with pytest.raises(UsageError, match=r"sft was made with other settings \(sft_steps 3 -> 4\)"):
-        settings.check_settings(out, new, redo=False)
-    settings.check_settings(out, new, redo=True)  # a folder and a file
+        record.check_settings(out, new, redo=False)
+    record.check_settings(out, new, redo=True)  # a folder and a file
     assert not (tmp_path / "sft").exists() and not (tmp_path / "pairs.pt").exists()
     assert json.load(open(tmp_path / "settings.json")) == new
 
@@ -633,7 +634,7 @@ def test_every_method_with_a_parameter_refuses_a_bad_one():
 def test_the_sft_record_names_the_pretrained_weights():
     """--init pretrained: the SFT stage (and so every stage after it) records which GPT-2 it started from, so that
     another --model is not served the old stages; from scratch it records none."""
-    plan = lambda *flags: settings.stage_plan(settings.get_args(["--device", "cpu", "--runs", "dpo:0.1", *flags]),
+    plan = lambda *flags: record.stage_plan(settings.get_args(["--device", "cpu", "--runs", "dpo:0.1", *flags]),
                                               "0" * 64)
     small, medium = plan("--preset", "imdb", "--model", "gpt2"), plan("--preset", "imdb", "--model", "gpt2-medium")
     assert small["sft"]["model"] == "gpt2" and medium["sft"]["model"] == "gpt2-medium"
@@ -681,7 +682,7 @@ def _outcome_on_rank(rank, world, port, out, result, job):
 
 
 def _check_300_sft_steps(out):
-    settings.check_settings(out, {"sft": {"sft_steps": 300}}, redo=False)
+    record.check_settings(out, {"sft": {"sft_steps": 300}}, redo=False)
 
 
 def test_a_stale_stage_stops_every_rank(tmp_path):
@@ -696,12 +697,12 @@ def test_a_stale_stage_stops_every_rank(tmp_path):
 def test_settings_json_that_is_not_json_is_named(tmp_path):
     (tmp_path / "settings.json").write_text('{"sft": {"sft_steps": 3')  # cut off mid-write by a foreign tool
     with pytest.raises(UsageError, match=rf"{tmp_path}/settings.json is not JSON \(.*line 1\)"):
-        settings.check_settings(str(tmp_path), {"sft": {"sft_steps": 3}}, redo=False)
+        record.check_settings(str(tmp_path), {"sft": {"sft_steps": 3}}, redo=False)
 
 
 HOLD = """import sys, time
-import settings
-with settings.locked(sys.argv[1]):
+import record
+with record.locked(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)
 """
@@ -722,12 +723,12 @@ def test_a_run_folder_is_locked_while_a_command_uses_it(tmp_path):
     finally:
         holder.kill()  # SIGKILL: no clean-up code runs
         holder.wait()
-    with settings.locked(str(tmp_path / "out")):  # free again
+    with record.locked(str(tmp_path / "out")):  # free again
         pass
 
 
 def _enter_the_lock(out):
-    with settings.locked(out):
+    with record.locked(out):
         common.barrier()  # both ranks inside at once: one torchrun shares its run folder
 
 
@@ -735,7 +736,7 @@ def test_the_ranks_of_one_torchrun_share_the_lock_and_all_stop_when_it_is_taken(
     mp.spawn(_outcome_on_rank, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "free"), _enter_the_lock),
              nprocs=2)
     assert [(tmp_path / f"free.{r}").read_text() for r in (0, 1)] == ["went on", "went on"]
-    with settings.locked(str(tmp_path / "out")):  # another command holds it: every rank stops, none waits
+    with record.locked(str(tmp_path / "out")):  # another command holds it: every rank stops, none waits
         mp.spawn(_outcome_on_rank, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "taken"), _enter_the_lock),
                  nprocs=2)
     for r in (0, 1):

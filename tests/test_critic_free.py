@@ -14,6 +14,7 @@ from test_ppo import low_bytes, toy_args, toy_score
 
 import common
 import ppo
+import record
 import sampling
 import scores
 import settings
@@ -258,7 +259,7 @@ def test_bad_group_settings_are_one_line(flags, env, message, capsys, monkeypatc
 def test_the_settings_record_of_rloo_and_grpo_runs(tmp_path):
     """Their runs depend on the reward model's normalised score and --group, not on PPO's controller horizon."""
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--runs", "rloo:0.1,ppo:3"])
-    plan = settings.stage_plan(args, "digest")
+    plan = record.stage_plan(args, "digest")
     assert plan["runs/rloo_0.1"]["group"] == 4 and "kl_horizon" not in plan["runs/rloo_0.1"]
     assert "group" not in plan["runs/ppo_3"] and plan["runs/ppo_3"]["kl_horizon"] == args.kl_horizon
     assert set(plan["score_norm_rm.json"].items()) <= set(plan["runs/rloo_0.1"].items())

@@ -73,7 +73,7 @@ def imports(path, mods, module):
 
 def test_imports_form_no_cycle_and_run_one_way():
     mods = project_modules()
-    assert {"dpo", "ppo", "experiment", "common", "sampling", "stages", "model", "hf", "errors",
+    assert {"dpo", "ppo", "experiment", "common", "record", "sampling", "stages", "model", "hf", "errors",
             "kernels", "kernels.logprobs"} <= set(mods)
     graph, problems = {}, []
     for m, path in mods.items():
