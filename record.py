@@ -30,7 +30,7 @@ def stage_plan(args, data_sha256):
                "seed", "sft_steps", "sft_lr")
     sft |= {"model": args.model if args.init == "pretrained" else None, "data_sha256": data_sha256}
     # its crops cover the scored length
-    classifier = sft | pick("rm_steps", "rm_lr", "max_new_tokens")
+    classifier = sft | pick("classifier_steps", "classifier_lr", "max_new_tokens")
     pairs = classifier | pick("n_prompts", "min_chars")
     prompts = pairs | pick("n_eval")  # the held-out prompts are drawn after the training prompts
     plan = {"sft": sft, "classifier": classifier, "pairs.pt": pairs,

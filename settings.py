@@ -16,19 +16,20 @@ from model import GPT
 # ----------------------------------------------------------------------------- settings
 PRESETS = {
     "tiny": dict(data="tiny", init="scratch", n_layer=2, n_head=4, n_embd=128, block_size=64,
-                 sft_steps=300, sft_lr=2e-3, rm_steps=600, rm_lr=5e-4, batch=32, min_chars=100,
-                 n_prompts=300, max_new_tokens=48, dpo_steps=160, dpo_lr=1e-4, dpo_batch=16,
-                 warmup=10, optimizer="adamw", eval_every=20, n_eval=128, best_of="1,2,4,8,16",
-                 bt_steps=100, bt_lr=5e-4, ppo_iters=24, ppo_batch=64, ppo_epochs=4,
-                 ppo_minibatches=2, ppo_lr=1e-4, ppo_eval_every=4, kl_horizon=128, group=4,
+                 sft_steps=300, sft_lr=2e-3, classifier_steps=600, classifier_lr=5e-4, batch=32,
+                 min_chars=100, n_prompts=300, max_new_tokens=48, dpo_steps=160, dpo_lr=1e-4,
+                 dpo_batch=16, warmup=10, optimizer="adamw", eval_every=20, n_eval=128,
+                 best_of="1,2,4,8,16", bt_steps=100, bt_lr=5e-4, ppo_iters=24, ppo_batch=64,
+                 ppo_epochs=4, ppo_minibatches=2, ppo_lr=1e-4, ppo_eval_every=4, kl_horizon=128,
+                 group=4,
                  runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ppo:3,ppo:8,ppo-gt:3,ppo-gt:8,rloo:0.05,"
                       "rloo:0.2,grpo:0.05,grpo:0.2,simpo:2,orpo:0.1,kto:0.1"),
     "imdb": dict(data="imdb", init="pretrained", model="gpt2", n_layer=12, n_head=12, n_embd=768,
-                 block_size=1024, sft_steps=1500, sft_lr=5e-5, rm_steps=1500, rm_lr=2e-5,
-                 batch=32, min_chars=200, n_prompts=25000, max_new_tokens=64, dpo_steps=1500,
-                 dpo_lr=1e-6, dpo_batch=64, warmup=150, optimizer="rmsprop", eval_every=100,
-                 n_eval=512, best_of="1,2,4,8,16,64", bt_steps=4500, bt_lr=1e-5, ppo_iters=100,
-                 ppo_batch=1024, ppo_epochs=4, ppo_minibatches=16, ppo_lr=1.4e-5,
+                 block_size=1024, sft_steps=1500, sft_lr=5e-5, classifier_steps=1500,
+                 classifier_lr=2e-5, batch=32, min_chars=200, n_prompts=25000, max_new_tokens=64,
+                 dpo_steps=1500, dpo_lr=1e-6, dpo_batch=64, warmup=150, optimizer="rmsprop",
+                 eval_every=100, n_eval=512, best_of="1,2,4,8,16,64", bt_steps=4500, bt_lr=1e-5,
+                 ppo_iters=100, ppo_batch=1024, ppo_epochs=4, ppo_minibatches=16, ppo_lr=1.4e-5,
                  ppo_eval_every=10, kl_horizon=10000, group=4,
                  runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ul:0.05,ul:0.1,ul:0.5,ul:1,ppo:3,ppo:6,"
                       "ppo:9,ppo:12,ppo-gt:3,ppo-gt:6,ppo-gt:9,ppo-gt:12,rloo:0.05,rloo:0.2,"
@@ -45,8 +46,8 @@ HELP = {  # one line per preset setting; --help adds its tiny and imdb defaults 
     "sft_steps": "steps of SFT, which makes the reference policy pi_ref (--pairs: 0 takes --model "
                  "as it is)",
     "sft_lr": "learning rate of SFT",
-    "rm_steps": "steps of the sentiment classifier r*, the ground-truth reward",
-    "rm_lr": "learning rate of the classifier r*",
+    "classifier_steps": "steps of the sentiment classifier r*, the ground-truth reward",
+    "classifier_lr": "learning rate of the classifier r*",
     "batch": "reviews per step of SFT and of r*; pairs per step of PPO's reward model",
     "min_chars": "prompts are cut from reviews longer than this many characters",
     "n_prompts": "training prompts; 4 samples of pi_ref on each make the preference pairs",

@@ -120,7 +120,8 @@ def classifier(args, data, eos, vocab, sft_model):
         model.load_state_dict(sft_model.state_dict(), strict=False)
     batches = ReviewBatches(data["train"], args.batch, args.block_size, eos, args.seed + 1,
                             scored_len(args))
-    model = fit("classifier", model, classifier_loss, batches, args.rm_steps, args.rm_lr, args)
+    model = fit("classifier", model, classifier_loss, batches, args.classifier_steps,
+                args.classifier_lr, args)
     model.eval()
     classifier_accuracy(model, data["test"], args, eos, exact_truth(data))
     return model

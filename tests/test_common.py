@@ -279,8 +279,8 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
 
 def sft_args(tmp_path, out):
     return settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--sft-steps", "6",
-                            "--rm-steps", "6", "--eval-every", "2", "--batch", "4", "--n-layer", "1", "--n-embd", "32",
-                            "--n-head", "2", "--block-size", "64", "--max-new-tokens", "8"])
+                            "--classifier-steps", "6", "--eval-every", "2", "--batch", "4", "--n-layer", "1",
+                            "--n-embd", "32", "--n-head", "2", "--block-size", "64", "--max-new-tokens", "8"])
 
 
 @pytest.mark.parametrize("stage", ["sft", "classifier"])
@@ -483,13 +483,15 @@ def test_a_checkpoint_resumes_its_step_optimizer_and_state_and_a_finished_stage_
 
 RUNS = "dpo:0.1,cdpo:0.1,ppo:3,ppo-gt:3,rloo:0.1,grpo:0.1"
 NEW = dict(n_layer=3, n_head=2, n_embd=64, block_size=60, batch=16, warmup=5, seed=1, sft_steps=10, sft_lr=1e-3,
-           rm_steps=10, rm_lr=1e-3, max_new_tokens=40, n_prompts=200, min_chars=50, n_eval=64, best_of="1,2",
+           classifier_steps=10, classifier_lr=1e-3, max_new_tokens=40, n_prompts=200, min_chars=50, n_eval=64,
+           best_of="1,2",
            dpo_steps=10, dpo_lr=1e-5, dpo_batch=8, optimizer="rmsprop", eval_every=10, bt_steps=10, bt_lr=1e-4,
            ppo_iters=10, ppo_batch=32, ppo_epochs=2, ppo_minibatches=4, ppo_lr=1e-5, ppo_eval_every=2, kl_horizon=64, group=2,
            label_smoothing=0.2)
 # each stage's own settings and the stages it is made from, as the pipeline uses them (README, common.py's numbering)
 OWN = {"sft": {"n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps", "sft_lr"},
-       "classifier": {"rm_steps", "rm_lr", "max_new_tokens"},  # from the SFT model; its crops cover the scored length
+       # from the SFT model; its crops cover the scored length
+       "classifier": {"classifier_steps", "classifier_lr", "max_new_tokens"},
        "pairs.pt": {"n_prompts", "min_chars"}, "best_of_n.jsonl": {"n_eval", "best_of"}, "pairs_heldout.pt": {"n_eval"},
        "reward_model": {"bt_steps", "bt_lr", "eval_every"}, "score_norm_rm.json": set(), "score_norm_gt.json": set(),
        "runs/dpo_0.1": {"n_eval", "dpo_steps", "dpo_lr", "dpo_batch", "optimizer", "eval_every"},

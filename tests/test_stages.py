@@ -239,7 +239,7 @@ def test_a_trained_classifier_rewards_the_positive_label(tmp_path):
                 test=make_split(test, [1] * 10 + [0] * 10))
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-layer", "1",
                             "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--max-new-tokens", "8",
-                            "--rm-steps", "40", "--rm-lr", "3e-3", "--batch", "16", "--warmup", "1"])
+                            "--classifier-steps", "40", "--classifier-lr", "3e-3", "--batch", "16", "--warmup", "1"])
     rm = stages.classifier(args, data, eos, eos + 1, stages.make_model(args, eos + 1))
     r = torch.sigmoid(torch.tensor([f64_score(rm, [], t, eos) for t in test]))
     assert (r[:10] > 0.5).all() and (r[10:] < 0.5).all()
@@ -319,7 +319,7 @@ def test_classifier_loss_and_accuracy_of_a_constant_head_hand_worked():
 
 def test_the_classifier_trains_on_crops_at_the_warmup_learning_rate(tmp_path, monkeypatch):
     """stages.classifier's one step: on reviews cut to the scored length (8 + --max-new-tokens = 16) half the time,
-    so shorter than every whole review; and at --rm-lr / --warmup: AdamW's first step moves each weight by the
+    so shorter than every whole review; and at --classifier-lr / --warmup: AdamW's first step moves each weight by the
     learning rate (m / sqrt(v) = g / |g|), so the largest move from the SFT weights it starts from is 1e-2 / 4."""
     rng = np.random.default_rng(1)
     eos = 20
@@ -328,7 +328,7 @@ def test_the_classifier_trains_on_crops_at_the_warmup_learning_rate(tmp_path, mo
                 test=make_split(train_reviews[:4], [0, 1, 0, 1]))
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-layer", "1",
                             "--n-head", "2", "--n-embd", "32", "--block-size", "48", "--max-new-tokens", "8",
-                            "--rm-steps", "1", "--rm-lr", "1e-2", "--batch", "32", "--warmup", "4"])
+                            "--classifier-steps", "1", "--classifier-lr", "1e-2", "--batch", "32", "--warmup", "4"])
     sft_model = stages.make_model(args, eos + 1)
     before = {k: v.clone() for k, v in sft_model.state_dict().items()}
     batches = recording(monkeypatch, stages, "classifier_loss")
@@ -361,7 +361,7 @@ def test_sft_steps_down_the_nll_of_its_batch_at_the_warmup_learning_rate(tmp_pat
     assert max(moves) == pytest.approx(1e-3 / 4, rel=1e-3)
 
 
-# ---------------------------------------------------------------- chunk boundaries (64 in evaluate; 256: tests/test_sampling.py)
+# ---------------------------------------------------------------- chunk boundaries (64 in evaluate)
 
 def test_evaluation_over_more_than_two_chunks_of_64_is_the_float64_mean_of_every_sample(monkeypatch):
     """evaluate on 130 prompts (chunks 0-63, 64-127, 128-129 of its KL loop, on cpu): reward, exact KL, sampled KL
