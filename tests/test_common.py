@@ -19,6 +19,7 @@ from conftest import (EOS, Interrupted, free_port, interrupt_at, killed_at, leav
 import common
 import dpo
 import experiment
+import methods
 import record
 import sample
 import sampling
@@ -90,7 +91,7 @@ def test_every_flag_has_help_with_its_preset_defaults():
 
 
 def test_run_folders():
-    assert [settings.run_folder(m, p) for m, p in [("dpo", 0.1), ("ft", 0.0), ("ppo-gt", 6.0), ("ul", 0.5)]] == \
+    assert [methods.run_folder(m, p) for m, p in [("dpo", 0.1), ("ft", 0.0), ("ppo-gt", 6.0), ("ul", 0.5)]] == \
         ["runs/dpo_0.1", "runs/ft", "runs/ppo-gt_6", "runs/ul_0.5"]
 
 
