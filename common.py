@@ -1,9 +1,8 @@
 """
-The machinery under every stage and algorithm: the helpers for torchrun, the one sequence layout and
-its batches, the log-prob call into the fused kernel, and the small helpers each training
-loop calls (resume, the learning rate, the finite-loss check, a step's log line, evaluation records,
-checkpoints), with `fit`, the one loop of the stages that only learn from batches. Nothing here
-knows DPO or PPO: dpo.py and ppo.py write their own loops with these helpers.
+The machinery under every stage and algorithm: torchrun helpers, the one sequence layout and its
+batches, the log-prob call into the fused kernel, the helpers each training loop calls (resume, the
+learning rate, the finite-loss check, a step's log line, evaluations, checkpoints), and `fit`, the
+loop of the stages that only learn from batches. dpo.py and ppo.py write their own loops.
 
 The pipeline (one numbering, used by every file):
   1. data        labelled movie reviews, and prompts cut from them                   stages.py
@@ -141,10 +140,9 @@ def layout(prompt, response, bos):
 
 
 def pack(prompts, responses, block_size, bos):
-    """Lay out each (prompt, response) (tokenised separately) and right-pad them into one batch.
-    Returns idx (B, T) inputs, targets (B, T) = the sequence shifted by one, and mask (B, T): True
-    where the target is a response token. Prompt and padding never enter a sum; the mask is
-    explicit, not inferred from pad == EOS."""
+    """Lay out each (prompt, response) (tokenised separately), right-padded into one batch: idx
+    (B, T) inputs, targets (B, T) the sequence shifted by one, mask (B, T) True where the target is
+    a response token (explicit, not inferred from pad == EOS: prompt and padding enter no sum)."""
     rows = []
     for p, r in zip(prompts, responses):
         if len(r) == 0:
@@ -168,8 +166,7 @@ def pack(prompts, responses, block_size, bos):
 def logprobs(policy, ref, idx, targets, mask, impl="auto", with_kl=False, hidden=None):
     """Per-token and summed log-probs of the response tokens under the policy (with grad) and the
     reference: the hidden states go to the fused kernel with lm_head's weight, so no logits exist.
-    hidden: the policy's hidden states when the caller has them already (PPO's value head reads them
-    too)."""
+    hidden: the policy's, when the caller has them already (PPO's value head reads them too)."""
     h = policy(idx, lengths=real_lengths(mask)) if hidden is None else hidden
     h_ref = w_ref = None
     if ref is not None:
@@ -197,7 +194,7 @@ def masked_mean(x, mask):
 
 # ------------------------------------------------------------ what every training loop calls
 # Each stage writes out/<name>/: ckpt.pt while it runs (resumed after an interruption), model.pt
-# when done (a rerun skips it), eval.jsonl (evaluations), samples.jsonl, metrics.jsonl (logged steps).
+# when done (a rerun skips it), eval.jsonl (evaluations), samples.jsonl, metrics.jsonl (steps).
 def make_optimizer(model, name, lr):
     """AdamW (no weight decay) or RMSprop (--optimizer rmsprop, the paper's) on what trains."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -214,10 +211,9 @@ def set_lr(opt, step, lr, warmup):
 
 def resume(name, model, opt, out, state=None):
     """Where out/<name>'s loop starts, as (step, state). model.pt there: done, so (None, its state),
-    the model loaded. ckpt.pt there: (its step, its state), model and optimizer restored, and the
-    records' evaluations and logged steps from that step on dropped, to be made again. Otherwise (0,
-    state) and fresh records. state: a dict of what a loop keeps besides the weights (PPO's KL
-    coefficient), checkpointed with them."""
+    the model loaded. ckpt.pt there: (its step, its state), model and optimizer restored, records
+    from that step on dropped, to be made again. Otherwise (0, state) and fresh records. state: what
+    a loop keeps besides the weights (PPO's KL coefficient), checkpointed with them."""
     folder, state = os.path.join(out, name), dict(state or {})
     final, ckpt = os.path.join(folder, "model.pt"), os.path.join(folder, "ckpt.pt")
     if os.path.exists(final):
@@ -274,9 +270,8 @@ class Clock:
 
 
 def log_step(name, step, metrics, clock, device, out=None, lr=None):
-    """A step's progress line: each metric by name, averaged over the ranks (every rank calls it;
-    device: this rank's, where the all-reduce happens), and the speed; with out, also a line of step,
-    lr and them in out/<name>/metrics.jsonl (the curves). Returns the averaged metrics."""
+    """A step's progress line (every rank calls it): the metrics averaged over the ranks on device,
+    the speed; with out, step, lr and them in out/<name>/metrics.jsonl. Returns the averages."""
     averaged = dict(zip(metrics, global_mean(*metrics.values(), device=device)))
     log(f"[{name}] step {step:5d} " + " ".join(f"{k} {v:.4g}" for k, v in averaged.items())
         + f" | {clock.speed(step)}")
@@ -286,8 +281,7 @@ def log_step(name, step, metrics, clock, device, out=None, lr=None):
 
 
 def write_evaluation(name, step, record, out):
-    """Append an evaluation's numbers to out/<name>/eval.jsonl and its samples (if any) to
-    samples.jsonl."""
+    """Append an evaluation's numbers to out/<name>/eval.jsonl, its samples to samples.jsonl."""
     record = dict(step=step, **record)
     texts = record.pop("samples", [])  # a few samples to read, kept apart from the numbers
     if is_main():

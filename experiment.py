@@ -3,7 +3,7 @@ The experiment, stage by stage (the numbering of common.py): the data, pi_ref, r
 Best-of-N (stages.py), then every run of --runs on the same axes, DPO's family (dpo.py) and the
 online methods (ppo.py, on the scores of scores.py), then the figure (plots/frontier.py). `python
 dpo.py` runs it (cli). Every stage writes under --out with the settings it was made with
-(settings.py); a rerun skips what is complete. With --pairs FILE.jsonl (pairs_experiment) the
+(record.py); a rerun skips what is complete. With --pairs FILE.jsonl (pairs_experiment) the
 pairs are yours and pi_ref is --model: no r*, so no frontier; each run's curves are the figure.
 """
 import copy
@@ -26,9 +26,9 @@ from methods import METHODS, run_folder
 from model import get_tokenizer
 from plots.curves import plot_curves
 from plots.frontier import plot_frontier
+from record import check_settings, data_digest, locked, stage_plan
 from scores import score_functions
-from settings import (check_data, check_settings, data_digest, get_args, locked, n_heldout,
-                      stage_plan)
+from settings import check_data, get_args, n_heldout
 
 
 def main(argv=None):

@@ -1,8 +1,8 @@
 """
-What defines each method, in one table that settings.py (the flags and the records), dpo.py (which
-losses read pi_ref), ppo.py (which runs have a value head) and experiment.py (which score an online
-run trains on) read. A run is "method:number", and the number is the method's parameter: a run's
-folder is runs/<method>_<number>.
+What defines each method, in one table that settings.py (the flags), record.py (the records),
+dpo.py (which losses read pi_ref), ppo.py (which runs have a value head) and experiment.py (which
+score an online run trains on) read. A run is "method:number", and the number is the method's
+parameter: a run's folder is runs/<method>_<number>.
 """
 from typing import NamedTuple, Optional
 

@@ -39,8 +39,8 @@ from common import (Clock, amp, check_finite, derive_seed, distributed, finish,
                     global_mean, log_step, logprobs, make_optimizer, masked_mean, pack, rank_world,
                     real_lengths, resume, save, set_lr, unwrap, write_evaluation)
 from methods import METHODS, rollout_prompts, run_folder
+from sampling import sample
 from scores import with_zero_head
-from stages import sample
 
 GAMMA, LAM = 1.0, 0.95  # GAE: no discount over a response of at most max_new_tokens tokens
 CLIP = 0.2  # of the probability ratio, and of the value's move from its rollout estimate

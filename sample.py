@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-import stages
+import sampling
 from data.corpus import OneLineParser, UsageError, load_checkpoint, write_atomic
 from data.tiny.prepare import vocabulary
 from hf import from_pretrained
@@ -160,10 +160,11 @@ def main(argv=None):
                              f"beginning-of-text token exceed the model's block size {block}")
     many = [x for x in ids for _ in range(args.n)]
     eos = enc.eot_token
-    completions = stages.sample(model, many, new, eos, args.seed, args.device, args.temperature)
+    completions = sampling.sample(model, many, new, eos, args.seed, args.device, args.temperature)
     rm = classifier_of(root, args.device)
     if rm is not None:
-        rewards = stages.reward(rm, many, completions, eos, rm.config.block_size, args.device).tolist()
+        rewards = sampling.reward(rm, many, completions, eos, rm.config.block_size,
+                                  args.device).tolist()
     records = []
     for i, y in enumerate(completions):
         text = enc.decode([t for t in y if t != eos])

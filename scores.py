@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from common import accuracy, barrier, fit, is_main, rank_world, real_lengths, unwrap
 from data.corpus import write_atomic
-from stages import Score, sample_and_score, score, score_batch
+from sampling import Score, sample_and_score, score, score_batch
 
 MAX_NORM_SAMPLES = 1024  # SFT samples that fix each score's affine normalisation
 

@@ -1,46 +1,39 @@
 """
-The settings of a command and of every stage it makes: the presets (tiny, imdb) and their flags,
-checked in one line before any work; the record of the settings each stage under --out was made
-with (settings.json), so that a stage is reused only when they match; the data's identity in that
-record; the lock of a run folder.
+The settings of a command: the presets (tiny, imdb) and their flags, checked in one line before any
+work, and the sizes that depend on the data. record.py keeps the settings each stage was made with.
 """
-import fcntl
-import hashlib
-import json
 import os
 import re
-import shutil
-from contextlib import contextmanager
 
-import numpy as np
 import torch
 
-from common import log, rank_world
-from data.corpus import OneLineParser, write_atomic
+from data.corpus import OneLineParser
 from data.pairs import pairs_defaults
 from errors import UsageError
-from methods import METHODS, ONLINE, parse_runs, rollout_prompts, run_folder
+from methods import METHODS, ONLINE, parse_runs, rollout_prompts
 from model import GPT
 
 # ----------------------------------------------------------------------------- settings
 PRESETS = {
     "tiny": dict(data="tiny", init="scratch", n_layer=2, n_head=4, n_embd=128, block_size=64,
-                 sft_steps=300, sft_lr=2e-3, rm_steps=600, rm_lr=5e-4, batch=32, min_chars=100,
-                 n_prompts=300, max_new_tokens=48, dpo_steps=160, dpo_lr=1e-4, dpo_batch=16, warmup=10,
-                 optimizer="adamw", eval_every=20, n_eval=128, best_of="1,2,4,8,16",
-                 bt_steps=100, bt_lr=5e-4, ppo_iters=24, ppo_batch=64, ppo_epochs=4, ppo_minibatches=2,
-                 ppo_lr=1e-4, ppo_eval_every=4, kl_horizon=128, group=4,
-                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ppo:3,ppo:8,ppo-gt:3,ppo-gt:8,rloo:0.05,rloo:0.2,grpo:0.05,"
-                      "grpo:0.2,simpo:2,orpo:0.1,kto:0.1"),
-    "imdb": dict(data="imdb", init="pretrained", model="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024,
-                 sft_steps=1500, sft_lr=5e-5, rm_steps=1500, rm_lr=2e-5, batch=32, min_chars=200,
-                 n_prompts=25000, max_new_tokens=64, dpo_steps=1500, dpo_lr=1e-6, dpo_batch=64, warmup=150,
-                 optimizer="rmsprop", eval_every=100, n_eval=512, best_of="1,2,4,8,16,64",
-                 bt_steps=4500, bt_lr=1e-5, ppo_iters=100, ppo_batch=1024, ppo_epochs=4, ppo_minibatches=16,
-                 ppo_lr=1.4e-5, ppo_eval_every=10, kl_horizon=10000, group=4,
-                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ul:0.05,ul:0.1,ul:0.5,ul:1,ppo:3,ppo:6,ppo:9,ppo:12,"
-                      "ppo-gt:3,ppo-gt:6,ppo-gt:9,ppo-gt:12,rloo:0.05,rloo:0.2,grpo:0.05,grpo:0.2,simpo:2,orpo:0.1,"
-                      "kto:0.1"),
+                 sft_steps=300, sft_lr=2e-3, classifier_steps=600, classifier_lr=5e-4, batch=32,
+                 min_chars=100, n_prompts=300, max_new_tokens=48, dpo_steps=160, dpo_lr=1e-4,
+                 dpo_batch=16, warmup=10, optimizer="adamw", eval_every=20, n_eval=128,
+                 best_of="1,2,4,8,16", bt_steps=100, bt_lr=5e-4, ppo_iters=24, ppo_batch=64,
+                 ppo_epochs=4, ppo_minibatches=2, ppo_lr=1e-4, ppo_eval_every=4, kl_horizon=128,
+                 group=4,
+                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ppo:3,ppo:8,ppo-gt:3,ppo-gt:8,rloo:0.05,"
+                      "rloo:0.2,grpo:0.05,grpo:0.2,simpo:2,orpo:0.1,kto:0.1"),
+    "imdb": dict(data="imdb", init="pretrained", model="gpt2", n_layer=12, n_head=12, n_embd=768,
+                 block_size=1024, sft_steps=1500, sft_lr=5e-5, classifier_steps=1500,
+                 classifier_lr=2e-5, batch=32, min_chars=200, n_prompts=25000, max_new_tokens=64,
+                 dpo_steps=1500, dpo_lr=1e-6, dpo_batch=64, warmup=150, optimizer="rmsprop",
+                 eval_every=100, n_eval=512, best_of="1,2,4,8,16,64", bt_steps=4500, bt_lr=1e-5,
+                 ppo_iters=100, ppo_batch=1024, ppo_epochs=4, ppo_minibatches=16, ppo_lr=1.4e-5,
+                 ppo_eval_every=10, kl_horizon=10000, group=4,
+                 runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ul:0.05,ul:0.1,ul:0.5,ul:1,ppo:3,ppo:6,"
+                      "ppo:9,ppo:12,ppo-gt:3,ppo-gt:6,ppo-gt:9,ppo-gt:12,rloo:0.05,rloo:0.2,"
+                      "grpo:0.05,grpo:0.2,simpo:2,orpo:0.1,kto:0.1"),
 }
 HELP = {  # one line per preset setting; --help adds its tiny and imdb defaults from PRESETS
     "init": "a GPT from scratch (--n-layer, --n-head, --n-embd), or pretrained GPT-2 (--model)",
@@ -50,10 +43,11 @@ HELP = {  # one line per preset setting; --help adds its tiny and imdb defaults 
     "n_head": "attention heads of a model from scratch; must divide --n-embd",
     "n_embd": "width of a model from scratch",
     "block_size": "longest sequence in tokens, prompt and response together",
-    "sft_steps": "steps of SFT, which makes the reference policy pi_ref (--pairs: 0 takes --model as it is)",
+    "sft_steps": "steps of SFT, which makes the reference policy pi_ref (--pairs: 0 takes --model "
+                 "as it is)",
     "sft_lr": "learning rate of SFT",
-    "rm_steps": "steps of the sentiment classifier r*, the ground-truth reward",
-    "rm_lr": "learning rate of the classifier r*",
+    "classifier_steps": "steps of the sentiment classifier r*, the ground-truth reward",
+    "classifier_lr": "learning rate of the classifier r*",
     "batch": "reviews per step of SFT and of r*; pairs per step of PPO's reward model",
     "min_chars": "prompts are cut from reviews longer than this many characters",
     "n_prompts": "training prompts; 4 samples of pi_ref on each make the preference pairs",
@@ -111,7 +105,8 @@ def parser():
                    help="make again every stage whose recorded settings differ")
     p.add_argument("--model", help=HELP["model"] + preset("model"))
     p.add_argument("--pairs", help="train on your own preference pairs, a JSONL file of {prompt, "
-                   "chosen, rejected} (or HH's {chosen, rejected}), from --model; offline runs only")
+                   "chosen, rejected} (or HH's {chosen, rejected}), from --model; offline runs "
+                   "only")
     p.add_argument("--heldout", type=float, default=0.1,
                    help="with --pairs: the share of prompts held out for evaluation (default 0.1)")
     for k, v in PRESETS["tiny"].items():  # every preset value can be overridden: --dpo-steps 50
@@ -167,7 +162,8 @@ def check_args(p, args):
         p.error(f"--log-every {args.log_every}: expected a positive number")
     for k, v in PRESETS["tiny"].items():  # sizes, steps and rates: positive (warm-up may be 0)
         # with --pairs, no SFT (--sft-steps 0) takes --model itself as pi_ref
-        least = 0 if k == "warmup" or k == "sft_steps" and args.pairs else 1 if isinstance(v, int) else 1e-30
+        zero_ok = k == "warmup" or k == "sft_steps" and args.pairs
+        least = 0 if zero_ok else 1 if isinstance(v, int) else 1e-30
         if isinstance(v, (int, float)) and not getattr(args, k) >= least:
             p.error(f"--{k.replace('_', '-')}: expected a positive number, got {getattr(args, k)}")
     if args.init == "scratch" and args.n_embd % args.n_head:
@@ -191,8 +187,8 @@ def check_args(p, args):
     methods, world = {m for m, _ in args.run_list}, int(os.environ.get("WORLD_SIZE", 1))
     online, dpo_runs = methods & set(ONLINE), methods - set(ONLINE)
     if args.pairs and online:
-        p.error(f"--runs: {', '.join(sorted(online))} sample as they train and need a reward; --pairs "
-                f"trains the others")
+        p.error(f"--runs: {', '.join(sorted(online))} sample as they train and need a reward; "
+                f"--pairs trains the others")
     for k in ["batch"] + ["dpo_batch"] * bool(dpo_runs) + ["ppo_batch"] * bool(online):
         if getattr(args, k) < world:  # under torchrun each rank takes every world-th row of a batch
             p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: fewer rows than the {world} "
@@ -221,156 +217,28 @@ def check_args(p, args):
                     f"{prompts} different training prompts")
 
 
-# ----------------------------------------------------------------------------- the settings each stage was made with
-def stage_plan(args, data_sha256):
-    """{output under --out: the settings it depends on, those of the stages it is built from included},
-    in pipeline order, for the stages this command needs. A changed upstream setting so changes every
-    stage after it too. data_sha256 (data_digest; --pairs: the file's) names the data by its content."""
-    pick = lambda *keys: {k: getattr(args, k) for k in keys}
-    if args.pairs:
-        return pairs_plan(args, data_sha256, pick)
-    sft = pick("data", "init", "n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps",
-               "sft_lr") | {"model": args.model if args.init == "pretrained" else None, "data_sha256": data_sha256}
-    classifier = sft | pick("rm_steps", "rm_lr", "max_new_tokens")  # its crops cover the scored length
-    pairs = classifier | pick("n_prompts", "min_chars")
-    prompts = pairs | pick("n_eval")  # the held-out prompts are drawn after the training prompts
-    plan = {"sft": sft, "classifier": classifier, "pairs.pt": pairs, "best_of_n.jsonl": prompts | pick("best_of")}
-    methods = {m for m, _ in args.run_list}
-    scores = {METHODS[m].score for m in methods & set(ONLINE)}
-    if "rm" in scores:
-        plan["pairs_heldout.pt"] = prompts
-        plan["reward_model"] = prompts | pick("bt_steps", "bt_lr", "eval_every")
-    for s in sorted(scores):
-        plan[f"score_norm_{s}.json"] = plan["reward_model" if s == "rm" else "pairs.pt"]
-    for method, param in args.run_list:
-        if method in ONLINE:
-            plan[run_folder(method, param)] = prompts | plan[f"score_norm_{METHODS[method].score}.json"] | pick(
-                "optimizer", "ppo_iters", "ppo_batch", "ppo_epochs", "ppo_minibatches", "ppo_lr", "ppo_eval_every",
-                *(("kl_horizon",) if METHODS[method].value_head else ("group",)))
-        else:
-            extra = pick("label_smoothing") if method == "cdpo" else {}
-            plan[run_folder(method, param)] = prompts | pick("dpo_steps", "dpo_lr", "dpo_batch", "optimizer",
-                                                             "eval_every") | extra
-    return plan
-
-
-def pairs_plan(args, pairs_sha256, pick):
-    """stage_plan with --pairs: pi_ref (sft, none with --sft-steps 0) from --model, then each run."""
-    sft = pick("model", "block_size", "heldout", "seed", "sft_steps", "sft_lr", "batch", "warmup")
-    plan = {"sft": sft | {"pairs_sha256": pairs_sha256}}
-    for method, param in args.run_list:
-        plan[run_folder(method, param)] = plan["sft"] | pick(
-            "n_eval", "max_new_tokens", "dpo_steps", "dpo_lr", "dpo_batch", "optimizer", "eval_every",
-            *["label_smoothing"] * (method == "cdpo"))
-    return plan
-
-
-def check_settings(out, plan, redo):
-    """Compare each stage's settings with those recorded in out/settings.json when it was made. A stage
-    made with other settings (or by an older nanoDPO that kept no record) is refused with one line, or
-    with redo deleted so that it is made again; then the plan is recorded. Rank 0 checks."""
-    on_rank0(lambda: _check_settings(out, plan, redo))
-
-
-def on_rank0(fn):
-    """fn() on rank 0 only; a UsageError it raises is raised on every rank of torchrun, so that all stop together."""
-    error = ""
-    if rank_world()[0] == 0:
-        try:
-            fn()
-        except UsageError as e:
-            error = str(e)
-    if torch.distributed.is_initialized():
-        verdict = [error]
-        torch.distributed.broadcast_object_list(verdict, src=0)
-        error = verdict[0]
-    if error:
-        raise UsageError(error)
-
-
-def _check_settings(out, plan, redo):
-    path = os.path.join(out, "settings.json")
-    recorded = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            try:
-                recorded = json.load(f)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path} is not JSON ({e.msg}, line {e.lineno}); fix it, or delete it and add --redo "
-                                 f"to make every stage again") from None
-    for stage, settings in plan.items():
-        target = os.path.join(out, stage)
-        if not os.path.exists(target) or recorded.get(stage) == settings:
-            continue
-        old = recorded.get(stage, {})
-        diff = ", ".join(f"{k} {old.get(k, 'unset')} -> {v}" for k, v in settings.items() if old.get(k, "unset") != v)
-        why = f"was made with other settings ({diff})" if stage in recorded else "has no record of its settings"
-        if not redo:
-            raise UsageError(f"{target} {why}: use another --out, or --redo to make it and every stage after it again")
-        log(f"[redo] {target} {why}: making it again")
-        shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
-    write_atomic(path, lambda f: f.write(json.dumps(recorded | plan, indent=1).encode()))
-
-
-@contextmanager
-def locked(out):
-    """Hold out/.lock while a command uses the run folder: a second command into it stops in one line,
-    instead of doubling its records and overwriting its checkpoints. The system drops an flock when
-    its process dies, so a killed command leaves no stale lock. Rank 0 holds it for all of a torchrun."""
-    held = []
-
-    def take():
-        os.makedirs(out, exist_ok=True)
-        f = open(os.path.join(out, ".lock"), "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            f.close()
-            raise UsageError(f"{out} is in use by another command (process {holder}); wait for it, or use "
-                             f"another --out") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        held.append(f)
-    on_rank0(take)
-    try:
-        yield
-    finally:
-        for f in held:
-            f.close()
-
-
-def data_digest(data):
-    """sha256 of a corpus's tokenizer (and word list), tokens, labels and lengths: the data's identity in the
-    settings record (the .npz file's own bytes also hold the times its members were written)."""
-    h = hashlib.sha256("\n".join([data["tokenizer"], *data["words"]]).encode())
-    for s in ("train", "test"):
-        for a in (data[s].tokens, data[s].offsets, data[s].labels, data[s].chars):
-            h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
 def n_heldout(args):
     """How many test prompts after the --n-eval ones give PPO's reward model its held-out pairs."""
     return max(32, args.n_prompts // 10)
 
 
 def check_data(args, data):
-    """The sizes that depend on the data, checked before SFT: enough long reviews for the prompts asked for."""
+    """The sizes that depend on the data, checked before SFT: enough long reviews for the prompts
+    asked for."""
     path = os.path.join(args.data_dir, f"{args.data}.npz")
     online = {m for m, _ in args.run_list} & set(ONLINE)
     usable = {s: int((data[s].chars > args.min_chars).sum()) for s in ("train", "test")}
     heldout = n_heldout(args) if any(METHODS[m].score == "rm" for m in online) else 0
     if args.n_eval + heldout > usable["test"]:
         extra = f" + {heldout} held-out prompts of PPO's reward model" if heldout else ""
-        raise UsageError(f"--n-eval {args.n_eval}{extra}: the test split of {path} has {usable['test']} reviews "
-                         f"longer than --min-chars {args.min_chars}")
+        raise UsageError(f"--n-eval {args.n_eval}{extra}: the test split of {path} has "
+                         f"{usable['test']} reviews longer than --min-chars {args.min_chars}")
     if args.init == "pretrained" and data["tokenizer"] != "gpt2":
-        raise UsageError(f"--init pretrained: GPT-2's weights read GPT-2's BPE tokens, but {path} holds "
-                         f"{data['tokenizer']} tokens; use --init scratch (or prepare the data with --tokenizer gpt2)")
+        raise UsageError(f"--init pretrained: GPT-2's weights read GPT-2's BPE tokens, but {path} "
+                         f"holds {data['tokenizer']} tokens; use --init scratch (or prepare the "
+                         f"data with --tokenizer gpt2)")
     most = max((rollout_prompts(m, args) for m in online), default=0)
     if most > usable["train"]:
-        raise UsageError(f"--ppo-batch {args.ppo_batch}: a rollout draws {most} prompts, but the train split of {path} "
-                         f"has {usable['train']} reviews longer than --min-chars {args.min_chars} to cut prompts from")
+        raise UsageError(f"--ppo-batch {args.ppo_batch}: a rollout draws {most} prompts, but the "
+                         f"train split of {path} has {usable['train']} reviews longer than "
+                         f"--min-chars {args.min_chars} to cut prompts from")

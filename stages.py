@@ -6,8 +6,7 @@ The stages around the algorithms (the numbering of common.py):
   4. preference pairs from pi_ref's samples, scored by r*                     make_pairs, pairs_from
      and the Best-of-N baseline drawn on the frontier                         best_of_n
   6. evaluation: samples of a policy, their mean r* and exact KL to pi_ref    evaluate
-and the sampling and scoring that 4, 5 and 6 share                           sample, score, Score
-SFT and the classifier train with common.fit, on ReviewBatches.
+SFT and the classifier train with common.fit, on ReviewBatches; sampling.py samples and scores.
 """
 import json
 import math
@@ -19,12 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (accuracy, amp, barrier, derive_seed, fit, is_main, layout, local_rank_first,
-                    log, logprobs, masked_mean, pack, rank_world, real_lengths, sharded, unwrap)
+from common import (accuracy, amp, barrier, fit, is_main, local_rank_first, log, logprobs,
+                    masked_mean, pack, rank_world, real_lengths, sharded, unwrap)
 from data.corpus import load_checkpoint, load_corpus, save_checkpoint, write_atomic
 from data.tiny.prepare import p_positive, prepare as prepare_tiny, vocabulary as tiny_vocabulary
 from hf import from_pretrained
-from model import GPT, GPTConfig, get_tokenizer, left_pad
+from model import GPT, GPTConfig, get_tokenizer
+from sampling import Score, reward, sample, sample_and_score, score
 
 
 # ------------------------------------------------------------ 1. data
@@ -120,7 +120,8 @@ def classifier(args, data, eos, vocab, sft_model):
         model.load_state_dict(sft_model.state_dict(), strict=False)
     batches = ReviewBatches(data["train"], args.batch, args.block_size, eos, args.seed + 1,
                             scored_len(args))
-    model = fit("classifier", model, classifier_loss, batches, args.rm_steps, args.rm_lr, args)
+    model = fit("classifier", model, classifier_loss, batches, args.classifier_steps,
+                args.classifier_lr, args)
     model.eval()
     classifier_accuracy(model, data["test"], args, eos, exact_truth(data))
     return model
@@ -194,81 +195,7 @@ def classifier_accuracy(classifier, split, args, eos, truth=None):
     return acc
 
 
-# ------------------------------------------------------------ sampling and scoring (4, 5 and 6)
-@torch.no_grad()
-def sample(model, prompts, max_new_tokens, eos, seed, device, temperature=1.0):
-    """One completion per prompt (temperature 1, no top-k, in the pipeline; 0 is greedy), each from
-    common.layout(prompt, []), as token lists ending in EOS if it came."""
-    out = []
-    g = torch.Generator(device=device).manual_seed(seed)
-    for i in range(0, len(prompts), 256):
-        idx, pmask = left_pad([layout(p, [], eos) for p in prompts[i:i + 256]], eos)
-        with amp(device):
-            new, new_mask = model.generate(idx.to(device), pmask.to(device), max_new_tokens,
-                                           temperature=temperature, eos=eos, generator=g)
-        out += [row[m].tolist() for row, m in zip(new.cpu(), new_mask.cpu())]
-    return out
-
-
-def score_batch(prompts, responses, eos, block_size):
-    """What every scalar head reads (the classifier r* and PPO's reward model): the text prompt +
-    response (its EOS, if any, dropped) in the SFT's layout, common.layout([], text + [EOS]),
-    right-padded. Returns idx (B, T) and mask (B, T); the head reads the hidden state of the last
-    True, the text's last token."""
-    seqs = [p + [t for t in r if t != eos] + [eos] for p, r in zip(prompts, responses)]
-    idx, _, mask = pack([[]] * len(seqs), seqs, block_size, eos)
-    return idx, mask
-
-
-@torch.no_grad()
-def score(model, prompts, responses, eos, block_size, device):
-    """The scalar head's logit on each (prompt, response), in chunks of 256."""
-    out = []
-    for i in range(0, len(prompts), 256):
-        batch = score_batch(prompts[i:i + 256], responses[i:i + 256], eos, block_size)
-        idx, mask = (x.to(device) for x in batch)
-        with amp(device):
-            out.append(model.score(model(idx, lengths=real_lengths(mask)), mask).float().cpu())
-    return torch.cat(out)
-
-
-def reward(classifier, prompts, responses, eos, block_size, device):
-    """r*(x, y) = p(positive) of the classifier."""
-    return torch.sigmoid(score(classifier, prompts, responses, eos, block_size, device))
-
-
-class Score(NamedTuple):
-    """A score of (prompts, responses) -> (B,) from a scalar head: r*, the classifier's p(positive)
-    (probability), or the head's logit (PPO's reward model r_phi)."""
-    model: torch.nn.Module
-    eos: int
-    block_size: int
-    device: str
-    probability: bool = False
-
-    def __call__(self, prompts, responses):
-        of = reward if self.probability else score
-        return of(self.model, prompts, responses, self.eos, self.block_size, self.device)
-
-
 # ------------------------------------------------------------ 4. preference pairs
-def sample_and_score(model, score_fn, prompts, args, eos, purpose):
-    """One sample of model per prompt and score_fn(prompts, samples) of each (r*, or a score PPO
-    normalises), as lists. Under torchrun every rank draws its share of the chunks (each chunk
-    seeded by (seed, purpose, its start)) and every rank gets them all."""
-    draw = partial(draw_and_score, model=model, score_fn=score_fn, args=args, eos=eos,
-                   purpose=purpose)
-    samples, scores = zip(*sharded(draw, prompts))
-    return list(samples), list(scores)
-
-
-def draw_and_score(chunk, start, model, score_fn, args, eos, purpose):
-    """[(sample, score)] of a chunk of prompts that starts at `start` of the list (its seed)."""
-    seed = derive_seed(args.seed, purpose, start)
-    samples = sample(model, chunk, args.max_new_tokens, eos, seed, args.device)
-    return list(zip(samples, score_fn(chunk, samples).tolist()))
-
-
 def make_pairs(sft_model, classifier, prompts, args, eos, name="pairs.pt", truth=None):
     """4 samples per prompt from pi_ref, scored by r*; all 6 pairs, chosen = higher reward, ties
     dropped. With truth (exact_truth), r*'s calibration on those samples goes beside, to

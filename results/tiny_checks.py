@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from stages import make_model, reward  # noqa: E402
+from sampling import reward  # noqa: E402
+from stages import make_model  # noqa: E402
 from data.corpus import load_checkpoint, read_jsonl  # noqa: E402
 from data.tiny import prepare as tiny  # noqa: E402
 from model import WordTokenizer  # noqa: E402

@@ -19,7 +19,10 @@ from conftest import (EOS, Interrupted, free_port, interrupt_at, killed_at, leav
 import common
 import dpo
 import experiment
+import methods
+import record
 import sample
+import sampling
 import settings
 import stages
 from data.corpus import Split, UsageError, load_checkpoint, load_corpus, read_jsonl, save_checkpoint
@@ -88,7 +91,7 @@ def test_every_flag_has_help_with_its_preset_defaults():
 
 
 def test_run_folders():
-    assert [settings.run_folder(m, p) for m, p in [("dpo", 0.1), ("ft", 0.0), ("ppo-gt", 6.0), ("ul", 0.5)]] == \
+    assert [methods.run_folder(m, p) for m, p in [("dpo", 0.1), ("ft", 0.0), ("ppo-gt", 6.0), ("ul", 0.5)]] == \
         ["runs/dpo_0.1", "runs/ft", "runs/ppo-gt_6", "runs/ul_0.5"]
 
 
@@ -277,8 +280,8 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
 
 def sft_args(tmp_path, out):
     return settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--sft-steps", "6",
-                            "--rm-steps", "6", "--eval-every", "2", "--batch", "4", "--n-layer", "1", "--n-embd", "32",
-                            "--n-head", "2", "--block-size", "64", "--max-new-tokens", "8"])
+                            "--classifier-steps", "6", "--eval-every", "2", "--batch", "4", "--n-layer", "1",
+                            "--n-embd", "32", "--n-head", "2", "--block-size", "64", "--max-new-tokens", "8"])
 
 
 @pytest.mark.parametrize("stage", ["sft", "classifier"])
@@ -481,13 +484,15 @@ def test_a_checkpoint_resumes_its_step_optimizer_and_state_and_a_finished_stage_
 
 RUNS = "dpo:0.1,cdpo:0.1,ppo:3,ppo-gt:3,rloo:0.1,grpo:0.1"
 NEW = dict(n_layer=3, n_head=2, n_embd=64, block_size=60, batch=16, warmup=5, seed=1, sft_steps=10, sft_lr=1e-3,
-           rm_steps=10, rm_lr=1e-3, max_new_tokens=40, n_prompts=200, min_chars=50, n_eval=64, best_of="1,2",
+           classifier_steps=10, classifier_lr=1e-3, max_new_tokens=40, n_prompts=200, min_chars=50, n_eval=64,
+           best_of="1,2",
            dpo_steps=10, dpo_lr=1e-5, dpo_batch=8, optimizer="rmsprop", eval_every=10, bt_steps=10, bt_lr=1e-4,
            ppo_iters=10, ppo_batch=32, ppo_epochs=2, ppo_minibatches=4, ppo_lr=1e-5, ppo_eval_every=2, kl_horizon=64, group=2,
            label_smoothing=0.2)
 # each stage's own settings and the stages it is made from, as the pipeline uses them (README, common.py's numbering)
 OWN = {"sft": {"n_layer", "n_head", "n_embd", "block_size", "batch", "warmup", "seed", "sft_steps", "sft_lr"},
-       "classifier": {"rm_steps", "rm_lr", "max_new_tokens"},  # from the SFT model; its crops cover the scored length
+       # from the SFT model; its crops cover the scored length
+       "classifier": {"classifier_steps", "classifier_lr", "max_new_tokens"},
        "pairs.pt": {"n_prompts", "min_chars"}, "best_of_n.jsonl": {"n_eval", "best_of"}, "pairs_heldout.pt": {"n_eval"},
        "reward_model": {"bt_steps", "bt_lr", "eval_every"}, "score_norm_rm.json": set(), "score_norm_gt.json": set(),
        "runs/dpo_0.1": {"n_eval", "dpo_steps", "dpo_lr", "dpo_batch", "optimizer", "eval_every"},
@@ -506,7 +511,7 @@ PARENTS = {"sft": [], "classifier": ["sft"], "pairs.pt": ["classifier"], "best_o
 def test_each_setting_changes_the_record_of_its_stage_and_every_stage_after_it():
     """stage_plan with one setting changed: exactly the stages that use it, and every stage made from them,
     record another value (a stage whose record missed an upstream setting would be reused when it changed)."""
-    plan = lambda *flags: settings.stage_plan(settings.get_args(["--preset", "tiny", "--device", "cpu", "--runs", RUNS,
+    plan = lambda *flags: record.stage_plan(settings.get_args(["--preset", "tiny", "--device", "cpu", "--runs", RUNS,
                                                                 *flags]), "0" * 64)
     base = plan()
     assert set(base) == set(OWN)
@@ -565,26 +570,26 @@ def test_the_settings_record_keeps_the_stages_a_command_did_not_name(tmp_path):
     """check_settings merges this command's plan into out/settings.json: a later command that names fewer stages
     leaves the others' records, so a changed setting of such a stage is still refused, not reused."""
     out = str(tmp_path)
-    settings.check_settings(out, {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 1.0}}, redo=False)
-    settings.check_settings(out, {"sft": {"sft_steps": 3}}, redo=False)
+    record.check_settings(out, {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 1.0}}, redo=False)
+    record.check_settings(out, {"sft": {"sft_steps": 3}}, redo=False)
     assert json.load(open(tmp_path / "settings.json")) == {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 1.0}}
     (tmp_path / "runs" / "dpo_0.1").mkdir(parents=True)
     with pytest.raises(UsageError, match=r"runs/dpo_0.1 was made with other settings \(dpo_lr 1.0 -> 2.0\)"):
-        settings.check_settings(out, {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 2.0}}, redo=False)
+        record.check_settings(out, {"sft": {"sft_steps": 3}, "runs/dpo_0.1": {"dpo_lr": 2.0}}, redo=False)
 
 
 def test_redo_remakes_a_stage_made_with_other_settings(tmp_path):
     """A stage folder recorded with other settings: refused without redo; with redo deleted (to be made again)
     and the new settings recorded."""
     out = str(tmp_path)
-    settings.check_settings(out, {"sft": {"sft_steps": 3}, "pairs.pt": {"n_prompts": 10}}, redo=False)
+    record.check_settings(out, {"sft": {"sft_steps": 3}, "pairs.pt": {"n_prompts": 10}}, redo=False)
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "model.pt").write_bytes(b"old")
     (tmp_path / "pairs.pt").write_bytes(b"old")
     new = {"sft": {"sft_steps": 4}, "pairs.pt": {"n_prompts": 20}}
     with pytest.raises(UsageError, match=r"sft was made with other settings \(sft_steps 3 -> 4\)"):
-        settings.check_settings(out, new, redo=False)
-    settings.check_settings(out, new, redo=True)  # a folder and a file
+        record.check_settings(out, new, redo=False)
+    record.check_settings(out, new, redo=True)  # a folder and a file
     assert not (tmp_path / "sft").exists() and not (tmp_path / "pairs.pt").exists()
     assert json.load(open(tmp_path / "settings.json")) == new
 
@@ -632,7 +637,7 @@ def test_every_method_with_a_parameter_refuses_a_bad_one():
 def test_the_sft_record_names_the_pretrained_weights():
     """--init pretrained: the SFT stage (and so every stage after it) records which GPT-2 it started from, so that
     another --model is not served the old stages; from scratch it records none."""
-    plan = lambda *flags: settings.stage_plan(settings.get_args(["--device", "cpu", "--runs", "dpo:0.1", *flags]),
+    plan = lambda *flags: record.stage_plan(settings.get_args(["--device", "cpu", "--runs", "dpo:0.1", *flags]),
                                               "0" * 64)
     small, medium = plan("--preset", "imdb", "--model", "gpt2"), plan("--preset", "imdb", "--model", "gpt2-medium")
     assert small["sft"]["model"] == "gpt2" and medium["sft"]["model"] == "gpt2-medium"
@@ -680,7 +685,7 @@ def _outcome_on_rank(rank, world, port, out, result, job):
 
 
 def _check_300_sft_steps(out):
-    settings.check_settings(out, {"sft": {"sft_steps": 300}}, redo=False)
+    record.check_settings(out, {"sft": {"sft_steps": 300}}, redo=False)
 
 
 def test_a_stale_stage_stops_every_rank(tmp_path):
@@ -695,12 +700,12 @@ def test_a_stale_stage_stops_every_rank(tmp_path):
 def test_settings_json_that_is_not_json_is_named(tmp_path):
     (tmp_path / "settings.json").write_text('{"sft": {"sft_steps": 3')  # cut off mid-write by a foreign tool
     with pytest.raises(UsageError, match=rf"{tmp_path}/settings.json is not JSON \(.*line 1\)"):
-        settings.check_settings(str(tmp_path), {"sft": {"sft_steps": 3}}, redo=False)
+        record.check_settings(str(tmp_path), {"sft": {"sft_steps": 3}}, redo=False)
 
 
 HOLD = """import sys, time
-import settings
-with settings.locked(sys.argv[1]):
+import record
+with record.locked(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)
 """
@@ -721,12 +726,12 @@ def test_a_run_folder_is_locked_while_a_command_uses_it(tmp_path):
     finally:
         holder.kill()  # SIGKILL: no clean-up code runs
         holder.wait()
-    with settings.locked(str(tmp_path / "out")):  # free again
+    with record.locked(str(tmp_path / "out")):  # free again
         pass
 
 
 def _enter_the_lock(out):
-    with settings.locked(out):
+    with record.locked(out):
         common.barrier()  # both ranks inside at once: one torchrun shares its run folder
 
 
@@ -734,7 +739,7 @@ def test_the_ranks_of_one_torchrun_share_the_lock_and_all_stop_when_it_is_taken(
     mp.spawn(_outcome_on_rank, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "free"), _enter_the_lock),
              nprocs=2)
     assert [(tmp_path / f"free.{r}").read_text() for r in (0, 1)] == ["went on", "went on"]
-    with settings.locked(str(tmp_path / "out")):  # another command holds it: every rank stops, none waits
+    with record.locked(str(tmp_path / "out")):  # another command holds it: every rank stops, none waits
         mp.spawn(_outcome_on_rank, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "taken"), _enter_the_lock),
                  nprocs=2)
     for r in (0, 1):
@@ -747,5 +752,5 @@ def test_real_lengths_of_packed_and_scored_batches():
     prompts, responses = [[1, 2, 3], [4], []], [[5, EOS], [6, 7, 8, 9, 10, 11], [12]]
     idx, _, mask = common.pack(prompts, responses, 64, EOS)
     assert common.real_lengths(mask).tolist() == [1 + 3 + 2 - 1, 1 + 1 + 6 - 1, 1 + 0 + 1 - 1]
-    idx, mask = stages.score_batch(prompts, responses, EOS, 64)
+    idx, mask = sampling.score_batch(prompts, responses, EOS, 64)
     assert common.real_lengths(mask).tolist() == [1 + 3 + 1, 1 + 1 + 6, 1 + 0 + 1] == mask.sum(1).tolist()

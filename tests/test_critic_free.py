@@ -14,9 +14,10 @@ from test_ppo import low_bytes, toy_args, toy_score
 
 import common
 import ppo
+import record
+import sampling
 import scores
 import settings
-import stages
 
 
 # ---------------------------------------------------------------- the advantages
@@ -209,7 +210,7 @@ def test_one_update_raises_the_log_probs_of_the_better_samples(tmp_path, monkeyp
 @pytest.mark.parametrize("method", ["rloo", "grpo"])
 def test_rloo_and_grpo_raise_a_known_reward(tmp_path, method):
     prompts = [np.random.default_rng(100 + i).integers(0, 256, 3).tolist() for i in range(64)]
-    mean_reward = lambda m: low_bytes(None, stages.sample(m, prompts, 8, EOS, 0, "cpu")).mean().item() / 4
+    mean_reward = lambda m: low_bytes(None, sampling.sample(m, prompts, 8, EOS, 0, "cpu")).mean().item() / 4
     sft_model = tiny_gpt(3)
     train_prompts = [np.random.default_rng(i).integers(0, 256, 3).tolist() for i in range(32)]
     args = toy_args(tmp_path, "--runs", f"{method}:0.01", "--ppo-iters", "20")
@@ -258,7 +259,7 @@ def test_bad_group_settings_are_one_line(flags, env, message, capsys, monkeypatc
 def test_the_settings_record_of_rloo_and_grpo_runs(tmp_path):
     """Their runs depend on the reward model's normalised score and --group, not on PPO's controller horizon."""
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--runs", "rloo:0.1,ppo:3"])
-    plan = settings.stage_plan(args, "digest")
+    plan = record.stage_plan(args, "digest")
     assert plan["runs/rloo_0.1"]["group"] == 4 and "kl_horizon" not in plan["runs/rloo_0.1"]
     assert "group" not in plan["runs/ppo_3"] and plan["runs/ppo_3"]["kl_horizon"] == args.kl_horizon
     assert set(plan["score_norm_rm.json"].items()) <= set(plan["runs/rloo_0.1"].items())

@@ -19,6 +19,7 @@ from conftest import EOS, free_port, leave_process_group, tiny_gpt
 import common
 import dpo
 import ppo
+import sampling
 import scores
 import settings
 import stages
@@ -145,8 +146,8 @@ def _cold_start_and_sampling(rank, tmp):
     torch.distributed.barrier()  # all at once, as torchrun starts them
     data = stages.load_data(os.path.join(tmp, "data"), "tiny")
     draws = []
-    sample = stages.sample
-    stages.sample = ppo.sample = lambda *a: draws.append(len(a[1])) or sample(*a)
+    sample = sampling.sample  # what make_pairs and scores.normalised draw with
+    sampling.sample = lambda *a: draws.append(len(a[1])) or sample(*a)
     args = sampling_args(os.path.join(tmp, "out"))
     pairs = stages.make_pairs(tiny_gpt(1), tiny_gpt(2, score_head=True), PROMPTS, args, EOS)
     scores.normalised(lambda p, r: torch.tensor([float(len(x)) for x in r]), tiny_gpt(1), PROMPTS * 4, args, EOS, "gt")

@@ -19,6 +19,7 @@ from conftest import (DEVICE, EOS, assert_fused_matches_reference, f64_dists, f6
 import dpo
 import experiment
 import hf
+import sampling
 import stages
 from common import pack
 from data.corpus import Split, UsageError, load_checkpoint, save_corpus
@@ -81,7 +82,7 @@ def test_fused_kernel_gives_the_reference_gradients(method):
     assert_fused_matches_reference(policy, lambda impl: dpo.pair_loss(policy, batch, ref, method, 0.5, impl)[0])
 
 
-SMOKE = ["--sft-steps", "6", "--rm-steps", "4", "--dpo-steps", "4", "--eval-every", "2", "--n-prompts", "16",
+SMOKE = ["--sft-steps", "6", "--classifier-steps", "4", "--dpo-steps", "4", "--eval-every", "2", "--n-prompts", "16",
          "--n-eval", "4", "--max-new-tokens", "8", "--batch", "4", "--dpo-batch", "4", "--n-layer", "1",
          "--n-embd", "32", "--n-head", "2", "--block-size", "64", "--bt-steps", "4", "--ppo-iters", "2",
          "--ppo-batch", "8", "--ppo-eval-every", "1", "--runs",
@@ -127,7 +128,7 @@ def test_smoke_whole_pipeline(tmp_path, capsys, monkeypatch):
     enc = WordTokenizer(vocabulary())  # the tiny corpus's words
     classifier = GPT(GPTConfig(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=32, score_head=True))
     classifier.load_state_dict(torch.load(tmp_path / "out" / "classifier" / "model.pt", weights_only=True)["model"])
-    r = stages.reward(classifier, [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples],
+    r = sampling.reward(classifier, [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples],
                       enc.eot_token, 64, "cpu")
     assert r.tolist() == pytest.approx([s["reward"] for s in samples], abs=1e-6)
     assert all(s["prompt"] == enc.decode(s["prompt_ids"]) and s["response"] == enc.decode(s["response_ids"])
@@ -141,10 +142,11 @@ def test_smoke_whole_pipeline(tmp_path, capsys, monkeypatch):
     assert [json.loads(x)["step"] for x in open(tmp_path / "out" / "runs" / "dpo_0.1" / "eval.jsonl")] == [0, 2, 4]
     assert "[runs/dpo_0.1] step     0" in capsys.readouterr().out
     # changed settings are refused before any work, or with --redo the stage and all after it are made again
-    with pytest.raises(UsageError, match=r"out/classifier was made with other settings \(rm_steps 4 -> 5\): .*--redo"):
-        experiment.main(smoke_argv(tmp_path, "--rm-steps", "5"))
+    made = r"out/classifier was made with other settings \(classifier_steps 4 -> 5\): .*--redo"
+    with pytest.raises(UsageError, match=made):
+        experiment.main(smoke_argv(tmp_path, "--classifier-steps", "5"))
     assert "step" not in capsys.readouterr().out
-    experiment.main(smoke_argv(tmp_path, "--rm-steps", "5", "--redo"))
+    experiment.main(smoke_argv(tmp_path, "--classifier-steps", "5", "--redo"))
     out = capsys.readouterr().out
     assert "[sft] done already" in out and "[classifier] step     0" in out and "[runs/ppo_2] step     0" in out
     assert "[redo]" in out and "runs/ft was made with other settings" in out
@@ -214,7 +216,7 @@ def test_sizes_the_data_cannot_serve_are_refused_before_sft(tmp_path, flags, mes
     assert not (tmp_path / "out").exists()
 
 
-SHORT = ("--sft-steps", "2", "--rm-steps", "2", "--dpo-steps", "2", "--runs", "ft")
+SHORT = ("--sft-steps", "2", "--classifier-steps", "2", "--dpo-steps", "2", "--runs", "ft")
 
 
 def test_other_data_into_the_same_out_is_refused(tmp_path, capsys):

@@ -100,8 +100,8 @@ def test_imdb_preset_end_to_end_at_toy_sizes(tmp_path, capsys):
     fig = tmp_path / "imdb_frontier.png"
     experiment.main(["--preset", "imdb", "--init", "scratch", "--device", "cpu", "--data-dir", str(tmp_path),
               "--out", str(tmp_path / "out"), "--figure", str(fig), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-              "--block-size", "96", "--sft-steps", "3", "--rm-steps", "3", "--dpo-steps", "2", "--eval-every", "1",
-              "--batch", "4", "--dpo-batch", "4", "--n-prompts", "4", "--n-eval", "3", "--max-new-tokens", "6",
+              "--block-size", "96", "--sft-steps", "3", "--classifier-steps", "3", "--dpo-steps", "2",
+              "--eval-every", "1", "--batch", "4", "--dpo-batch", "4", "--n-prompts", "4", "--n-eval", "3", "--max-new-tokens", "6",
               "--warmup", "1", "--runs", "dpo:0.1,ft,ul:0.5", "--best-of", "1,2,4"])
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("nanoDPO: preset imdb on cpu")

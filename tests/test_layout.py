@@ -3,7 +3,7 @@ algorithms; the bottom files, model.py, data/corpus.py and errors.py, nothing ab
 model.py and errors.py; kernels/ nothing of the project outside it; no project import hidden inside a
 function), every file under 350 lines, and the
 algorithms' loops in plain sight (backward and the optimizer step in dpo.run and ppo.run, no lambda or nested
-function in dpo.py, ppo.py or stages.py). And the tests name their device: none leans on a default that
+function in dpo.py, ppo.py, stages.py or sampling.py). And the tests name their device: none leans on a default that
 changes with CUDA.
 
     python -m pytest tests/test_layout.py     (CPU; under a second)
@@ -73,8 +73,8 @@ def imports(path, mods, module):
 
 def test_imports_form_no_cycle_and_run_one_way():
     mods = project_modules()
-    assert {"dpo", "ppo", "experiment", "common", "stages", "model", "hf", "errors", "kernels",
-            "kernels.logprobs"} <= set(mods)
+    assert {"dpo", "ppo", "experiment", "common", "record", "sampling", "stages", "model", "hf", "errors",
+            "kernels", "kernels.logprobs"} <= set(mods)
     graph, problems = {}, []
     for m, path in mods.items():
         found = imports(path, mods, m)
@@ -116,9 +116,10 @@ def test_every_file_is_under_350_lines():
 
 def test_the_algorithms_loops_are_in_plain_sight():
     """dpo.run and ppo.run call backward() and the optimizer's step themselves (ppo.run inside its epoch and
-    minibatch loops, inside the iteration loop), and dpo.py, ppo.py and stages.py hand no lambda or nested
+    minibatch loops, inside the iteration loop), and dpo.py, ppo.py, stages.py and sampling.py hand no
+    lambda or nested
     function around (stages.py's lambdas only write a file, as write_atomic's writer)."""
-    for name in ("dpo", "ppo", "stages"):
+    for name in ("dpo", "ppo", "stages", "sampling"):
         tree = ast.parse(open(os.path.join(ROOT, f"{name}.py")).read())
         for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))):
             nested = [n.name for n in ast.walk(fn) if isinstance(n, ast.FunctionDef) and n is not fn
@@ -127,7 +128,7 @@ def test_the_algorithms_loops_are_in_plain_sight():
         for lam in (n for n in ast.walk(tree) if isinstance(n, ast.Lambda)):
             call = next((c for c in ast.walk(tree) if isinstance(c, ast.Call) and lam in c.args), None)
             assert name == "stages" and getattr(call.func, "id", "") == "write_atomic", f"{name}.py:{lam.lineno}"
-        if name == "stages":
+        if name in ("stages", "sampling"):
             continue
         run = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run")
         calls = {getattr(c.func, "attr", "") for c in ast.walk(run) if isinstance(c, ast.Call)}

@@ -431,7 +431,7 @@ def test_cuda_bf16_autocast_and_generate():
     a, am = m.generate(idx, mask, 16, temperature=0, use_cache=True)
     b, bm = m.generate(idx, mask, 16, temperature=0, use_cache=False)
     assert torch.equal(a, b) and torch.equal(am, bm)
-    with torch.autocast("cuda", dtype=torch.bfloat16):  # as stages.sample runs it on CUDA (common.amp)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as sampling.sample runs it on CUDA (common.amp)
         c, cm = m.generate(idx, mask, 16, temperature=0, use_cache=True)
         d, dm = m.generate(idx, mask, 16, temperature=0, use_cache=False)
     assert torch.equal(c, d) and torch.equal(cm, dm)

@@ -17,9 +17,9 @@ from conftest import (DEVICE, EOS, Interrupted, assert_fused_matches_reference, 
 import common
 import dpo
 import ppo
+import sampling
 import scores
 import settings
-import stages
 
 GL = ppo.GAMMA * ppo.LAM
 
@@ -179,7 +179,7 @@ def toy_run(args, sft_model, evaluate=None, name="ppo"):
 
 def test_ppo_raises_a_known_reward_within_20_iterations(tmp_path):
     prompts = [np.random.default_rng(100 + i).integers(0, 256, 3).tolist() for i in range(64)]
-    mean_reward = lambda m: low_bytes(None, stages.sample(m, prompts, 8, EOS, 0, "cpu")).mean().item() / 4
+    mean_reward = lambda m: low_bytes(None, sampling.sample(m, prompts, 8, EOS, 0, "cpu")).mean().item() / 4
     sft_model = tiny_gpt(3)
     before = mean_reward(sft_model)
     policy = toy_run(toy_args(tmp_path, "--ppo-iters", "20"), sft_model)
@@ -206,7 +206,7 @@ def test_fused_kernel_gives_the_reference_ppo_loss_and_gradients(tmp_path):
 def test_interrupted_ppo_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     prompts = [[1, 2], [3, 4, 5]]
     fingerprint = lambda samples: float(sum(t * (k + 1) for k, t in enumerate(sum(samples, []))))  # of the tokens
-    evaluate = lambda m: dict(kl=0.0, fingerprint=fingerprint(stages.sample(m, prompts, 8, EOS, 0, "cpu")))
+    evaluate = lambda m: dict(kl=0.0, fingerprint=fingerprint(sampling.sample(m, prompts, 8, EOS, 0, "cpu")))
     full = toy_run(toy_args(tmp_path / "a", "--ppo-iters", "4"), tiny_gpt(3), evaluate)
     with pytest.raises(Interrupted), killed_at(ppo, 10):  # in the 3rd iteration
         toy_run(toy_args(tmp_path / "b", "--ppo-iters", "4"), tiny_gpt(3), evaluate)
@@ -465,7 +465,7 @@ def test_score_normalisation_gives_sft_samples_mean_0_std_1(tmp_path, monkeypatc
     prompts = [[i, i + 1] for i in range(24)]
     score_fn = lambda p, r: torch.tensor([50.0 * np.mean(x) / 256 + len(q) for q, x in zip(p, r)])
     prompts = [p[: 1 + i % 2] for i, p in enumerate(prompts)]  # the score reads the prompt too
-    calls = recording(monkeypatch, stages)
+    calls = recording(monkeypatch, sampling)
     f = scores.normalised(score_fn, sft, prompts, toy_args(tmp_path), EOS, "test")
     (args, _, samples), = calls
     raw = score_fn(args[1], samples)

@@ -1,4 +1,4 @@
-"""stages.py: review batches, the score layout, pairs, the Best-of-N bound, evaluation.
+"""stages.py: review batches, pairs, the Best-of-N bound, evaluation.
 
     python -m pytest tests/test_stages.py     (CPU; a few seconds)
 """
@@ -14,6 +14,7 @@ from conftest import EOS, f64_dists, f64_score, recording, sharp_gpt, tiny_gpt
 
 import common
 import scores
+import sampling
 import settings
 import stages
 from data.corpus import Split
@@ -35,18 +36,6 @@ def test_best_of_n_kl_bound():
     assert stages.best_of_n_kl(1) == 0
     assert stages.best_of_n_kl(2) == pytest.approx(np.log(2) - 0.5)
     assert stages.best_of_n_kl(64) == pytest.approx(np.log(64) - 63 / 64)
-
-
-def test_scores_read_the_text_as_the_classifier_was_trained_on_it():
-    """score() of (prompt, response) equals the head on review_batches' layout of the same text."""
-    tokens = np.array([5, 6, 7, 8, 9, 10, 11], np.uint16)
-    split = Split(tokens, np.array([0, 7]), np.array([1], np.uint8), np.array([7], np.int32))
-    idx, _, mask, labels = stages.ReviewBatches(split, 1, 64, EOS, 0)(0)
-    rm = tiny_gpt(0, score_head=True)
-    want = rm.score(rm(idx), mask)
-    got = stages.score(rm, [[5, 6, 7]], [[8, 9, 10, 11, EOS]], EOS, 64, "cpu")
-    assert torch.allclose(got, want.detach()) and labels.tolist() == [1.0]
-    assert stages.reward(rm, [[5, 6, 7]], [[8, 9, 10, 11]], EOS, 64, "cpu") == torch.sigmoid(got)  # EOS or not
 
 
 def test_evaluation_of_the_reference_itself_has_zero_kl():
@@ -115,11 +104,11 @@ def test_pipeline_logprobs_of_a_continuation_are_those_of_the_sft_layout(sft_and
 
 
 def test_greedy_sampling_continues_as_the_sft_layout_predicts(sft_and_cuts):
-    """stages.sample at temperature 0 (prompts of different lengths, left-padded in one batch) gives, token by
+    """sampling.sample at temperature 0 (prompts of different lengths, left-padded in one batch) gives, token by
     token, the argmax of the model run on the training layout BOS + prompt + what came so far."""
     model, eos, cuts = sft_and_cuts
     prompts = [p for p, _ in cuts]
-    got = stages.sample(model, prompts, 10, eos, 0, "cpu", temperature=0)
+    got = sampling.sample(model, prompts, 10, eos, 0, "cpu", temperature=0)
     for prompt, tokens in zip(prompts, got):
         seq = [eos] + prompt
         while len(seq) < len(prompt) + 11 and seq[-1:] != [eos] or len(seq) == len(prompt) + 1:
@@ -198,7 +187,7 @@ def test_make_pairs_scores_each_sample_against_its_own_prompt(tmp_path, monkeypa
     prompts = [[1, 2], [3], [40, 50, 60], [7, 8], [9]]
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--max-new-tokens", "4",
                             "--block-size", "64"])
-    calls = recording(monkeypatch, stages)
+    calls = recording(monkeypatch, sampling)
     pairs = stages.make_pairs(sft, rm, prompts, args, EOS)
     drawn = {}  # prompt -> the responses sampled for it
     for (model, asked, *_), _, out in calls:
@@ -223,7 +212,7 @@ def test_best_of_n_is_the_mean_of_the_best_of_the_first_n(tmp_path, monkeypatch)
     prompts = [[1, 2], [3], [4, 5, 6]]
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--max-new-tokens", "4",
                             "--block-size", "64", "--best-of", "1,2,4"])
-    calls = recording(monkeypatch, stages)
+    calls = recording(monkeypatch, sampling)
     stages.best_of_n(sft, rm, prompts, args, EOS)
     drawn = {}
     for (model, asked, *_), _, out in calls:
@@ -238,19 +227,6 @@ def test_best_of_n_is_the_mean_of_the_best_of_the_first_n(tmp_path, monkeypatch)
     assert records[2]["reward"] > np.mean([np.mean(drawn[tuple(p)]) for p in prompts]) + 0.01  # best, not mean
 
 
-def test_samples_keep_the_eos_they_drew():
-    """A model whose EOS logit is high: a response shorter than max_new_tokens ends with the EOS it sampled, and
-    no EOS comes before the end (sampling stops there)."""
-    model = tiny_gpt(0)
-    with torch.no_grad():  # the EOS embedding along ln_f's bias: EOS has probability ~0.2 at every step
-        model.transformer.ln_f.bias.copy_(torch.linspace(-1, 1, 32))
-        model.transformer.wte.weight[EOS] = torch.linspace(-1, 1, 32) * 0.37
-    out = stages.sample(model, [[1, 2], [3]] * 40, 8, EOS, 0, "cpu")
-    short = [r for r in out if len(r) < 8]
-    assert len(short) >= 20 and all(r[-1] == EOS for r in short)
-    assert all(EOS not in r[:-1] for r in out) and any(len(r) == 8 and r[-1] != EOS for r in out)
-
-
 def test_a_trained_classifier_rewards_the_positive_label(tmp_path):
     """stages.classifier on reviews whose label is their vocabulary (positive: words 1-9, negative: 10-19):
     after 40 steps r* > 0.5 on positive texts and < 0.5 on negative ones, and classifier/accuracy.json says so."""
@@ -263,7 +239,7 @@ def test_a_trained_classifier_rewards_the_positive_label(tmp_path):
                 test=make_split(test, [1] * 10 + [0] * 10))
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-layer", "1",
                             "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--max-new-tokens", "8",
-                            "--rm-steps", "40", "--rm-lr", "3e-3", "--batch", "16", "--warmup", "1"])
+                            "--classifier-steps", "40", "--classifier-lr", "3e-3", "--batch", "16", "--warmup", "1"])
     rm = stages.classifier(args, data, eos, eos + 1, stages.make_model(args, eos + 1))
     r = torch.sigmoid(torch.tensor([f64_score(rm, [], t, eos) for t in test]))
     assert (r[:10] > 0.5).all() and (r[10:] < 0.5).all()
@@ -343,7 +319,7 @@ def test_classifier_loss_and_accuracy_of_a_constant_head_hand_worked():
 
 def test_the_classifier_trains_on_crops_at_the_warmup_learning_rate(tmp_path, monkeypatch):
     """stages.classifier's one step: on reviews cut to the scored length (8 + --max-new-tokens = 16) half the time,
-    so shorter than every whole review; and at --rm-lr / --warmup: AdamW's first step moves each weight by the
+    so shorter than every whole review; and at --classifier-lr / --warmup: AdamW's first step moves each weight by the
     learning rate (m / sqrt(v) = g / |g|), so the largest move from the SFT weights it starts from is 1e-2 / 4."""
     rng = np.random.default_rng(1)
     eos = 20
@@ -352,7 +328,7 @@ def test_the_classifier_trains_on_crops_at_the_warmup_learning_rate(tmp_path, mo
                 test=make_split(train_reviews[:4], [0, 1, 0, 1]))
     args = settings.get_args(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--n-layer", "1",
                             "--n-head", "2", "--n-embd", "32", "--block-size", "48", "--max-new-tokens", "8",
-                            "--rm-steps", "1", "--rm-lr", "1e-2", "--batch", "32", "--warmup", "4"])
+                            "--classifier-steps", "1", "--classifier-lr", "1e-2", "--batch", "32", "--warmup", "4"])
     sft_model = stages.make_model(args, eos + 1)
     before = {k: v.clone() for k, v in sft_model.state_dict().items()}
     batches = recording(monkeypatch, stages, "classifier_loss")
@@ -385,17 +361,7 @@ def test_sft_steps_down_the_nll_of_its_batch_at_the_warmup_learning_rate(tmp_pat
     assert max(moves) == pytest.approx(1e-3 / 4, rel=1e-3)
 
 
-def test_each_chunk_of_256_prompts_draws_from_its_own_seed():
-    """sample_and_score over 512 copies of one prompt: the second chunk (seeded by its start, 256) does not repeat
-    the first one's draws."""
-    args = SimpleNamespace(max_new_tokens=6, seed=0, device="cpu")
-    samples, scores = stages.sample_and_score(tiny_gpt(0), lambda p, s: torch.tensor([len(x) for x in s]),
-                                              [[1, 2]] * 512, args, EOS, "test")
-    assert len(samples) == 512 and scores == [len(s) for s in samples]
-    assert samples[256:] != samples[:256]
-
-
-# ---------------------------------------------------------------- chunk boundaries (64 in evaluate, 256 in sample and score)
+# ---------------------------------------------------------------- chunk boundaries (64 in evaluate)
 
 def test_evaluation_over_more_than_two_chunks_of_64_is_the_float64_mean_of_every_sample(monkeypatch):
     """evaluate on 130 prompts (chunks 0-63, 64-127, 128-129 of its KL loop, on cpu): reward, exact KL, sampled KL
@@ -434,31 +400,6 @@ def test_evaluation_over_more_than_two_chunks_of_64_is_the_float64_mean_of_every
     assert policy.training  # evaluate puts the policy back in train mode
 
 
-def test_sample_and_score_over_the_chunk_boundary_of_256():
-    """stages.sample (greedy, on cpu) and stages.score on 260 distinct prompts (chunks 0-255 and 256-259): response
-    i is the argmax continuation of prompt i computed alone on its unpadded layout, and score i is the float64 head
-    on (prompt i, response i)."""
-    model, rm = sharp_gpt(0, scale=5.0), sharp_gpt(1, score_head=True)
-    prompts = [[a, b] for a in range(13) for b in range(20)]  # 260 distinct prompts
-    got = stages.sample(model, prompts, 2, EOS, 0, "cpu", temperature=0)
-    assert len(got) == 260
-    with torch.no_grad():
-        for p, r in zip(prompts, got):
-            seq = [EOS] + p
-            for _ in range(2):
-                seq.append(int(model.lm_head(model(torch.tensor([seq]))[0, -1]).argmax()))
-                if seq[-1] == EOS:
-                    break
-            assert r == seq[len(p) + 1:], p
-    responses = [[p[1], p[0] + 3] + ([EOS] if i % 3 == 0 else []) for i, p in enumerate(prompts)]  # some keep EOS
-    scores = stages.score(rm, prompts, responses, EOS, 64, "cpu")
-    rm64 = copy.deepcopy(rm).double().eval()
-    with torch.no_grad():
-        want = [rm64.score_head(rm64(torch.tensor([[EOS] + p + r[:2]]))[0, -1]).item() for p, r in zip(prompts, responses)]
-    assert scores.shape == (260,)
-    torch.testing.assert_close(scores.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-4)
-
-
 def test_evaluation_length_and_kls_count_the_eos_a_response_drew(monkeypatch):
     """evaluate with a policy whose EOS has probability ~0.2 at every step (on cpu): length is the mean number of
     response tokens with the EOS counted, and both KLs include the EOS token's term (float64, on each sample)."""
@@ -480,14 +421,6 @@ def test_evaluation_length_and_kls_count_the_eos_a_response_drew(monkeypatch):
         kl_sampled.append((lp - lq)[torch.arange(len(r)), torch.tensor(r)].sum().item())
     assert record["kl"] == pytest.approx(np.mean(kl), rel=1e-5)
     assert record["kl_sampled"] == pytest.approx(np.mean(kl_sampled), rel=1e-4, abs=1e-4)
-
-
-def test_sample_draws_on_past_the_chunk_boundary_of_256():
-    """stages.sample of 300 copies of one prompt at temperature 1 (on cpu): the chunk from 256 on continues the
-    generator's stream, it does not repeat the draws of the first chunk."""
-    out = stages.sample(tiny_gpt(0), [[1, 2]] * 300, 6, EOS, 0, "cpu")
-    first = [r[0] for r in out]  # a re-seeded chunk would repeat at least its first draws (a batch of 44, not 256)
-    assert len(out) == 300 and first[256:] != first[:44]
 
 
 def test_best_of_n_hand_worked(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ import stages
 from stages import load_data
 from data.tiny import prepare as tiny
 from model import WordTokenizer
-from settings import PRESETS, data_digest
+from record import data_digest
+from settings import PRESETS
 
 
 def sigmoid(x):
