@@ -202,10 +202,10 @@ def chosen_nll(model, batch):
 def test_pairs_mode_fine_tunes_at_the_pretrained_presets_learning_rates(gpt2_folder, tmp_path):
     """On a CPU the preset is tiny, whose learning rates train a GPT from scratch (SFT at 2e-3):
     --pairs starts from a pretrained GPT-2 and takes the imdb preset's instead; a flag still wins."""
-    argv = ["--device", "cpu", "--pairs", "p.jsonl", "--model", gpt2_folder, "--out", str(tmp_path)]
-    args = settings.get_args(argv)
+    argv = ["--pairs", "p.jsonl", "--model", gpt2_folder, "--out", str(tmp_path)]
+    args = settings.get_args(["--device", "cpu", *argv])
     imdb = settings.PRESETS["imdb"]
     assert args.preset == "tiny" and (args.sft_lr, args.dpo_lr, args.optimizer) == (
         imdb["sft_lr"], imdb["dpo_lr"], imdb["optimizer"])
-    args = settings.get_args(argv + ["--dpo-lr", "3e-4", "--optimizer", "adamw"])
+    args = settings.get_args(["--device", "cpu", *argv, "--dpo-lr", "3e-4", "--optimizer", "adamw"])
     assert (args.sft_lr, args.dpo_lr, args.optimizer) == (imdb["sft_lr"], 3e-4, "adamw")
