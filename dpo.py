@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from common import (Clock, accuracy, amp, check_finite, distributed, finish, global_mean,
                     log_step, logprobs, make_optimizer, masked_mean, pack, rank_world, resume, save,
                     set_lr, write_evaluation)
+from data.pairs import batch_rows
 from methods import METHODS, run_folder
 
 
@@ -33,13 +34,20 @@ def pair_batch(pairs, step, dpo_batch, block_size, eos, seed, mismatched=False):
     pair's chosen response in the whole batch (not in this rank's share, which may hold one pair),
     for its KL estimate."""
     rank, world = rank_world()
-    rows = np.random.default_rng([seed, step]).integers(len(pairs["prompt"]), size=dpo_batch)
+    rows = batch_rows(pairs, dpo_batch, seed, step)
     rows, next_rows = rows[rank::world], np.roll(rows, -1)[rank::world]
     prompts = [pairs["prompt"][i] for i in rows]
     chosen, rejected = [pairs["chosen"][i] for i in rows], [pairs["rejected"][i] for i in rows]
-    if not mismatched:
+    # KTO: each prompt with the next pair's chosen response too
+    others = [pairs["chosen"][i] for i in next_rows] if mismatched else None
+    return pack_pairs(prompts, chosen, rejected, block_size, eos, others)
+
+
+def pack_pairs(prompts, chosen, rejected, block_size, eos, others=None):
+    """The batch pair_loss reads: rows [0, n) prompt + chosen, [n, 2n) prompt + rejected, and with
+    others (KTO) [2n, 3n) each prompt + another pair's chosen response."""
+    if others is None:
         return pack(prompts + prompts, chosen + rejected, block_size, eos)
-    others = [pairs["chosen"][i] for i in next_rows]  # the next pair's chosen response
     return pack(prompts * 3, chosen + rejected + others, block_size, eos)
 
 

@@ -20,7 +20,7 @@ import dpo
 import ppo
 import stages
 from common import amp, barrier, fit, is_main, log, pack, rank_world, setup_distributed
-from data.pairs import file_digest, load_pairs, read_pairs
+from data.pairs import batch_rows, file_digest, load_pairs, read_pairs
 from errors import UsageError
 from methods import METHODS, run_folder
 from model import get_tokenizer
@@ -151,8 +151,7 @@ class ChosenBatches(NamedTuple):
 
     def __call__(self, step):
         rank, world = rank_world()
-        rows = np.random.default_rng([self.seed, step]).integers(len(self.pairs["prompt"]),
-                                                                 size=self.batch)[rank::world]
+        rows = batch_rows(self.pairs, self.batch, self.seed, step)[rank::world]
         return pack([self.pairs["prompt"][i] for i in rows],
                     [self.pairs["chosen"][i] for i in rows], self.block_size, self.eos)
 
@@ -181,8 +180,7 @@ def heldout_metrics(policy, ref, pairs, method, param, *, label_smoothing, eos, 
     for i in range(0, n, chunk):
         p, c, r = (pairs[k][i:i + chunk] for k in ("prompt", "chosen", "rejected"))
         # KTO: and each prompt with the next pair's chosen response (pair_batch's mismatched rows)
-        extra = (p, c[1:] + c[:1]) if method == "kto" else ([], [])
-        batch = pack(p + p + extra[0], c + r + extra[1], block_size, eos)
+        batch = dpo.pack_pairs(p, c, r, block_size, eos, c[1:] + c[:1] if method == "kto" else None)
         with amp(device):
             loss, metrics = dpo.pair_loss(policy, [x.to(device) for x in batch], ref, method, param,
                                           impl, label_smoothing)

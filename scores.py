@@ -10,12 +10,12 @@ import os
 from functools import partial
 from typing import Callable, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common import accuracy, barrier, fit, is_main, rank_world, real_lengths, unwrap
 from data.corpus import write_atomic
+from data.pairs import batch_rows
 from sampling import Score, sample_and_score, score, score_batch
 
 MAX_NORM_SAMPLES = 1024  # SFT samples that fix each score's affine normalisation
@@ -58,9 +58,8 @@ class ScorePairBatches(NamedTuple):
 
     def __call__(self, step):
         rank, world = rank_world()
-        rng = np.random.default_rng([self.seed, step])
-        rows = rng.integers(len(self.pairs["prompt"]), size=self.batch)
-        return pair_score_batch(self.pairs, rows[rank::world], self.eos, self.block_size)
+        rows = batch_rows(self.pairs, self.batch, self.seed, step)[rank::world]
+        return pair_score_batch(self.pairs, rows, self.eos, self.block_size)
 
 
 def heldout_accuracy(model, heldout, eos, block_size, device):

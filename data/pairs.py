@@ -180,6 +180,13 @@ def file_digest(path):
     return h.hexdigest()
 
 
+def batch_rows(pairs, batch, seed, step):
+    """The pairs of step's batch, `batch` row indices drawn by (seed, step): the same on every rank
+    (each takes its share [rank::world]) and again after a resume. DPO's loop, the reward model
+    and --pairs' SFT draw their batches of pairs this one way."""
+    return np.random.default_rng([seed, step]).integers(len(pairs["prompt"]), size=batch)
+
+
 def split_heldout(pairs, share, seed):
     """(train, held-out) pairs: a share of the distinct prompts, drawn with seed, and every pair of
     theirs held out, so that no held-out prompt is seen in training. The same file, share and seed
