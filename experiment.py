@@ -19,6 +19,7 @@ import torch
 import dpo
 import ppo
 import stages
+from calibration import exact_truth
 from common import amp, barrier, fit, is_main, log, pack, rank_world, setup_distributed
 from data.pairs import batch_rows, file_digest, load_pairs, read_pairs
 from errors import UsageError
@@ -65,10 +66,10 @@ def experiment(args, data):
 
     sft = stages.sft(args, data, eos, vocab)  # 2. the reference
     classifier = stages.classifier(args, data, eos, vocab, sft)  # 3. the ground-truth reward r*
-    truth = stages.exact_truth(data)  # tiny's exact P(label | text), to check r* by (None: imdb)
+    truth = exact_truth(data)  # tiny's exact P(label | text), to check r* by (None: imdb)
     # 4. the preference pairs
     pairs = stages.make_pairs(sft, classifier, train_prompts, args, eos, truth=truth)
-    stages.best_of_n(sft, classifier, eval_prompts, args, eos)
+    stages.best_of_n(sft, classifier, eval_prompts, args, eos, truth)
     ref = copy.deepcopy(sft).eval().requires_grad_(False)
     # 6. every run is evaluated the same way; each starts as pi_ref, whose evaluation is its first
     evaluate = partial(stages.evaluate, ref=ref, classifier=classifier, prompts=eval_prompts,

@@ -182,6 +182,13 @@ class GPT(nn.Module):
             return self.score_head(
                 h[torch.arange(h.size(0), device=h.device), last].float()).squeeze(-1)
 
+    @torch.no_grad()
+    def calibrate_score(self, scale, shift):
+        """score(h) becomes scale * score(h) + shift, folded into the scalar head (r*'s Platt
+        scaling: stages.calibrate)."""
+        self.score_head.weight.mul_(scale)
+        self.score_head.bias.mul_(scale).add_(shift)
+
     def values(self, h):
         """The scalar head at every position (PPO's value head): h (B, T, C) -> (B, T) in fp32, as
         score."""

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from calibration import CALIBRATION_REVIEWS
 from common import log, rank_world
 from data.corpus import write_atomic
 from errors import UsageError
@@ -29,8 +30,9 @@ def stage_plan(args, data_sha256):
     sft = pick("data", "init", "n_layer", "n_head", "n_embd", "block_size", "batch", "warmup",
                "seed", "sft_steps", "sft_lr")
     sft |= {"model": args.model if args.init == "pretrained" else None, "data_sha256": data_sha256}
-    # its crops cover the scored length
+    # its crops cover the scored length; it is calibrated on the last training reviews
     classifier = sft | pick("classifier_steps", "classifier_lr", "max_new_tokens")
+    classifier |= {"calibration_reviews": CALIBRATION_REVIEWS}
     pairs = classifier | pick("n_prompts", "min_chars")
     prompts = pairs | pick("n_eval")  # the held-out prompts are drawn after the training prompts
     plan = {"sft": sft, "classifier": classifier, "pairs.pt": pairs,

@@ -104,10 +104,15 @@ def from_weights(saved, ckpt):
 
 
 def classifier_of(root, device):
-    """The run folder's r* (its classifier's model), or None where it has none."""
+    """The run folder's r* (its classifier's model, calibrated as the pipeline scores with it), or
+    None where it has none."""
     for name in CLASSIFIER if root else ():
-        if os.path.exists(os.path.join(root, name, "model.pt")):
-            return load(os.path.join(root, name), device)[0]
+        folder = os.path.join(root, name)
+        if os.path.exists(os.path.join(folder, "model.pt")):
+            model = load(folder, device)[0]
+            if not os.path.exists(os.path.join(folder, "calibration.json")):
+                return model  # an older nanoDPO's r*, not calibrated
+            return sampling.calibrated(model, folder)
     return None
 
 

@@ -3,6 +3,8 @@ Sampling and scoring, which pairs (4), the online runs (5) and evaluation (6) sh
 a policy, the text a scalar head reads, its logit or r*'s p(positive), and samples drawn and scored
 by every rank a share of the prompts.
 """
+import json
+import os
 from functools import partial
 from typing import NamedTuple
 
@@ -47,6 +49,15 @@ def score(model, prompts, responses, eos, block_size, device):
         with amp(device):
             out.append(model.score(model(idx, lengths=real_lengths(mask)), mask).float().cpu())
     return torch.cat(out)
+
+
+def calibrated(classifier, folder):
+    """The classifier with folder/calibration.json (stages.calibrate's fit on held-out reviews)
+    folded into its head; model.pt keeps the head as trained."""
+    with open(os.path.join(folder, "calibration.json")) as f:
+        cal = json.load(f)
+    classifier.calibrate_score(cal["scale"], cal["shift"])
+    return classifier
 
 
 def reward(classifier, prompts, responses, eos, block_size, device):

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from calibration import against_truth, calibrate, calibration_reviews, describe, exact_truth
 from common import (accuracy, amp, barrier, fit, is_main, local_rank_first, log, logprobs,
                     masked_mean, pack, rank_world, real_lengths, sharded, unwrap)
 from data.corpus import load_checkpoint, load_corpus, save_checkpoint, write_atomic
-from data.tiny.prepare import p_positive, prepare as prepare_tiny, vocabulary as tiny_vocabulary
+from data.tiny.prepare import generator_digest, prepare as prepare_tiny
 from hf import from_pretrained
-from model import GPT, GPTConfig, get_tokenizer
+from model import GPT, GPTConfig
 from sampling import Score, reward, sample, sample_and_score, score
 
 
@@ -31,9 +32,9 @@ from sampling import Score, reward, sample, sample_and_score, score
 def load_data(data_dir, name):
     path = os.path.join(data_dir, f"{name}.npz")
     with local_rank_first():
-        # made offline in seconds; also replaces the corpus of an older generator
+        # made offline in seconds; also replaces the corpus of another version of the generator
         if name == "tiny" and (not os.path.exists(path)
-                               or load_corpus(path)["words"] != tiny_vocabulary()):
+                               or load_corpus(path)["source"] != generator_digest()):
             prepare_tiny(data_dir)
     return load_corpus(path)
 
@@ -73,10 +74,11 @@ class ReviewBatches(NamedTuple):
     eos: int
     seed: int
     scored_len: Optional[int] = None
+    rows: Optional[int] = None  # draw from the split's first `rows` reviews (default: all)
 
     def __call__(self, step):
         rng, (rank, world) = np.random.default_rng([self.seed, step]), rank_world()
-        rows = rng.integers(len(self.split), size=self.batch)
+        rows = rng.integers(self.rows or len(self.split), size=self.batch)
         # drawn for the whole batch: a row's crop does not depend on the ranks
         lengths = [None] * self.batch
         if self.scored_len is not None:
@@ -113,16 +115,22 @@ def classifier_loss(model, batch):
 
 
 def classifier(args, data, eos, vocab, sft_model):
-    """The ground truth r*: p(positive) of a GPT with a scalar head, trained on the labels."""
+    """The ground truth r*: p(positive) of a GPT with a scalar head, trained on the labels of the
+    training reviews but the last calibration_reviews, then calibrated on those."""
     model = make_model(args, vocab, score_head=True)
     # a classifier from scratch learns slowly: start from the SFT model's weights
     if args.init == "scratch":
         model.load_state_dict(sft_model.state_dict(), strict=False)
-    batches = ReviewBatches(data["train"], args.batch, args.block_size, eos, args.seed + 1,
-                            scored_len(args))
+    train = data["train"]
+    n_fit = len(train) - calibration_reviews(train)
+    batches = ReviewBatches(train, args.batch, args.block_size, eos, args.seed + 1,
+                            scored_len(args), rows=n_fit)
     model = fit("classifier", model, classifier_loss, batches, args.classifier_steps,
                 args.classifier_lr, args)
     model.eval()
+    texts = [train.review(i).tolist()[:scored_len(args)] for i in range(n_fit, len(train))]
+    scores = partial(classifier_scores, classifier=model, args=args, eos=eos)
+    calibrate(model, scores, texts, train.labels[n_fit:], os.path.join(args.out, "classifier"))
     classifier_accuracy(model, data["test"], args, eos, exact_truth(data))
     return model
 
@@ -136,33 +144,6 @@ def classifier_scores(texts, start, classifier, args, eos):
     """The classifier's logit on each text (a list of token lists), for sharded; start: the chunk's
     start."""
     return score(classifier, [[]] * len(texts), texts, eos, args.block_size, args.device).tolist()
-
-
-def exact_truth(data):
-    """The exact P(label = 1 | text) as a function of token ids, where the data's generator knows
-    it (tiny: data/tiny/prepare.p_positive), else None. r* only learned it from labels drawn from
-    it."""
-    if data["tokenizer"] != "words":
-        return None
-    return partial(tiny_truth, get_tokenizer("words", data["words"]))
-
-
-def tiny_truth(enc, ids):
-    return p_positive(enc.decode([t for t in ids if t != enc.eot_token]))
-
-
-def calibration(rewards, texts, truth):
-    """How far r* is from the exact P(label | text) on these texts (token lists): the mean |r* - P|
-    and both means."""
-    r = np.asarray(rewards, dtype=np.float64)
-    p = np.array([truth(t) for t in texts])
-    return dict(mean_abs_error=float(np.abs(r - p).mean()), mean_reward=float(r.mean()),
-                mean_exact=float(p.mean()), texts=len(p))
-
-
-def calibration_line(cal):
-    return (f"mean |r* - P(label | text)| {cal['mean_abs_error']:.3f} over {cal['texts']} texts "
-            f"(mean r* {cal['mean_reward']:.3f}, mean P {cal['mean_exact']:.3f})")
 
 
 @torch.no_grad()
@@ -182,7 +163,7 @@ def classifier_accuracy(classifier, split, args, eos, truth=None):
         scored = accuracy(sign * torch.tensor(sharded(logits, cut)))
         acc = dict(whole=whole, scored=scored, scored_len=scored_len(args), reviews=len(reviews))
         if truth is not None:
-            acc["calibration"] = calibration(torch.sigmoid(whole_logits), reviews, truth)
+            acc["calibration"] = against_truth(torch.sigmoid(whole_logits), reviews, truth)
         if is_main():
             write_atomic(path, lambda f: f.write(json.dumps(acc).encode()))
         barrier()
@@ -191,7 +172,7 @@ def classifier_accuracy(classifier, split, args, eos, truth=None):
     log(f"[classifier] accuracy on all {acc['reviews']} test reviews: {acc['whole']:.3f} whole, "
         f"{acc['scored']:.3f} cut to the scored {acc['scored_len']} tokens")
     if "calibration" in acc:
-        log(f"[classifier] calibration on the test reviews: {calibration_line(acc['calibration'])}")
+        log(f"[classifier] calibration on the test reviews: {describe(acc['calibration'])}")
     return acc
 
 
@@ -213,8 +194,8 @@ def make_pairs(sft_model, classifier, prompts, args, eos, name="pairs.pt", truth
                 f"mean reward of pi_ref samples {np.mean(rewards):.3f}")
             if truth is not None:
                 texts = [p + x for p, x in zip(repeated, samples)]
-                cal = calibration(rewards, texts, truth)
-                log(f"[pairs] calibration on pi_ref's samples: {calibration_line(cal)}")
+                cal = against_truth(rewards, texts, truth)
+                log(f"[pairs] calibration on pi_ref's samples: {describe(cal)}")
                 write_atomic(path.replace(".pt", "_calibration.json"),
                              lambda f: f.write(json.dumps(cal).encode()))
             save_checkpoint(pairs, path)
@@ -245,9 +226,9 @@ def best_of_n_kl(n):
 
 
 @torch.no_grad()
-def best_of_n(sft_model, classifier, prompts, args, eos):
+def best_of_n(sft_model, classifier, prompts, args, eos, truth=None):
     """The Best-of-N baseline: N samples of pi_ref per held-out prompt, keep the one r* likes
-    best."""
+    best; with truth (exact_truth), the kept samples' mean exact P(label | text) beside r*."""
     path = os.path.join(args.out, "best_of_n.jsonl")
     ns = sorted(int(n) for n in args.best_of.split(","))
     if os.path.exists(path):
@@ -255,10 +236,14 @@ def best_of_n(sft_model, classifier, prompts, args, eos):
     many = [p for p in prompts for _ in range(ns[-1])]
     r_star = Score(classifier, eos, args.block_size, args.device, probability=True)
     # every rank a share
-    _, rewards = sample_and_score(sft_model, r_star, many, args, eos, "best_of_n")
+    samples, rewards = sample_and_score(sft_model, r_star, many, args, eos, "best_of_n")
     r = torch.tensor(rewards).view(len(prompts), ns[-1])
     records = [dict(n=n, reward=r[:, :n].max(1).values.mean().item(), kl_bound=best_of_n_kl(n))
                for n in ns]
+    if truth is not None:  # the exact P of each prompt's best of its first n samples
+        for x in records:
+            best = (ns[-1] * i + j for i, j in enumerate(r[:, :x["n"]].argmax(1).tolist()))
+            x["reward_exact"] = float(np.mean([truth(many[k] + samples[k]) for k in best]))
     if is_main():
         lines = "".join(json.dumps(x) + "\n" for x in records)
         write_atomic(path, lambda f: f.write(lines.encode()))

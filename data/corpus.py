@@ -105,13 +105,13 @@ def load_checkpoint(path):
                          f"it to redo that stage") from e
 
 
-def save_corpus(out_dir, name, splits, enc, tokenizer):
+def save_corpus(out_dir, name, splits, enc, tokenizer, source=""):
     """splits: {'train': (texts, labels), 'test': (texts, labels)}; enc: a tiktoken Encoding or a
-    WordTokenizer."""
+    WordTokenizer; source: what made the texts, for a generator (tiny) to know its own corpus by."""
     # without its <|endoftext|>, which it adds itself
     words = enc.words[:-1] if tokenizer == "words" else []
-    arrays, meta = ({"tokenizer": np.array(tokenizer), "words": np.array(words, dtype=str)},
-                    {"tokenizer": tokenizer})
+    arrays, meta = ({"tokenizer": np.array(tokenizer), "words": np.array(words, dtype=str),
+                     "source": np.array(source)}, {"tokenizer": tokenizer})
     for split, (texts, labels) in splits.items():
         ids = enc.encode_ordinary_batch(list(texts))
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
@@ -131,7 +131,7 @@ def save_corpus(out_dir, name, splits, enc, tokenizer):
 
 def load_corpus(path):
     """{'train': Split, 'test': Split, 'tokenizer': name, 'words': a words tokenizer's list (else
-    empty)} from a prepared .npz; a clear error when it is broken."""
+    empty), 'source': save_corpus's} from a prepared .npz; a clear error when it is broken."""
     if not os.path.exists(path):
         name, folder = os.path.splitext(os.path.basename(path))[0], os.path.dirname(path) or "."
         raise UsageError(f"{path} does not exist: run python data/{name}/prepare.py --out {folder}")
@@ -140,6 +140,7 @@ def load_corpus(path):
             splits = {s: Split(*(z[f"{s}_{k}"] for k in ("tokens", "offsets", "labels", "chars")))
                       for s in ("train", "test")}
             tokenizer, words = str(z["tokenizer"]), z["words"].tolist() if "words" in z else []
+            source = str(z["source"]) if "source" in z else ""
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise UsageError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and "
                          f"prepare it again") from e
@@ -147,4 +148,4 @@ def load_corpus(path):
         if len(sp.offsets) != len(sp.labels) + 1 or sp.offsets[-1] != len(sp.tokens):
             raise UsageError(f"{path}: the {s} split's offsets do not match its tokens; delete it "
                              f"and prepare it again")
-    return dict(splits, tokenizer=tokenizer, words=words)
+    return dict(splits, tokenizer=tokenizer, words=words, source=source)

@@ -295,7 +295,7 @@ def test_sft_and_the_classifier_resume_from_a_checkpoint_to_the_same_bytes(tmp_p
         batches = stages.ReviewBatches
         if interrupt is not None:  # only this stage's batches are cut short (the classifier's are cropped)
             cut = lambda b: interrupt_at(b, interrupt) if (b.scored_len is not None) == (stage == "classifier") else b
-            monkeypatch.setattr(stages, "ReviewBatches", lambda *a: cut(batches(*a)))
+            monkeypatch.setattr(stages, "ReviewBatches", lambda *a, **k: cut(batches(*a, **k)))
         try:
             args = sft_args(tmp_path, out)
             stages.classifier(args, data, EOS, 257, stages.sft(args, data, EOS, 257))

@@ -128,6 +128,7 @@ def test_smoke_whole_pipeline(tmp_path, capsys, monkeypatch):
     enc = WordTokenizer(vocabulary())  # the tiny corpus's words
     classifier = GPT(GPTConfig(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=32, score_head=True))
     classifier.load_state_dict(torch.load(tmp_path / "out" / "classifier" / "model.pt", weights_only=True)["model"])
+    classifier = sampling.calibrated(classifier, tmp_path / "out" / "classifier")  # r* as the pipeline scores
     r = sampling.reward(classifier, [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples],
                       enc.eot_token, 64, "cpu")
     assert r.tolist() == pytest.approx([s["reward"] for s in samples], abs=1e-6)

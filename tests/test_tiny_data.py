@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import EOS, recording, sharp_gpt
 
+import calibration
 import stages
 from stages import load_data
 from data.tiny import prepare as tiny
@@ -93,17 +94,17 @@ def test_data_digest_names_the_labels(tmp_path):
 def test_exact_truth_of_token_ids_is_p_of_the_text(tmp_path):
     tiny.prepare(str(tmp_path), n_train=40, n_test=10)
     data = load_data(str(tmp_path), "tiny")
-    truth = stages.exact_truth(data)
+    truth = calibration.exact_truth(data)
     enc = WordTokenizer(data["words"])
     for i in range(10):
         ids = data["test"].review(i).tolist()
         assert truth(ids) == tiny.p_positive(enc.decode(ids)) == truth(ids + [enc.eot_token])
-    assert stages.exact_truth(dict(data, tokenizer="gpt2")) is None
+    assert calibration.exact_truth(dict(data, tokenizer="gpt2")) is None
 
 
 def test_calibration_against_hand_values():
     truth = {(1,): 0.2, (2,): 0.9, (3,): 0.5}
-    cal = stages.calibration([0.3, 0.6, 0.5], [[1], [2], [3]], lambda ids: truth[tuple(ids)])
+    cal = calibration.against_truth([0.3, 0.6, 0.5], [[1], [2], [3]], lambda ids: truth[tuple(ids)])
     assert cal["mean_abs_error"] == pytest.approx((0.1 + 0.3 + 0) / 3)
     assert cal["mean_reward"] == pytest.approx(1.4 / 3) and cal["mean_exact"] == pytest.approx(1.6 / 3)
     assert cal["texts"] == 3
@@ -134,3 +135,15 @@ def test_a_tiny_corpus_of_an_older_generator_is_made_again(tmp_path):
                 tokenizer="words")
     data = load_data(str(tmp_path), "tiny")
     assert data["words"] == tiny.vocabulary() and len(data["train"]) == 12000
+
+
+def test_a_tiny_corpus_of_another_generator_with_the_same_words_is_made_again(tmp_path):
+    """The generator's rules changed but not its words (as #23's port went through): the corpus records the
+    generator that made it, and load_data remakes it; the generator's own corpus is read as it is."""
+    from data.corpus import save_corpus
+    enc = WordTokenizer(tiny.vocabulary())
+    save_corpus(str(tmp_path), "tiny", {"train": (["I saw Moonfall."], [1]), "test": (["So, Moonfall."], [0])}, enc,
+                tokenizer="words", source="another generator")
+    assert len(load_data(str(tmp_path), "tiny")["train"]) == 12000
+    tiny.prepare(str(tmp_path), n_train=40, n_test=10)
+    assert len(load_data(str(tmp_path), "tiny")["train"]) == 40
