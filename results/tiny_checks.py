@@ -1,7 +1,9 @@
-"""The tiny task's checks, one row per seed's run folder: pi_ref's mean r*, Best-of-16, r*'s
-ceiling (its mean on reviews of six +3 opinions, the generator's best), the best evaluation below 2
-nats and its distance to that ceiling, the largest KL reached, r*'s calibration against the exact
-P(label | text), and the exact reward of the best run. Markdown, for results/tiny.md.
+"""The tiny task's checks, one row per seed's run folder: pi_ref's mean r* and Best-of-16's, each
+beside the exact P(label | text) of the same samples, r*'s ceiling (its mean on reviews of six +3
+opinions, the generator's best), the best evaluation below 2 nats and its distance to that ceiling,
+the largest KL reached, r*'s calibration against the exact P, and the exact reward of the best run.
+r* is read as the pipeline reads it, its calibration (classifier/calibration.json) folded in.
+Markdown, for results/tiny.md.
 
     python results/tiny_checks.py out/seed_1337 out/seed_1 out/seed_2 out/seed_3 out/seed_4
 """
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sampling import reward  # noqa: E402
+from sampling import calibrated, reward  # noqa: E402
 from stages import make_model  # noqa: E402
 from data.corpus import load_checkpoint, read_jsonl  # noqa: E402
 from data.tiny import prepare as tiny  # noqa: E402
@@ -49,6 +51,8 @@ def ceiling(out):
     classifier = make_model(args, enc.n_vocab, score_head=True)
     weights = load_checkpoint(os.path.join(out, "classifier", "model.pt"))["model"]
     classifier.load_state_dict(weights)
+    if os.path.exists(os.path.join(out, "classifier", "calibration.json")):
+        calibrated(classifier, os.path.join(out, "classifier"))  # r* as the pipeline scores with it
     ids = [enc.encode_ordinary(t) for t in best_reviews(256)]
     with torch.no_grad():
         r = reward(classifier.eval(), [[]] * len(ids), ids, enc.eot_token, args.block_size, "cpu")
@@ -58,7 +62,7 @@ def ceiling(out):
 def row(out):
     runs = read_runs(out)
     first = next(iter(runs.values()))[0]
-    bon = {r["n"]: r["reward"] for r in read_jsonl(os.path.join(out, "best_of_n.jsonl"))}
+    bon = {r["n"]: r for r in read_jsonl(os.path.join(out, "best_of_n.jsonl"))}
     top = ceiling(out)
     below2 = max((r["reward"], name) for name, recs in runs.items() for r in recs if r["kl"] < 2)
     kl_max = max(r["kl"] for recs in runs.values() for r in recs)
@@ -67,7 +71,8 @@ def row(out):
     best = max((recs[-1]["reward"], name) for name, recs in runs.items())
     exact = runs[best[1]][-1]["reward_exact"]
     seed = os.path.basename(os.path.normpath(out))
-    return (f"| {seed} | {first['reward']:.3f} | {bon[16]:.3f} | {top:.3f} | "
+    bon16 = f"{bon[16]['reward']:.3f} / {bon[16].get('reward_exact', float('nan')):.3f}"
+    return (f"| {seed} | {first['reward']:.3f} / {first['reward_exact']:.3f} | {bon16} | {top:.3f} | "
             f"{below2[0]:.3f} ({below2[1]}) | {top - below2[0]:.3f} | {kl_max:.1f} | "
             f"{test['mean_abs_error']:.3f} | {samples['mean_abs_error']:.3f} | "
             f"{best[1]} {best[0]:.3f} / {exact:.3f} |")
@@ -78,7 +83,7 @@ def main():
     p.add_argument("out_dirs", nargs="+",
                    help="run folders of dpo.py on the tiny preset, one per seed")
     a = p.parse_args()
-    print("| seed | pi_ref r* | Best-of-16 | r* ceiling | best below 2 nats | its gap | largest KL "
+    print("| seed | pi_ref r* / exact P | Best-of-16 r* / exact P | r* ceiling | best below 2 nats | its gap | largest KL "
           "| mean abs(r* - P), test reviews | same, pi_ref's samples "
           "| best run's last r* / exact P |")
     print("|---|---|---|---|---|---|---|---|---|---|")
