@@ -18,6 +18,7 @@ import numpy as np
 from common import barrier, is_main, log, sharded
 from data.corpus import write_atomic
 from data.tiny.prepare import p_positive
+from errors import UsageError
 from model import get_tokenizer
 from sampling import calibrated
 
@@ -29,6 +30,17 @@ def calibration_reviews(split):
     return min(CALIBRATION_REVIEWS, len(split) // 10)
 
 
+def check_held_out(labels, n_fit, data):
+    """Before r* trains: the reviews held out to calibrate it (labels[n_fit:]) must be labelled as
+    the rest are. A corpus sorted by label (an older nanoDPO's imdb.npz) would hold out one label
+    only, and the fit would push every r* to that side."""
+    held, rest = labels[n_fit:].mean(), labels[:n_fit].mean()
+    if len(labels) > n_fit and abs(held - rest) > 0.1:
+        raise UsageError(f"{data}: the last {len(labels) - n_fit} training reviews, which calibrate "
+                         f"r*, are {held:.0%} positive against {rest:.0%} in the rest; expected a "
+                         f"shuffled corpus: prepare it again (python data/<name>/prepare.py)")
+
+
 def calibrate(classifier, scores, texts, labels, folder):
     """Fit Platt's a and b to the held-out texts (token lists, cut as r* judges them) and their 0/1
     labels, write them to folder/calibration.json (once), and fold them into the classifier's head.
@@ -37,6 +49,9 @@ def calibrate(classifier, scores, texts, labels, folder):
     if not os.path.exists(path):
         z = np.array(sharded(scores, texts), dtype=np.float64)
         y = np.asarray(labels, dtype=np.float64)
+        if not np.isfinite(z).all():
+            raise FloatingPointError(f"r*'s logits on the held-out reviews are not all finite: "
+                                     f"{folder}/model.pt is broken; delete {folder} to redo it")
         a, b = platt(z, y)
         cal = dict(scale=a, shift=b, reviews=len(y), nll_before=mean_nll(z, y, 1.0, 0.0),
                    nll_after=mean_nll(z, y, a, b))

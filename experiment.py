@@ -19,7 +19,7 @@ import torch
 import dpo
 import ppo
 import stages
-from calibration import exact_truth
+from calibration import calibration_reviews, check_held_out, exact_truth
 from common import amp, barrier, fit, is_main, log, pack, rank_world, setup_distributed
 from data.pairs import batch_rows, file_digest, load_pairs, read_pairs
 from errors import UsageError
@@ -45,6 +45,9 @@ def main(argv=None):
     log(f"nanoDPO: preset {args.preset} on {args.device} -> {args.out}")
     data = stages.load_data(args.data_dir, args.data)  # 1. data
     check_data(args, data)
+    train = data["train"]  # and the reviews r* will calibrate on, before any work
+    check_held_out(train.labels, len(train) - calibration_reviews(train),
+                   os.path.join(args.data_dir, f"{args.data}.npz"))
     args.tokenizer = (data["tokenizer"], data["words"])  # what the checkpoints record
     with locked(args.out):  # one command at a time in a run folder
         experiment(args, data)

@@ -22,7 +22,7 @@ from calibration import against_truth, calibrate, calibration_reviews, describe,
 from common import (accuracy, amp, barrier, fit, is_main, local_rank_first, log, logprobs,
                     masked_mean, pack, rank_world, real_lengths, sharded, unwrap)
 from data.corpus import load_checkpoint, load_corpus, save_checkpoint, write_atomic
-from data.tiny.prepare import generator_digest, prepare as prepare_tiny
+from data.tiny.prepare import generator_digest, prepare as prepare_tiny, vocabulary as tiny_vocabulary
 from hf import from_pretrained
 from model import GPT, GPTConfig
 from sampling import Score, reward, sample, sample_and_score, score
@@ -34,7 +34,8 @@ def load_data(data_dir, name):
     with local_rank_first():
         # made offline in seconds; also replaces the corpus of another version of the generator
         if name == "tiny" and (not os.path.exists(path)
-                               or load_corpus(path)["source"] != generator_digest()):
+                               or load_corpus(path)["source"] != generator_digest()
+                               or load_corpus(path)["words"] != tiny_vocabulary()):
             prepare_tiny(data_dir)
     return load_corpus(path)
 
@@ -123,6 +124,11 @@ def classifier(args, data, eos, vocab, sft_model):
         model.load_state_dict(sft_model.state_dict(), strict=False)
     train = data["train"]
     n_fit = len(train) - calibration_reviews(train)
+    folder = os.path.join(args.out, "classifier")
+    if is_main() and not os.path.exists(os.path.join(folder, "model.pt")):
+        for name in ("calibration.json", "accuracy.json"):  # of an earlier head, if any
+            if os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
     batches = ReviewBatches(train, args.batch, args.block_size, eos, args.seed + 1,
                             scored_len(args), rows=n_fit)
     model = fit("classifier", model, classifier_loss, batches, args.classifier_steps,
@@ -130,7 +136,7 @@ def classifier(args, data, eos, vocab, sft_model):
     model.eval()
     texts = [train.review(i).tolist()[:scored_len(args)] for i in range(n_fit, len(train))]
     scores = partial(classifier_scores, classifier=model, args=args, eos=eos)
-    calibrate(model, scores, texts, train.labels[n_fit:], os.path.join(args.out, "classifier"))
+    calibrate(model, scores, texts, train.labels[n_fit:], folder)
     classifier_accuracy(model, data["test"], args, eos, exact_truth(data))
     return model
 

@@ -16,6 +16,7 @@ import calibration
 import sample
 import stages
 from data.corpus import Split, save_checkpoint
+from errors import UsageError
 from model import model_record
 from sampling import score
 
@@ -99,3 +100,12 @@ def test_sample_py_scores_with_the_pipelines_calibrated_classifier(tmp_path):
     os.remove(folder / "calibration.json")  # an older run folder: r* as trained
     torch.testing.assert_close(score(sample.classifier_of(str(tmp_path), "cpu"), [[]] * 2, texts, 256, 64, "cpu"),
                                want * 2 + 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_a_corpus_sorted_by_label_is_refused_before_r_star_trains(tmp_path):
+    """The reviews r* calibrates on are the training split's last: in a corpus sorted by label (an older imdb.npz)
+    they are all positive, and the fit would push every r* up. That is one line naming the file, not a run."""
+    labels = np.array([0] * 600 + [1] * 400)
+    with pytest.raises(UsageError, match="imdb.npz: the last 100 training reviews.*100% positive"):
+        calibration.check_held_out(labels, 900, "data/imdb/imdb.npz")
+    calibration.check_held_out(np.random.default_rng(0).permutation(labels), 900, "data/imdb/imdb.npz")

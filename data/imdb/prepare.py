@@ -18,6 +18,8 @@ import sys
 import tarfile
 import zlib
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from data.corpus import OneLineParser, save_corpus  # noqa: E402
@@ -77,7 +79,9 @@ def read_reviews(archive):
         if not rows:
             raise UsageError(f"{archive} holds no aclImdb/{split}/pos|neg/*.txt reviews: is it the IMDb archive?")
     for rows in found.values():
-        rows.sort()
+        rows.sort()  # the archive's member order does not matter
+        # then a fixed shuffle: no stretch of a split is one label (r* calibrates on the last reviews)
+        rows[:] = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
     return {s: ([t for _, _, t in rows], [y for y, _, _ in rows]) for s, rows in found.items()}
 
 
