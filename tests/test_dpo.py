@@ -468,7 +468,7 @@ def test_evaluation_prompts_come_from_the_test_split(tmp_path, monkeypatch):
     monkeypatch.setattr(stages, "classifier", lambda *a: None)
     monkeypatch.setattr(stages, "make_pairs", lambda sft, rm, prompts, args, eos, name="pairs.pt", truth=None:
                         seen.setdefault(name, prompts) and dict(prompt=[], chosen=[], rejected=[]))
-    monkeypatch.setattr(stages, "best_of_n", lambda sft, rm, prompts, args, eos: seen.setdefault("best_of_n", prompts))
+    monkeypatch.setattr(stages, "best_of_n", lambda sft, rm, prompts, args, eos, truth=None: seen.setdefault("best_of_n", prompts))
     monkeypatch.setattr(stages, "evaluate",
                         lambda policy, ref, classifier, prompts, **kw: dict(p=seen.setdefault("evaluate", prompts)))
     monkeypatch.setattr(experiment, "score_functions", lambda *a: {"rm": None})
