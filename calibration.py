@@ -78,8 +78,8 @@ def platt(z, y, prior=1.0, steps=50):
         p = 1 / (1 + np.exp(-np.clip(x @ w, -50, 50)))
         grad = x.T @ (p - y) + prior * (w - w0)
         hess = (x * (p * (1 - p))[:, None]).T @ x + prior * np.eye(2)
-        step, t = np.linalg.solve(hess, grad), 1.0
-        while loss(w - t * step) > loss(w) and t > 1e-6:
+        step, t, now = np.linalg.solve(hess, grad), 1.0, loss(w)
+        while loss(w - t * step) > now and t > 1e-6:
             t /= 2
         w = w - t * step
     return float(w[0]), float(w[1])

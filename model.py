@@ -185,7 +185,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def calibrate_score(self, scale, shift):
         """score(h) becomes scale * score(h) + shift, folded into the scalar head (r*'s Platt
-        scaling: stages.calibrate)."""
+        scaling: calibration.calibrate)."""
         self.score_head.weight.mul_(scale)
         self.score_head.bias.mul_(scale).add_(shift)
 

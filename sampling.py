@@ -52,7 +52,7 @@ def score(model, prompts, responses, eos, block_size, device):
 
 
 def calibrated(classifier, folder):
-    """The classifier with folder/calibration.json (stages.calibrate's fit on held-out reviews)
+    """The classifier with folder/calibration.json (calibration.calibrate's fit on held-out reviews)
     folded into its head; model.pt keeps the head as trained."""
     with open(os.path.join(folder, "calibration.json")) as f:
         cal = json.load(f)

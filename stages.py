@@ -32,12 +32,13 @@ from sampling import Score, reward, sample, sample_and_score, score
 def load_data(data_dir, name):
     path = os.path.join(data_dir, f"{name}.npz")
     with local_rank_first():
+        data = load_corpus(path) if os.path.exists(path) else None
         # made offline in seconds; also replaces the corpus of another version of the generator
-        if name == "tiny" and (not os.path.exists(path)
-                               or load_corpus(path)["source"] != generator_digest()
-                               or load_corpus(path)["words"] != tiny_vocabulary()):
+        if name == "tiny" and (data is None or data["source"] != generator_digest()
+                               or data["words"] != tiny_vocabulary()):
             prepare_tiny(data_dir)
-    return load_corpus(path)
+            data = None
+    return data or load_corpus(path)
 
 
 def make_prompts(split, n, min_chars, rng):
