@@ -16,10 +16,10 @@ from model import GPT
 # ----------------------------------------------------------------------------- settings
 PRESETS = {
     "tiny": dict(data="tiny", init="scratch", n_layer=2, n_head=4, n_embd=128, block_size=64,
-                 sft_steps=300, sft_lr=2e-3, classifier_steps=600, classifier_lr=5e-4, batch=32,
-                 min_chars=100, n_prompts=300, max_new_tokens=48, dpo_steps=160, dpo_lr=1e-4,
-                 dpo_batch=16, warmup=10, optimizer="adamw", eval_every=20, n_eval=128,
-                 best_of="1,2,4,8,16", bt_steps=100, bt_lr=5e-4, ppo_iters=24, ppo_batch=64,
+                 sft_steps=300, sft_lr=2e-3, classifier_steps=450, classifier_lr=8e-4, batch=32,
+                 min_chars=100, n_prompts=300, max_new_tokens=48, dpo_steps=128, dpo_lr=1e-4,
+                 dpo_batch=16, warmup=10, optimizer="adamw", eval_every=16, n_eval=128,
+                 best_of="1,2,4,8,16", bt_steps=100, bt_lr=5e-4, ppo_iters=20, ppo_batch=64,
                  ppo_epochs=4, ppo_minibatches=2, ppo_lr=1e-4, ppo_eval_every=4, kl_horizon=128,
                  group=4,
                  runs="dpo:0.05,dpo:0.1,dpo:1,dpo:5,ft,ppo:3,ppo:8,ppo-gt:3,ppo-gt:8,rloo:0.05,"
