@@ -16,7 +16,7 @@ from model import GPT
 # ----------------------------------------------------------------------------- settings
 PRESETS = {
     "tiny": dict(data="tiny", init="scratch", n_layer=2, n_head=4, n_embd=128, block_size=64,
-                 sft_steps=300, sft_lr=2e-3, classifier_steps=450, classifier_lr=8e-4, batch=32,
+                 sft_steps=300, sft_lr=2e-3, classifier_steps=600, classifier_lr=5e-4, batch=32,
                  min_chars=100, n_prompts=300, max_new_tokens=48, dpo_steps=128, dpo_lr=1e-4,
                  dpo_batch=16, warmup=10, optimizer="adamw", eval_every=16, n_eval=128,
                  best_of="1,2,4,8,16", bt_steps=100, bt_lr=5e-4, ppo_iters=20, ppo_batch=64,
