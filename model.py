@@ -108,10 +108,15 @@ class KVCache:
 
 
 def draw(probs, generator=None):
-    """One token per row of probs (B, V), by inverse CDF: the first token whose cumulative
+    """One token per row of probs (B, V) >= 0, by inverse CDF: the first token whose cumulative
     probability reaches u ~ U(0, total]. One uniform per row, where torch.multinomial draws one per
-    token (15 times slower here, on a CPU); a token of probability 0 is never drawn."""
-    cdf = probs.cumsum(-1)
+    token (15 times slower here, on a CPU). The sums are in float64: in fp32 over GPT-2's 50,257
+    tokens, rounding moves probability between tokens. A token of probability 0 is never drawn, even
+    where a parallel cumsum (CUDA's) rounds a step below 0: its step is set to exactly 0."""
+    total = probs.sum(-1)
+    if not bool((torch.isfinite(total) & (total > 0)).all()):  # what multinomial would refuse too
+        raise FloatingPointError("draw: a row of probabilities is not finite or sums to 0")
+    cdf = torch.where(probs > 0, probs.double().cumsum(-1), 0.0).cummax(-1).values
     u = (1 - torch.rand(probs.size(0), 1, generator=generator, device=probs.device,
                         dtype=cdf.dtype)) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(1)

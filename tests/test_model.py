@@ -257,9 +257,13 @@ def test_draw_follows_the_probabilities_and_never_draws_a_zero(monkeypatch):
         freq = torch.bincount(t, minlength=6).double() / 50000
         assert ((freq - p).abs() <= 5 * (p * (1 - p) / 50000).sqrt() + 1e-12).all(), (freq, p)
         assert (freq[p == 0] == 0).all()
-    edges = torch.tensor([[0.0], [1 - 2.0 ** -24]])
+    for nan_or_zero in (float("nan"), 0.0):  # a broken row is an error, as torch.multinomial's
+        with pytest.raises(FloatingPointError, match="not finite or sums to 0"):
+            model_module.draw(torch.cat([probs, torch.full((1, 6), nan_or_zero)]))
+    edges = torch.tensor([[0.0], [1 - 2.0 ** -24], [0.0], [1 - 2.0 ** -24]])
     monkeypatch.setattr(torch, "rand", lambda *a, **k: edges.to(k.get("dtype", torch.float32)))
-    assert model_module.draw(probs[:1].expand(2, 6)).tolist() == [4, 1]
+    # rows summing to 1 and to 0.5: u spans (0, total]
+    assert model_module.draw(torch.cat([probs[:1], probs[:1], 0.5 * probs[:1], 0.5 * probs[:1]])).tolist() == [4, 1, 4, 1]
 
 
 @pytest.mark.parametrize("temperature, top_k", [(0.5, None), (1.0, None), (2.0, 3), (1.0, 1)])
