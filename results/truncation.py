@@ -1,8 +1,8 @@
 """Truncated responses with and without an appended EOS (results/tiny.md): the same SFT model, classifier and
 samples, pairs whose cut responses do or do not get an EOS they never sampled, then DPO beta=0.1 and Preferred-FT.
 
-    for s in 1337 1 2; do python dpo.py --seed $s --out out/seed_$s; done     # the three seeds, first
-    python results/truncation.py 1337 1 2
+    for s in 1337 1 2 3 4; do python dpo.py --seed $s --out out/seed_$s; done     # the five seeds, first
+    python results/truncation.py 1337 1 2 3 4
 
 For each seed: at the default budget, out/seed_S's stages are copied to out/trunc_eos_S and its pairs made again
 with the EOS; at --max-new-tokens 16 (most responses cut), out/stress_noeos_S and out/stress_eos_S copy its SFT
